@@ -1,0 +1,176 @@
+"""`lmstack <verb>`: thin argument parsing over the library. User errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _human(n: float, unit: str = "B") -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1024 or prefix == "T":
+            return f"{n:,.1f} {prefix}{unit}" if prefix else f"{n:,.0f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_tokenizer_train(a) -> None:
+    from .data.corpora import iter_texts
+    from .tokenizer import train_bpe, train_char
+    texts = iter_texts(a.corpus, a.data_path)
+    tok = train_char(texts) if a.type == "char" else train_bpe(texts, a.vocab_size, show_progress=False)
+    tok.save(a.out)
+    print(f"trained {a.type} tokenizer with {tok.vocab_size} tokens -> {a.out}/tokenizer.json")
+
+
+def cmd_prepare(a) -> None:
+    from .data.shards import TokenDataset, prepare_dataset
+    from .tokenizer import Tokenizer
+    tok = Tokenizer.load(a.tokenizer)
+    prepare_dataset(a.corpus, tok, a.out, a.val_fraction, a.data_path)
+    ds = TokenDataset(a.out)
+    print(f"{ds.num_tokens('train'):,} train + {ds.num_tokens('val'):,} val tokens ({ds.meta['dtype']}) -> {a.out}")
+
+
+def cmd_train(a) -> None:
+    from .train import load_recipe, pretrain
+    overrides = list(a.set or [])
+    if a.out_dir:
+        overrides.append(f"out_dir={a.out_dir}")
+    if a.resume:
+        overrides.append("resume=true")
+    if a.no_progress:
+        overrides.append("progress=false")
+    cfg = load_recipe(a.recipe, overrides)
+    summary = pretrain(cfg)
+    sample = summary.pop("sample", None)
+    print(json.dumps(summary, indent=2))
+    if sample is not None:
+        print("---- sample ----")
+        print(sample)
+
+
+def cmd_generate(a) -> None:
+    import lmstack
+    lm = lmstack.load(a.model)
+    params = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                  seed=a.seed)
+    if a.no_cache:
+        from .generate import SamplingParams, generate
+        out = generate(lm.model, lm._prompt_ids(a.prompt), SamplingParams(**params), lm.tokenizer.eos_id,
+                       use_cache=False, truncate=a.truncate)
+        print(a.prompt + lm.tokenizer.decode(out, skip_special_tokens=True))
+        return
+    sys.stdout.write(a.prompt)
+    for piece in lm.stream(a.prompt, truncate=a.truncate, **params):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_info(a) -> None:
+    from .config import ModelConfig, preset
+    if a.preset:
+        cfg = preset(a.preset)
+    else:
+        from pathlib import Path
+
+        from .checkpoint import resolve_checkpoint
+        cfg = ModelConfig.load(resolve_checkpoint(a.model) / "config.json")
+    T = a.seq_len or cfg.block_size
+    n = cfg.num_params()
+    rows = [
+        ("architecture", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), {cfg.n_embd} wide, "
+                         f"ffn {cfg.ffn_size}, {cfg.pos_emb}/{cfg.norm}/{cfg.mlp}"),
+        ("vocab / context", f"{cfg.vocab_size:,} / {cfg.block_size:,}"),
+        ("parameters", f"{n:,} ({cfg.num_params(include_embeddings=False):,} non-embedding)"),
+        ("training FLOPs/token", f"{cfg.flops_per_token(T):,} (~6N + 6·L·T·d at T={T})"),
+        ("inference FLOPs/token", f"{cfg.flops_per_token(T) // 3:,}"),
+        ("weights fp32 / bf16", f"{_human(4 * n)} / {_human(2 * n)}"),
+        (f"KV cache @ {T} tokens", f"{_human(cfg.kv_cache_bytes(T))} fp32, {_human(cfg.kv_cache_bytes(T, bytes_per_elem=2))} bf16"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+
+
+def cmd_plot(a) -> None:
+    from .train.plot import plot_run
+    print(plot_run(a.run_dir, a.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmstack", description="A hackable language-model stack.")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tverb", required=True)
+    t = tk.add_parser("train", help="train a byte-level BPE or char-level tokenizer")
+    t.add_argument("--corpus", default="pydocs", help="pydocs | shakespeare | file/dir/glob")
+    t.add_argument("--data-path", help="local file for a named corpus")
+    t.add_argument("--type", choices=["bpe", "char"], default="bpe")
+    t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--out", required=True, help="output directory (tokenizer.json)")
+    t.set_defaults(fn=cmd_tokenizer_train)
+
+    t = sub.add_parser("prepare", help="tokenize a corpus into memory-mapped shards with a train/val split")
+    t.add_argument("--corpus", default="pydocs")
+    t.add_argument("--data-path")
+    t.add_argument("--tokenizer", required=True, help="tokenizer.json or a directory holding it")
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--out", required=True)
+    t.set_defaults(fn=cmd_prepare)
+
+    t = sub.add_parser("train", help="pretrain from a YAML recipe")
+    t.add_argument("recipe", help="recipes/*.yaml")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable; "
+                   "model.n_layer=6 for nested keys)")
+    t.add_argument("--out-dir")
+    t.add_argument("--resume", action="store_true", help="continue from <out_dir>/last")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    t = sub.add_parser("generate", help="generate text from a checkpoint")
+    t.add_argument("--model", required=True)
+    t.add_argument("--prompt", default="\n")
+    t.add_argument("--max-new-tokens", type=int, default=200)
+    t.add_argument("--temperature", type=float, default=0.8)
+    t.add_argument("--top-k", type=int, default=0)
+    t.add_argument("--top-p", type=float, default=1.0)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--truncate", choices=["left"], help="cut an over-long prompt from the left instead of failing")
+    t.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (for checking)")
+    t.set_defaults(fn=cmd_generate)
+
+    t = sub.add_parser("info", help="parameters, FLOPs per token, weight and KV-cache memory")
+    g = t.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model")
+    g.add_argument("--preset")
+    t.add_argument("--seq-len", type=int)
+    t.set_defaults(fn=cmd_info)
+
+    t = sub.add_parser("plot", help="write the loss-curve PNG of a run")
+    t.add_argument("run_dir")
+    t.add_argument("--out")
+    t.set_defaults(fn=cmd_plot)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import LMStackError
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except LMStackError as e:
+        print(f"lmstack: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"lmstack: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmstack: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

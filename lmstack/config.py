@@ -1,0 +1,172 @@
+"""Model configuration: one dataclass, serialised to JSON, plus named presets (presets are data)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_CHOICES = {
+    "pos_emb": ("learned", "rope", "none"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu"),
+    "activation": ("gelu", "gelu_tanh", "silu", "relu"),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build the Transformer. GPT-2 and Llama families differ only in these fields."""
+
+    vocab_size: int = 50304
+    block_size: int = 1024          # context window (max positions)
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None    # grouped-query attention; None = n_head (plain multi-head)
+    n_embd: int = 768
+    intermediate_size: int | None = None  # feed-forward hidden size; None = 4*n_embd (gelu) or ~8/3*n_embd (swiglu)
+    pos_emb: str = "learned"        # learned | rope | none
+    norm: str = "layernorm"         # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"               # gelu (fc -> act -> proj) | swiglu (gated)
+    activation: str = "gelu"        # gelu | gelu_tanh | silu | relu (for mlp=gelu)
+    bias: bool = True               # biases in linear layers and norms
+    qkv_bias: bool | None = None    # bias on q/k/v only (Qwen2); None = same as `bias`
+    tie_embeddings: bool = True     # share token embedding and output head weights
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    dropout: float = 0.0
+    causal: bool = True             # decoder (True) or bidirectional encoder (False)
+    init_std: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---- derived sizes -------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        if self.mlp == "swiglu":  # Llama convention: 2/3 * 4d rounded up to a multiple of 64
+            return 64 * math.ceil(int(8 * self.n_embd / 3) / 64)
+        return 4 * self.n_embd
+
+    @property
+    def use_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    def validate(self) -> None:
+        for key, allowed in _CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"model.{key}={getattr(self, key)!r} is not supported; choose one of {', '.join(allowed)}")
+        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"model.{key} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                f"pick n_head from the divisors of n_embd (e.g. {_divisors_near(self.n_embd, self.n_head)})")
+        if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
+            raise ConfigError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ConfigError(f"RoPE needs an even head size, got n_embd/n_head={self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    # ---- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    # ---- accounting (used by `lmstack info` and the scaling maths) ------------------------
+    def num_params(self, include_embeddings: bool = True) -> int:
+        d, L, V, f = self.n_embd, self.n_layer, self.vocab_size, self.ffn_size
+        kv = self.kv_heads * self.head_dim
+        attn = d * (d + 2 * kv) + d * d
+        if self.use_qkv_bias:
+            attn += d + 2 * kv
+        if self.bias:
+            attn += d
+        mlp = (3 if self.mlp == "swiglu" else 2) * d * f + ((2 * f if self.mlp == "swiglu" else f) + d if self.bias else 0)
+        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        total = L * (attn + mlp + 2 * norm) + norm
+        emb = V * d + (self.block_size * d if self.pos_emb == "learned" else 0)
+        head = 0 if self.tie_embeddings else V * d
+        return total + head + (emb if include_embeddings else 0)
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward = 3x forward), Kaplan/Chinchilla style:
+        6 * non-embedding params (+ output head) + attention scores 6 * L * T * d."""
+        T = seq_len or self.block_size
+        n = self.num_params(include_embeddings=False) + self.vocab_size * self.n_embd
+        return 6 * n + 6 * self.n_layer * T * self.n_embd
+
+    def kv_cache_bytes(self, seq_len: int | None = None, batch: int = 1, bytes_per_elem: int = 4) -> int:
+        T = seq_len or self.block_size
+        return 2 * self.n_layer * batch * T * self.kv_heads * self.head_dim * bytes_per_elem
+
+
+def _divisors_near(n: int, target: int) -> str:
+    divs = [k for k in range(1, n + 1) if n % k == 0]
+    divs.sort(key=lambda k: abs(k - target))
+    return ", ".join(str(k) for k in sorted(divs[:4]))
+
+
+_GPT2 = dict(pos_emb="learned", norm="layernorm", mlp="gelu", activation="gelu_tanh", bias=True, tie_embeddings=True)
+_LLAMA = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, norm_eps=1e-5)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the CPU "baby GPT" of char-level Shakespeare
+    "tiny-char": dict(_GPT2, n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=384, activation="gelu"),
+    "gpt2-tiny": dict(_GPT2, n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=8192),
+    "gpt2-small": dict(_GPT2, n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+    "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024, block_size=1024, vocab_size=50257),
+    "gpt2-large": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280, block_size=1024, vocab_size=50257),
+    "gpt2-xl": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600, block_size=1024, vocab_size=50257),
+    "llama-tiny": dict(_LLAMA, n_layer=4, n_head=8, n_kv_head=2, n_embd=256, block_size=256, vocab_size=8192,
+                       tie_embeddings=True),
+    "smollm2-135m": dict(_LLAMA, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
+                         block_size=8192, vocab_size=49152, rope_theta=100000.0, tie_embeddings=True),
+    "llama2-7b": dict(_LLAMA, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, block_size=4096,
+                      vocab_size=32000, tie_embeddings=False, norm_eps=1e-5),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
+    d = dict(PRESETS[name])
+    d.update({k: v for k, v in overrides.items() if v is not None})
+    d.setdefault("name", name)
+    return ModelConfig.from_dict(d)

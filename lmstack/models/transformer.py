@@ -1,0 +1,177 @@
+"""ONE configurable Transformer.
+
+GPT-2 family: learned positions, LayerNorm, GELU MLP, biases, tied head.
+Llama family: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases (qkv bias for Qwen2), tied or untied head.
+Causal (decoder) or bidirectional (encoder) by `config.causal`. Everything is chosen by ModelConfig fields.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .kv_cache import KVCache
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_frequencies(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim) in float32, Hugging Face's rotate-half layout."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("type", scaling.get("rope_type")) == "linear":
+        inv_freq = inv_freq / float(scaling["factor"])
+    t = torch.arange(length, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (T, D)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.n_head, self.n_kv, self.hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv) * self.hd, bias=cfg.use_qkv_bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.proj.residual_scale = True
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope, cache: KVCache | None, pos: int, attn_mask: torch.Tensor | None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = q.view(B, T, self.n_head, self.hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, pos)
+        if self.n_kv != self.n_head:
+            rep = self.n_head // self.n_kv
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        is_causal = self.cfg.causal and attn_mask is None and k.shape[2] == T and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gated = cfg.mlp == "swiglu"
+        f = cfg.ffn_size
+        self.fc = nn.Linear(cfg.n_embd, 2 * f if self.gated else f, bias=cfg.bias)  # swiglu: [gate; up] fused
+        self.proj = nn.Linear(f, cfg.n_embd, bias=cfg.bias)
+        self.proj.residual_scale = True
+        self.act = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+                    "silu": F.silu, "relu": F.relu}["silu" if self.gated else cfg.activation]
+
+    def forward(self, x):
+        h = self.fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer_idx)
+        self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, cache, pos, attn_mask):
+        x = x + self.drop(self.attn(self.norm1(x), rope, cache, pos, attn_mask))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos_emb == "rope":
+            cos, sin = rope_frequencies(cfg, cfg.block_size)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        """GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer); zero biases."""
+        std = self.config.init_std
+        if isinstance(m, nn.Linear):
+            s = std / math.sqrt(2 * self.config.n_layer) if getattr(m, "residual_scale", False) else std
+            nn.init.normal_(m.weight, 0.0, s)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
+                attn_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids at absolute positions [pos, pos+T) -> logits (B, T, vocab).
+
+        With a cache, keys/values are written into it and attention covers positions [0, pos+T).
+        """
+        B, T = idx.shape
+        end = pos + T
+        if end > self.config.block_size and self.config.pos_emb == "learned":
+            raise ValueError(f"sequence of length {end} exceeds the context window block_size={self.config.block_size}")
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(pos, end, device=idx.device))
+        x = self.drop(x)
+        rope = None
+        if self.config.pos_emb == "rope":
+            if end > self.rope_cos.shape[0]:
+                cos, sin = rope_frequencies(self.config, end)
+                self.rope_cos, self.rope_sin = cos.to(idx.device), sin.to(idx.device)
+            rope = (self.rope_cos[pos:end].to(x.dtype), self.rope_sin[pos:end].to(x.dtype))
+        if attn_mask is None and cache is not None and self.config.causal and T > 1 and pos > 0:
+            # chunk after a cached prefix: query i (absolute pos+i) sees keys 0..pos+i
+            attn_mask = torch.ones(T, end, dtype=torch.bool, device=idx.device).tril(diagonal=pos)
+        for block in self.blocks:
+            x = block(x, rope, cache, pos, attn_mask)
+        x = self.norm_f(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay matrices of linear layers only; no decay on norms, biases, embeddings."""
+        decay, no_decay, seen = [], [], set()
+        emb_ids = {id(self.tok_emb.weight)} | ({id(self.pos_emb.weight)} if self.pos_emb is not None else set())
+        for name, p in self.named_parameters():
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            (decay if p.dim() >= 2 and id(p) not in emb_ids else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

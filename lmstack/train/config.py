@@ -1,0 +1,149 @@
+"""Training configuration: one dataclass, loaded from a YAML recipe plus `--set key=value` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    # run
+    out_dir: str = "runs/run"
+    seed: int = 1337
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    threads: int = 0                # torch CPU threads; 0 = PyTorch's default
+    resume: bool = False            # continue from <out_dir>/last
+    progress: bool = True           # rich progress bar
+    # data
+    corpus: str = "pydocs"          # pydocs | shakespeare | file / directory / glob (.txt .md .jsonl)
+    data_path: str | None = None    # local file for a named corpus (e.g. Tiny Shakespeare)
+    data_dir: str | None = None     # prepared shards (lmstack prepare); default <out_dir>/data
+    tokenizer: str = "bpe"          # bpe | char | path to a tokenizer.json or a directory holding one
+    vocab_size: int = 2048          # for tokenizer=bpe
+    val_fraction: float = 0.1       # validation = the last fraction of the token stream
+    # model: a preset name plus ModelConfig overrides, e.g. {preset: tiny-char, n_layer: 6}
+    model: dict = field(default_factory=lambda: {"preset": "tiny-char"})
+    # optimisation
+    optimizer: str = "adamw"        # adamw | sgd | rmsprop
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_schedule: str = "cosine"     # cosine | linear | constant | wsd (warmup-stable-decay)
+    warmup_steps: int = 100
+    decay_steps: int | None = None  # step where the schedule reaches min_lr; default max_steps
+    wsd_decay_fraction: float = 0.2  # for lr_schedule=wsd: final fraction of steps spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.9           # sgd momentum
+    rmsprop_alpha: float = 0.99
+    grad_clip: float = 1.0          # 0 = off
+    batch_size: int = 12
+    grad_accum: int = 1
+    max_steps: int | None = 2000
+    epochs: float | None = None     # alternative to max_steps: passes over the training tokens
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 20            # batches of random validation windows per periodic eval
+    final_eval_windows: int = -1    # at the end: -1 = the whole validation split, N = N windows, 0 = skip
+    log_interval: int = 1
+    ckpt_interval: int | None = None  # default: every eval
+    keep_best: bool = True
+    # speed
+    dtype: str = "float32"          # float32 | bfloat16 (autocast)
+    compile: bool = False
+    # sample printed at the end
+    sample_prompt: str = "\n"
+    sample_tokens: int = 200
+    sample_temperature: float = 0.8
+    sample_top_k: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        choices = {"optimizer": ("adamw", "sgd", "rmsprop"), "lr_schedule": ("cosine", "linear", "constant", "wsd"),
+                   "dtype": ("float32", "bfloat16")}
+        for k, allowed in choices.items():
+            if getattr(self, k) not in allowed:
+                raise ConfigError(f"{k}={getattr(self, k)!r} is not supported; choose one of {', '.join(allowed)}")
+        for k in ("batch_size", "grad_accum", "eval_interval", "log_interval"):
+            if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
+                raise ConfigError(f"{k} must be a positive integer, got {getattr(self, k)!r}")
+        if self.max_steps is None and self.epochs is None:
+            raise ConfigError("set max_steps or epochs")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ConfigError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if not isinstance(self.model, dict):
+            raise ConfigError("model must be a mapping, e.g. {preset: tiny-char, n_layer: 4}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
+            if k not in known:
+                near = difflib.get_close_matches(k, known, n=1)
+                raise ConfigError(f"unknown config key {k!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+                                  + "; see lmstack/train/config.py for the keys")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(str(e)) from None
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """['lr=3e-3', 'model.n_layer=6'] -> nested dict with YAML-typed values."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"recipe {p} does not exist; see recipes/ for examples")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"recipe {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe {p} must be a YAML mapping of config keys")
+    _merge(data, parse_set(overrides or []))
+    if "preset" in data and "model" not in data:
+        data["model"] = {"preset": data.pop("preset")}
+    return TrainConfig.from_dict(data)

@@ -1,0 +1,156 @@
+"""Pretraining by next-token prediction: tokenizer + shards + Transformer + the Trainer core."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import ModelConfig, preset
+from ..data.corpora import iter_texts
+from ..data.shards import TokenDataset, prepare_dataset
+from ..errors import ConfigError, LMStackError
+from ..models.transformer import Transformer
+from ..tokenizer import Tokenizer, train_bpe, train_char
+from .config import TrainConfig
+from .trainer import Trainer, resolve_device
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats/token); targets of -100 are ignored."""
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)
+
+
+def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    if cfg.tokenizer == "char":
+        return train_char(iter_texts(cfg.corpus, cfg.data_path))
+    if cfg.tokenizer == "bpe":
+        return train_bpe(iter_texts(cfg.corpus, cfg.data_path), cfg.vocab_size)
+    return Tokenizer.load(cfg.tokenizer)
+
+
+def prepare_data(cfg: TrainConfig, log=print) -> TokenDataset:
+    """The run's token shards: `data_dir` if given, else <out_dir>/data (built once, reused when the spec matches)."""
+    if cfg.data_dir:
+        return TokenDataset(cfg.data_dir)
+    d = Path(cfg.out_dir) / "data"
+    spec = {"corpus": cfg.corpus, "data_path": cfg.data_path, "tokenizer": cfg.tokenizer,
+            "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None, "val_fraction": cfg.val_fraction}
+    spec_file = d / "spec.json"
+    if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
+        return TokenDataset(d)
+    if cfg.resume:
+        raise LMStackError(f"--resume: the prepared data in {d} is missing or was built from other settings")
+    log(f"tokenizer: {cfg.tokenizer} on corpus {cfg.corpus!r}")
+    tok = build_tokenizer(cfg)
+    log(f"tokenizing {cfg.corpus!r} (vocab {tok.vocab_size}) -> {d}")
+    prepare_dataset(cfg.corpus, tok, d, cfg.val_fraction, cfg.data_path)
+    spec_file.write_text(json.dumps(spec))
+    ds = TokenDataset(d)
+    log(f"data: {ds.num_tokens('train'):,} train tokens, {ds.num_tokens('val'):,} val tokens")
+    return ds
+
+
+def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
+    m = dict(cfg.model)
+    name = m.pop("preset", None)
+    if "vocab_size" in m:
+        if m["vocab_size"] < tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={m['vocab_size']} is smaller than the tokenizer's vocabulary "
+                              f"({tokenizer.vocab_size}); raise it or drop it to size it automatically")
+    else:
+        m["vocab_size"] = 64 * math.ceil(tokenizer.vocab_size / 64)  # pad for fast matmuls
+    m.setdefault("eos_token_id", tokenizer.eos_id)
+    m.setdefault("bos_token_id", tokenizer.bos_id)
+    return preset(name, **m) if name else ModelConfig.from_dict(m)
+
+
+def make_evaluator(ds: TokenDataset, block: int, batch_size: int, seed: int, byte_lengths: list[int] | None):
+    """Returns evaluate(model, windows=None) -> {val_loss, val_bpb}.
+
+    windows=None: `eval_iters` batches of random windows, the same windows every call (low-noise comparisons).
+    windows=-1: every non-overlapping window of the validation split; windows=N: the first N of them.
+    """
+    blen = torch.tensor(byte_lengths, dtype=torch.float64) if byte_lengths else None
+
+    def evaluate(model, iters: int = 20, windows: int | None = None) -> dict[str, Any]:
+        device = next(model.parameters()).device
+        if windows is None:
+            rng = np.random.default_rng([seed, 0xE7A1])
+            batches = [ds.batch("val", batch_size, block, rng) for _ in range(iters)]
+        else:
+            wins = list(ds.eval_windows("val", block, None if windows < 0 else windows))
+            batches = [(torch.stack([w[0] for w in wins[i:i + batch_size]]),
+                        torch.stack([w[1] for w in wins[i:i + batch_size]])) for i in range(0, len(wins), batch_size)]
+        nll, ntok, nbytes = 0.0, 0, 0.0
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), reduction="sum")
+            nll += float(loss)
+            ntok += y.numel()
+            if blen is not None:
+                nbytes += float(blen[y.cpu().reshape(-1)].sum())
+        out = {"val_loss": nll / ntok, "val_tokens": ntok}
+        if nbytes > 0:
+            out["val_bpb"] = nll / (math.log(2) * nbytes)
+        return out
+    return evaluate
+
+
+def pretrain(cfg: TrainConfig, log=print) -> dict[str, Any]:
+    """Run a pretraining recipe end to end. Returns a summary (final metrics, paths)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    ds = prepare_data(cfg, log)
+    tok = ds.tokenizer
+    mcfg = model_config_for(cfg, tok)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mcfg).to(device)
+    block, bs = mcfg.block_size, cfg.batch_size
+    tokens_per_step = bs * block * cfg.grad_accum
+    if cfg.epochs is not None:
+        max_steps = max(1, math.ceil(cfg.epochs * ds.num_tokens("train") / tokens_per_step))
+    else:
+        max_steps = int(cfg.max_steps)
+    log(f"model: {model.num_params():,} parameters ({mcfg.n_layer} layers, {mcfg.n_embd} wide, "
+        f"{mcfg.pos_emb}/{mcfg.norm}/{mcfg.mlp}), {max_steps} steps of {tokens_per_step:,} tokens on {device}")
+
+    def get_batch(step: int, micro: int):
+        rng = np.random.default_rng([cfg.seed, step, micro])
+        x, y = ds.batch("train", bs, block, rng)
+        return x.to(device), y.to(device)
+
+    evaluator = make_evaluator(ds, block, bs, cfg.seed, tok.byte_lengths())
+    trainer = Trainer(model, cfg, lm_loss, get_batch, max_steps,
+                      evaluate=lambda m, **kw: evaluator(m, iters=cfg.eval_iters, **kw), tokenizer=tok,
+                      param_groups=model.configure_optimizer_groups(cfg.weight_decay), tokens_per_step=tokens_per_step)
+    history = trainer.fit()
+    summary: dict[str, Any] = {"out_dir": cfg.out_dir, "steps": trainer.step, "params": model.num_params()}
+    if history:
+        summary.update({k: v for k, v in history[-1].items() if k in ("train_loss", "val_loss", "val_bpb", "elapsed_s")})
+    if cfg.final_eval_windows:
+        final = trainer.run_eval(windows=cfg.final_eval_windows)
+        summary.update({"final_" + k: v for k, v in final.items()})
+        log(f"final eval on {final['val_tokens']:,} validation tokens: val_loss {final['val_loss']:.4f}  "
+            f"val_bpb {final.get('val_bpb', float('nan')):.4f}")
+        with open(Path(cfg.out_dir) / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": trainer.step, "final_val_loss": final["val_loss"],
+                                "final_val_bpb": final.get("val_bpb"), "final_val_tokens": final["val_tokens"]}) + "\n")
+    from .plot import plot_run
+    summary["plot"] = str(plot_run(cfg.out_dir))
+    if cfg.sample_tokens:
+        from ..generate import SamplingParams, generate_text
+        n = min(cfg.sample_tokens, block - 1)
+        sp = SamplingParams(max_new_tokens=n, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
+                            seed=cfg.seed)
+        summary["sample"] = cfg.sample_prompt + generate_text(model, tok, cfg.sample_prompt, sp, truncate="left")
+    return summary
+

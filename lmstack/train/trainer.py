@@ -1,0 +1,234 @@
+"""The one Trainer core: optimizer, LR schedule, accumulation, clipping, autocast, evaluation, JSONL metrics,
+best/last checkpoints and exact resume. Objectives (pretraining, SFT, reward, DPO, ...) plug in as a loss
+function and a batch function; nothing here knows about language modelling.
+
+Exact resume: batch i is a pure function of (seed, step, micro-step), the LR is a function of the step, and the
+checkpoint holds weights, optimizer state and the torch RNG state, so a resumed run repeats the same floats.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..checkpoint import load_train_state, resolve_checkpoint, save_checkpoint
+from ..errors import LMStackError
+from .config import TrainConfig
+
+
+def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen decay to min_lr."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    end = cfg.decay_steps or max_steps
+    if cfg.lr_schedule == "wsd":
+        start = int(end * (1 - cfg.wsd_decay_fraction))
+        if step < start:
+            return cfg.lr
+        frac = min(1.0, (step - start) / max(1, end - start))
+        return cfg.lr + frac * (cfg.min_lr - cfg.lr)
+    if step >= end:
+        return cfg.min_lr
+    frac = (step - cfg.warmup_steps) / max(1, end - cfg.warmup_steps)
+    if cfg.lr_schedule == "linear":
+        return cfg.lr + frac * (cfg.min_lr - cfg.lr)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
+
+
+def build_optimizer(params: list[dict] | list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                 weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per logged step, flushed at once."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():  # drop lines written after the checkpoint we resume from
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+        self.f = open(path, "a")
+
+    def write(self, rec: dict[str, Any]) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class Trainer:
+    """Runs `max_steps` optimizer steps of `loss_fn(model, batch)` over `get_batch(step, micro)`."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, loss_fn: Callable, get_batch: Callable,
+                 max_steps: int, evaluate: Callable[[torch.nn.Module], dict] | None = None, tokenizer=None,
+                 param_groups: list[dict] | None = None, tokens_per_step: int | None = None):
+        self.model, self.cfg, self.loss_fn, self.get_batch = model, cfg, loss_fn, get_batch
+        self.max_steps, self.evaluate, self.tokenizer = max_steps, evaluate, tokenizer
+        self.tokens_per_step = tokens_per_step
+        self.out_dir = Path(cfg.out_dir)
+        self.device = next(model.parameters()).device
+        groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        self.optimizer = build_optimizer(groups, cfg)
+        self.fwd_model = torch.compile(model) if cfg.compile else model
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
+                         else nullcontext())
+        self.step, self.best_val, self.elapsed_before = 0, float("inf"), 0.0
+        self.history: list[dict] = []
+
+    # ---- state -----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "best_val": self.best_val,
+                "elapsed_s": self.elapsed_before + (time.perf_counter() - self._t0), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "config": json.dumps(self.cfg.to_dict())}
+
+    def load_state(self, ckpt_dir: Path) -> None:
+        from safetensors.torch import load_file
+        st = load_train_state(ckpt_dir)
+        sd = load_file(str(resolve_checkpoint(ckpt_dir) / "model.safetensors"))
+        self.model.load_state_dict(sd, strict=False)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.step, self.best_val, self.elapsed_before = int(st["step"]), float(st["best_val"]), float(st["elapsed_s"])
+        torch.set_rng_state(st["torch_rng"])
+        if st.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+
+    def save(self, name: str) -> None:
+        save_checkpoint(self.out_dir / name, self.model, self.tokenizer, self.state_dict())
+
+    # ---- loop ------------------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        last = self.out_dir / "last"
+        resumed = None
+        if cfg.resume:
+            if not (last.exists() or list(self.out_dir.glob(".last.old-*"))):
+                raise LMStackError(f"--resume: no checkpoint at {last}; drop --resume to start a fresh run")
+            self.load_state(last)
+            resumed = self.step
+        log = MetricsLog(self.out_dir / "metrics.jsonl", resumed)
+        ckpt_every = cfg.ckpt_interval or cfg.eval_interval
+        self._t0 = time.perf_counter()
+        t_last, tok_since = time.perf_counter(), 0
+        progress = _Progress(cfg.progress, self.max_steps, self.step)
+        self.model.train()
+        try:
+            while self.step < self.max_steps:
+                lr = lr_at(self.step, cfg, self.max_steps)
+                for g in self.optimizer.param_groups:
+                    g["lr"] = lr
+                loss_sum, ntok = 0.0, 0
+                for micro in range(cfg.grad_accum):
+                    batch = self.get_batch(self.step, micro)
+                    with self.autocast:
+                        loss = self.loss_fn(self.fwd_model, batch)
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.item() / cfg.grad_accum
+                    ntok += _count_tokens(batch)
+                grad_norm = None
+                if cfg.grad_clip and cfg.grad_clip > 0:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                tok_since += ntok
+                is_last = self.step == self.max_steps
+                rec = None
+                if self.step % cfg.log_interval == 0 or is_last:
+                    now = time.perf_counter()
+                    rec = {"step": self.step, "train_loss": loss_sum, "lr": lr,
+                           "tokens_per_sec": tok_since / max(now - t_last, 1e-9),
+                           "elapsed_s": self.elapsed_before + now - self._t0}
+                    if grad_norm is not None:
+                        rec["grad_norm"] = grad_norm
+                    t_last, tok_since = now, 0
+                if self.evaluate is not None and (self.step % cfg.eval_interval == 0 or is_last):
+                    t_eval = time.perf_counter()
+                    ev = self.run_eval()
+                    rec = rec or {"step": self.step, "train_loss": loss_sum, "lr": lr,
+                                  "elapsed_s": self.elapsed_before + time.perf_counter() - self._t0}
+                    rec.update(ev)
+                    if cfg.keep_best and ev.get("val_loss", float("inf")) < self.best_val:
+                        self.best_val = ev["val_loss"]
+                        self.save("best")
+                    t_last += time.perf_counter() - t_eval  # keep eval time out of tokens/s
+                if rec is not None:
+                    log.write(rec)
+                    self.history.append(rec)
+                if self.step % ckpt_every == 0 or is_last:
+                    self.save("last")
+                progress.update(self.step, loss_sum, rec)
+        finally:
+            progress.close()
+            log.close()
+        return self.history
+
+    @torch.no_grad()
+    def run_eval(self, **kw) -> dict:
+        was = self.model.training
+        self.model.eval()
+        try:
+            with self.autocast:
+                return self.evaluate(self.model, **kw)
+        finally:
+            self.model.train(was)
+
+
+def _count_tokens(batch) -> int:
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(x.numel()) if isinstance(x, torch.Tensor) else 0
+
+
+class _Progress:
+    """Rich progress bar: step, loss, tokens/s, ETA (no-op when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int):
+        self.p = None
+        if not enabled:
+            return
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+        self.p = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                          TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                          TimeRemainingColumn())
+        self.task = self.p.add_task("train", total=total, completed=start, info="")
+        self.p.start()
+        self.tps = 0.0
+
+    def update(self, step: int, loss: float, rec: dict | None) -> None:
+        if self.p is None:
+            return
+        if rec and "tokens_per_sec" in rec:
+            self.tps = rec["tokens_per_sec"]
+        info = f"loss {loss:.4f}  {self.tps:,.0f} tok/s"
+        if rec and "val_loss" in rec:
+            info += f"  val {rec['val_loss']:.4f}"
+            self.p.console.print(f"step {step}: train {loss:.4f}  val {rec['val_loss']:.4f}  "
+                                 f"val_bpb {rec.get('val_bpb', float('nan')):.4f}")
+        self.p.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()
