@@ -18,7 +18,9 @@ def cmd_tokenizer_train(a) -> None:
     from .data.corpora import iter_texts
     from .tokenizer import train_bpe, train_char
     texts = iter_texts(a.corpus, a.data_path)
-    tok = train_char(texts) if a.type == "char" else train_bpe(texts, a.vocab_size, show_progress=False)
+    specials = [t for t in (a.special_tokens or "").split(",") if t] or None
+    kw = dict(special_tokens=specials, bos_token=a.bos_token, pad_token=a.pad_token)
+    tok = train_char(texts, **kw) if a.type == "char" else train_bpe(texts, a.vocab_size, **kw)
     tok.save(a.out)
     print(f"trained {a.type} tokenizer with {tok.vocab_size} tokens -> {a.out}/tokenizer.json")
 
@@ -59,7 +61,8 @@ def cmd_generate(a) -> None:
         from .generate import SamplingParams, generate
         out = generate(lm.model, lm._prompt_ids(a.prompt), SamplingParams(**params), lm.tokenizer.eos_id,
                        use_cache=False, truncate=a.truncate)
-        print(a.prompt + lm.tokenizer.decode(out, skip_special_tokens=True))
+        from .lm import decode_stream
+        print(a.prompt + "".join(decode_stream(lm.tokenizer, out)))
         return
     sys.stdout.write(a.prompt)
     for piece in lm.stream(a.prompt, truncate=a.truncate, **params):
@@ -109,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-path", help="local file for a named corpus")
     t.add_argument("--type", choices=["bpe", "char"], default="bpe")
     t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--special-tokens", default="<|endoftext|>",
+                   help="comma-separated special tokens; the first is EOS (default <|endoftext|>)")
+    t.add_argument("--bos-token", help="BOS token (added to the specials if missing)")
+    t.add_argument("--pad-token", help="padding token (added to the specials if missing)")
     t.add_argument("--out", required=True, help="output directory (tokenizer.json)")
     t.set_defaults(fn=cmd_tokenizer_train)
 

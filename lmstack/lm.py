@@ -1,14 +1,29 @@
 """LM: a model plus its tokenizer, the object `lmstack.load` returns."""
 from __future__ import annotations
 
+import codecs
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
 from .checkpoint import load_model
 from .errors import LMStackError
-from .generate import SamplingParams, generate, stream_tokens
+from .generate import SamplingParams, stream_tokens
+
+
+def decode_stream(tokenizer, ids: Iterable[int]) -> Iterator[str]:
+    """Token ids -> text deltas through one incremental UTF-8 decoder: a multi-byte character is held back until
+    complete, invalid bytes become U+FFFD (Python's errors='replace'), special tokens are skipped. The one text
+    decoding of generated tokens, so streamed and non-streamed output are always identical."""
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for tok in ids:
+        text = dec.decode(tokenizer.token_bytes(tok))
+        if text:
+            yield text
+    tail = dec.decode(b"", final=True)
+    if tail:
+        yield tail
 
 
 class LM:
@@ -30,26 +45,13 @@ class LM:
 
     def generate(self, prompt: str, truncate: str | None = None, **params) -> str:
         """Generate a continuation of `prompt` (text in, text out). params: SamplingParams fields."""
-        sp = SamplingParams(**params)
-        out = generate(self.model, self._prompt_ids(prompt), sp, eos_id=self.tokenizer.eos_id, truncate=truncate)
-        return self.tokenizer.decode(out, skip_special_tokens=True)
+        return "".join(self.stream(prompt, truncate=truncate, **params))
 
     def stream(self, prompt: str, truncate: str | None = None, **params) -> Iterator[str]:
         """Yield text pieces as they are generated; never splits a multi-byte UTF-8 character."""
         sp = SamplingParams(**params)
-        buf = b""
-        for tok in stream_tokens(self.model, self._prompt_ids(prompt), sp, eos_id=self.tokenizer.eos_id,
-                                 truncate=truncate):
-            buf += self.tokenizer.token_bytes(tok)
-            try:
-                text = buf.decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            buf = b""
-            if text:
-                yield text
-        if buf:
-            yield buf.decode("utf-8", errors="replace")
+        ids = stream_tokens(self.model, self._prompt_ids(prompt), sp, eos_id=self.tokenizer.eos_id, truncate=truncate)
+        yield from decode_stream(self.tokenizer, ids)
 
 
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LM:

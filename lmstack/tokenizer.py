@@ -164,9 +164,10 @@ def _bytelevel_decode_table() -> dict[str, int]:
 
 # ---- training ---------------------------------------------------------------------------------
 def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None,
-              min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
+              min_frequency: int = 2, show_progress: bool = False, bos_token: str | None = None,
+              pad_token: str | None = None) -> Tokenizer:
     """Train a GPT-2 style byte-level BPE tokenizer. Every string round-trips: decode(encode(s)) == s."""
-    specials = list(special_tokens or DEFAULT_SPECIALS)
+    specials = _specials(special_tokens, bos_token, pad_token)
     if vocab_size < 256 + len(specials):
         raise LMStackError(f"a byte-level BPE vocabulary needs at least {256 + len(specials)} entries "
                            f"(256 bytes + special tokens), got vocab_size={vocab_size}")
@@ -176,13 +177,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str] |
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=show_progress)
     hf.train_from_iterator(_batched(texts), trainer=trainer)
-    return Tokenizer(hf, eos_token=specials[0])
+    return Tokenizer(hf, eos_token=specials[0], bos_token=bos_token, pad_token=pad_token)
 
 
-def train_char(texts: Iterable[str], special_tokens: list[str] | None = None, byte_fallback: bool = True) -> Tokenizer:
+def train_char(texts: Iterable[str], special_tokens: list[str] | None = None, byte_fallback: bool = True,
+               bos_token: str | None = None, pad_token: str | None = None) -> Tokenizer:
     """Char-level vocabulary of every character seen (sorted), plus special tokens; with byte_fallback, characters
     never seen are encoded as their UTF-8 bytes (<0xNN> tokens), so any string still round-trips."""
-    specials = list(special_tokens or DEFAULT_SPECIALS)
+    specials = _specials(special_tokens, bos_token, pad_token)
     counts: Counter[str] = Counter()
     for t in texts:
         counts.update(t)
@@ -198,7 +200,14 @@ def train_char(texts: Iterable[str], special_tokens: list[str] | None = None, by
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     hf.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     hf.add_special_tokens(specials)
-    return Tokenizer(hf, eos_token=specials[0])
+    return Tokenizer(hf, eos_token=specials[0], bos_token=bos_token, pad_token=pad_token)
+
+
+def _specials(special_tokens: list[str] | None, *extra: str | None) -> list[str]:
+    """Special tokens in order, the first being EOS; bos/pad tokens are added if not already listed."""
+    specials = list(special_tokens or DEFAULT_SPECIALS)
+    specials += [t for t in extra if t and t not in specials]
+    return specials
 
 
 def _batched(texts: Iterable[str], max_chars: int = 1 << 20) -> Iterator[str]:

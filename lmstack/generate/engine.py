@@ -71,5 +71,5 @@ def generate(model, prompt: list[int], params: SamplingParams, eos_id: int | Non
 
 def generate_text(model, tokenizer, prompt: str, params: SamplingParams, truncate: str | None = None) -> str:
     ids = tokenizer.encode(prompt) or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-    out = generate(model, ids, params, eos_id=tokenizer.eos_id, truncate=truncate)
-    return tokenizer.decode(out, skip_special_tokens=True)
+    from ..lm import decode_stream
+    return "".join(decode_stream(tokenizer, generate(model, ids, params, eos_id=tokenizer.eos_id, truncate=truncate)))

@@ -122,6 +122,10 @@ class Transformer(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
+        for block in self.blocks:  # hidden weight matrices: the ones Muon may orthogonalise
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.muon_ok = True
 
     def _init_weights(self, m: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer); zero biases."""

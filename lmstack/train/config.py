@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,20 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (3e-4, 1e5) as numbers; plain YAML 1.1 reads them
+    as strings, so `--set lr=3e-4` would reach the optimizer as the string '3e-4'."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -31,7 +46,7 @@ class TrainConfig:
     # model: a preset name plus ModelConfig overrides, e.g. {preset: tiny-char, n_layer: 6}
     model: dict = field(default_factory=lambda: {"preset": "tiny-char"})
     # optimisation
-    optimizer: str = "adamw"        # adamw | sgd | rmsprop
+    optimizer: str = "adamw"        # adamw | sgd | rmsprop | muon (Muon for hidden matrices, AdamW for the rest)
     lr: float = 1e-3
     min_lr: float = 1e-4
     lr_schedule: str = "cosine"     # cosine | linear | constant | wsd (warmup-stable-decay)
@@ -44,6 +59,8 @@ class TrainConfig:
     eps: float = 1e-8
     momentum: float = 0.9           # sgd momentum
     rmsprop_alpha: float = 0.99
+    muon_lr: float = 0.02           # optimizer=muon: learning rate of the Muon groups (follows the same schedule)
+    muon_momentum: float = 0.95
     grad_clip: float = 1.0          # 0 = off
     batch_size: int = 12
     grad_accum: int = 1
@@ -69,7 +86,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        choices = {"optimizer": ("adamw", "sgd", "rmsprop"), "lr_schedule": ("cosine", "linear", "constant", "wsd"),
+        choices = {"optimizer": ("adamw", "sgd", "rmsprop", "muon"), "lr_schedule": ("cosine", "linear", "constant", "wsd"),
                    "dtype": ("float32", "bfloat16")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
@@ -109,7 +126,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = _yaml_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         node = out
@@ -136,7 +153,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.exists():
             raise ConfigError(f"recipe {p} does not exist; see recipes/ for examples")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -46,6 +46,18 @@ def build_optimizer(params: list[dict] | list[torch.nn.Parameter], cfg: TrainCon
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "muon":
+        from .optim import Muon
+        groups = params if isinstance(params[0], dict) else [{"params": params}]
+        split = []
+        for g in groups:
+            mats = [p for p in g["params"] if getattr(p, "muon_ok", False)]
+            rest = [p for p in g["params"] if not getattr(p, "muon_ok", False)]
+            if mats:
+                split.append({**g, "params": mats, "muon": True, "lr_scale": cfg.muon_lr / cfg.lr})
+            if rest:
+                split.append({**g, "params": rest, "muon": False})
+        return Muon(split, lr=cfg.lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.eps, weight_decay=cfg.weight_decay)
@@ -138,7 +150,7 @@ class Trainer:
             while self.step < self.max_steps:
                 lr = lr_at(self.step, cfg, self.max_steps)
                 for g in self.optimizer.param_groups:
-                    g["lr"] = lr
+                    g["lr"] = lr * g.get("lr_scale", 1.0)
                 loss_sum, ntok = 0.0, 0
                 for micro in range(cfg.grad_accum):
                     batch = self.get_batch(self.step, micro)
