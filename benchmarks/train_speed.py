@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,15 +32,19 @@ def run_recipe(recipe: str, data_path: str, sets: list[str], out_dir: Path) -> d
     subprocess.run(base + ["--set", "max_steps=1", "--set", "final_eval_windows=0", "--set", "sample_tokens=0"],
                    check=True, capture_output=True, cwd=ROOT)
     t0 = time.perf_counter()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run(base + ["--set", "sample_tokens=0"], capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(proc.stderr)
-    rss_mb = max(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1024
+    with open(out_dir / "stdout.txt", "w+") as out, open(out_dir / "stderr.txt", "w+") as err:
+        proc = subprocess.Popen(base + ["--set", "sample_tokens=0"], stdout=out, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)  # rusage of this child alone
+        wall = time.perf_counter() - t0
+        out.seek(0)
+        stdout = out.read()
+        err.seek(0)
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(err.read())
+    rss_mb = usage.ru_maxrss / 1024
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     tps = [r["tokens_per_sec"] for r in rows if "tokens_per_sec" in r][1:]  # skip the warm-up interval
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):proc.stdout.rindex("}") + 1])
+    summary = json.loads(stdout[stdout.index("{"):stdout.rindex("}") + 1])
     final = [r for r in rows if "final_val_loss" in r][-1]
     steps = summary["steps"]
     from lmstack.train import load_recipe

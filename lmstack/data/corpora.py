@@ -16,7 +16,7 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
 SHAKESPEARE_NAMES = ("tinyshakespeare.txt", "input.txt", "shakespeare.txt")
 BUILTIN = ("pydocs", "shakespeare")
-CHUNK_CHARS = 1 << 20  # stream files in ~1 MB pieces, cut at line ends
+CHUNK_CHARS = 1 << 18  # stream files in ~256 KB pieces, cut at line ends (bounds tokenizer memory)
 
 
 def cache_dir() -> Path:

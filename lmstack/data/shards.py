@@ -71,7 +71,7 @@ def prepare_dataset(corpus: str, tokenizer: Tokenizer, out_dir: str | Path, val_
     for text, new_doc in iter_corpus(corpus, data_path):
         batch.append(text)
         starts.append(new_doc)
-        if len(batch) >= 64:
+        if len(batch) >= 16:
             flush()
     flush()
     if f is not None:

@@ -45,7 +45,7 @@ def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
 def build_optimizer(params: list[dict] | list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                 weight_decay=cfg.weight_decay)
+                                 weight_decay=cfg.weight_decay, foreach=True)
     if cfg.optimizer == "muon":
         from .optim import Muon
         groups = params if isinstance(params[0], dict) else [{"params": params}]
@@ -59,8 +59,10 @@ def build_optimizer(params: list[dict] | list[torch.nn.Parameter], cfg: TrainCon
                 split.append({**g, "params": rest, "muon": False})
         return Muon(split, lr=cfg.lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                               foreach=True)
+    return torch.optim.RMSprop(params, lr=cfg.lr, alpha=cfg.rmsprop_alpha, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                               foreach=True)
 
 
 def resolve_device(name: str) -> torch.device:
