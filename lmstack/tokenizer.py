@@ -26,7 +26,7 @@ class Tokenizer:
         self.bos_token = bos_token if bos_token and hf.token_to_id(bos_token) is not None else None
         self.pad_token = pad_token if pad_token and hf.token_to_id(pad_token) is not None else None
         self.chat_template = chat_template
-        self._byte_lengths: list[int] | None = None
+        self._bytes_table: list[bytes] | None = None
 
     # ---- basic API ---------------------------------------------------------------------------
     @property
@@ -59,10 +59,11 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The exact bytes one token stands for (b"" for special tokens); used for streaming and bits-per-byte."""
-        tok = self.hf.id_to_token(token_id)
-        if tok is None or token_id in self.special_ids:
-            return b""
-        return _token_to_bytes(self.hf, tok)
+        if self._bytes_table is None:
+            specials = self.special_ids
+            self._bytes_table = [b"" if i in specials or (t := self.hf.id_to_token(i)) is None
+                                 else _token_to_bytes(self.hf, t) for i in range(self.vocab_size)]
+        return self._bytes_table[token_id] if 0 <= token_id < len(self._bytes_table) else b""
 
     @property
     def special_ids(self) -> set[int]:
@@ -72,9 +73,8 @@ class Tokenizer:
 
     def byte_lengths(self) -> list[int]:
         """UTF-8 byte length of every token id (0 for special tokens): turns nats/token into bits/byte."""
-        if self._byte_lengths is None:
-            self._byte_lengths = [len(self.token_bytes(i)) for i in range(self.vocab_size)]
-        return self._byte_lengths
+        self.token_bytes(0)
+        return [len(b) for b in self._bytes_table]
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
