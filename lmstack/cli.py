@@ -71,15 +71,109 @@ def cmd_generate(a) -> None:
     sys.stdout.write("\n")
 
 
+def _dtype(name: str | None):
+    import torch
+    return {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def cmd_convert(a) -> None:
+    import lmstack
+
+    from .checkpoint import save_checkpoint
+    lm = lmstack.load(a.src, dtype=_dtype(a.dtype))
+    save_checkpoint(a.out, lm.model, lm.tokenizer)
+    print(f"converted {a.src} ({lm.model.num_params():,} parameters) -> {a.out}")
+
+
+def cmd_export(a) -> None:
+    import lmstack
+
+    from .convert.hf import export_hf
+    lm = lmstack.load(a.model)
+    export_hf(lm.model, lm.tokenizer, a.out)
+    print(f"exported {a.model} as a Hugging Face model directory -> {a.out}")
+
+
+def cmd_download(a) -> None:
+    from .errors import LMStackError
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise LMStackError("downloading needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        path = snapshot_download(a.repo_id, revision=a.revision, local_dir=a.out,
+                                 allow_patterns=a.include or None)
+    except Exception as e:  # network errors come in many types (requests, httpx, OSError)
+        name = type(e).__name__
+        if any(k in name for k in ("Connect", "Timeout", "Offline", "Network")) or "resolve" in str(e).lower() \
+                or isinstance(e, OSError):
+            raise LMStackError(f"cannot download {a.repo_id}: the Hugging Face Hub is unreachable (offline?); "
+                               "copy the model directory or GGUF file here and pass its path instead") from None
+        raise LMStackError(f"cannot download {a.repo_id}: {name}: {e}") from None
+    print(path)
+
+
+def cmd_chat(a) -> None:
+    import lmstack
+    lm = lmstack.load(a.model)
+    params = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                  seed=a.seed)
+    system = [{"role": "system", "content": a.system}] if a.system else []
+    history: list[dict] = []
+
+    def answer(question: str) -> None:
+        history.append({"role": "user", "content": question})
+        parts = []
+        for piece in lm.chat_stream(system + history, **params):
+            parts.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(parts).strip()})
+
+    if a.prompt is not None:
+        answer(a.prompt)
+        return
+    print("chat with", a.model, "— /reset clears the history, /exit quits")
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("/exit", "/quit"):
+            return
+        if cmd == "/reset":
+            history.clear()
+            print("(history cleared)")
+            continue
+        answer(line)
+
+
+def cmd_embed(a) -> None:
+    import lmstack
+    lm = lmstack.load(a.model)
+    texts = a.texts or [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
+    vectors = lm.embed(texts, normalize=not a.no_normalize)
+    for t, v in zip(texts, vectors.tolist()):
+        print(json.dumps({"text": t, "embedding": [round(x, 7) for x in v]}))
+
+
 def cmd_info(a) -> None:
     from .config import ModelConfig, preset
     if a.preset:
         cfg = preset(a.preset)
     else:
-        from pathlib import Path
-
-        from .checkpoint import resolve_checkpoint
-        cfg = ModelConfig.load(resolve_checkpoint(a.model) / "config.json")
+        from .lm import resolve_source
+        if resolve_source(a.model) == "lmstack":
+            from .checkpoint import resolve_checkpoint
+            cfg = ModelConfig.load(resolve_checkpoint(a.model) / "config.json")
+        else:
+            import lmstack
+            cfg = lmstack.load(a.model).config
     T = a.seq_len or cfg.block_size
     n = cfg.num_params()
     rows = [
@@ -147,6 +241,42 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--truncate", choices=["left"], help="cut an over-long prompt from the left instead of failing")
     t.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (for checking)")
     t.set_defaults(fn=cmd_generate)
+
+    t = sub.add_parser("convert", help="write an lmstack checkpoint from a Hugging Face directory or GGUF file")
+    t.add_argument("src")
+    t.add_argument("--out", required=True)
+    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    t.set_defaults(fn=cmd_convert)
+
+    t = sub.add_parser("export", help="write a model as a Hugging Face directory (transformers can load it)")
+    t.add_argument("model")
+    t.add_argument("--format", choices=["hf"], default="hf")
+    t.add_argument("--out", required=True)
+    t.set_defaults(fn=cmd_export)
+
+    t = sub.add_parser("download", help="download a model from the Hugging Face Hub (needs network)")
+    t.add_argument("repo_id")
+    t.add_argument("--revision")
+    t.add_argument("--out", help="target directory (default: the Hugging Face cache)")
+    t.add_argument("--include", action="append", help="only files matching this glob (repeatable)")
+    t.set_defaults(fn=cmd_download)
+
+    t = sub.add_parser("chat", help="chat with a model using its own chat template")
+    t.add_argument("--model", required=True, help="checkpoint dir, Hugging Face dir or GGUF file")
+    t.add_argument("--system", help="system message")
+    t.add_argument("-p", "--prompt", help="answer this one question and exit")
+    t.add_argument("--max-new-tokens", type=int, default=256)
+    t.add_argument("--temperature", type=float, default=0.0)
+    t.add_argument("--top-k", type=int, default=0)
+    t.add_argument("--top-p", type=float, default=1.0)
+    t.add_argument("--seed", type=int)
+    t.set_defaults(fn=cmd_chat)
+
+    t = sub.add_parser("embed", help="mean-pooled, normalised sentence embeddings (one JSON line per text)")
+    t.add_argument("--model", required=True)
+    t.add_argument("texts", nargs="*", help="texts (default: one per line on stdin)")
+    t.add_argument("--no-normalize", action="store_true")
+    t.set_defaults(fn=cmd_embed)
 
     t = sub.add_parser("info", help="parameters, FLOPs per token, weight and KV-cache memory")
     g = t.add_mutually_exclusive_group(required=True)

@@ -15,6 +15,7 @@ _CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu"),
     "activation": ("gelu", "gelu_tanh", "silu", "relu"),
+    "norm_position": ("pre", "post"),
 }
 
 
@@ -41,6 +42,9 @@ class ModelConfig:
     rope_scaling: dict | None = None
     dropout: float = 0.0
     causal: bool = True             # decoder (True) or bidirectional encoder (False)
+    norm_position: str = "pre"      # pre: x + f(norm(x)), final norm (GPT-2/Llama) | post: norm(x + f(x)), no final norm (BERT)
+    type_vocab_size: int = 0        # >0: token-type (segment) embeddings added to the input (BERT); type 0 unless given
+    embedding_norm: bool = False    # norm right after the embeddings (BERT)
     init_std: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -87,6 +91,8 @@ class ModelConfig:
             raise ConfigError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even head size, got n_embd/n_head={self.head_dim}")
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ConfigError(f"model.type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
@@ -120,8 +126,9 @@ class ModelConfig:
             attn += d
         mlp = (3 if self.mlp == "swiglu" else 2) * d * f + ((2 * f if self.mlp == "swiglu" else f) + d if self.bias else 0)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
-        total = L * (attn + mlp + 2 * norm) + norm
-        emb = V * d + (self.block_size * d if self.pos_emb == "learned" else 0)
+        total = L * (attn + mlp + 2 * norm) + (norm if self.norm_position == "pre" else 0)
+        emb = V * d + (self.block_size * d if self.pos_emb == "learned" else 0) + self.type_vocab_size * d
+        emb += norm if self.embedding_norm else 0
         head = 0 if self.tie_embeddings else V * d
         return total + head + (emb if include_embeddings else 0)
 

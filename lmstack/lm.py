@@ -1,7 +1,9 @@
-"""LM: a model plus its tokenizer, the object `lmstack.load` returns."""
+"""LM: a model plus its tokenizer, the object `lmstack.load` returns, whatever the source format."""
 from __future__ import annotations
 
 import codecs
+import itertools
+import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -47,16 +49,73 @@ class LM:
         """Generate a continuation of `prompt` (text in, text out). params: SamplingParams fields."""
         return "".join(self.stream(prompt, truncate=truncate, **params))
 
-    def stream(self, prompt: str, truncate: str | None = None, **params) -> Iterator[str]:
+    def stream(self, prompt: str, truncate: str | None = None, stop_ids: Iterable[int] | None = None,
+               **params) -> Iterator[str]:
         """Yield text pieces as they are generated; never splits a multi-byte UTF-8 character."""
         sp = SamplingParams(**params)
-        ids = stream_tokens(self.model, self._prompt_ids(prompt), sp, eos_id=self.tokenizer.eos_id, truncate=truncate)
+        stops = set(stop_ids) if stop_ids is not None else {self.tokenizer.eos_id} - {None}
+        ids = stream_tokens(self.model, self._prompt_ids(prompt), sp, eos_id=stops, truncate=truncate)
+        if sp.stop_at_eos:  # the stop token ends the text and is not part of it
+            ids = itertools.takewhile(lambda t: t not in stops, ids)
         yield from decode_stream(self.tokenizer, ids)
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        """Render messages with the model's own chat template, ready for the assistant's reply."""
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def chat_stream(self, messages: list[dict], **params) -> Iterator[str]:
+        """Stream the assistant's reply to `messages`, stopping at the end-of-turn token."""
+        yield from self.stream(self.chat_prompt(messages), truncate="left",
+                               stop_ids=self.tokenizer.end_of_turn_ids, **params)
+
+    def chat(self, messages: list[dict], **params) -> str:
+        return "".join(self.chat_stream(messages, **params))
+
+    def embed(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
+        """Mean-pooled (and L2-normalised) sentence embeddings, the sentence-transformers convention."""
+        from .convert.hf import embed
+        return embed(self.model, self.tokenizer, texts, normalize=normalize)
+
+
+def resolve_source(path: str | Path) -> str:
+    """What kind of model lives at `path`: 'lmstack' checkpoint dir, 'hf' directory, or 'gguf' file."""
+    p = Path(path)
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise LMStackError(f"{p} is a file but not GGUF; pass a GGUF file, a Hugging Face model directory or an "
+                           "lmstack checkpoint directory")
+    if p.is_dir():
+        cfg = p / "config.json"
+        if cfg.exists():
+            try:
+                data = json.loads(cfg.read_text())
+            except json.JSONDecodeError as e:
+                raise LMStackError(f"{cfg} is not valid JSON ({e.msg} at line {e.lineno})") from None
+            return "hf" if "model_type" in data else "lmstack"
+        if p.name in ("last", "best") or any(p.parent.glob(f".{p.name}.old-*")):
+            return "lmstack"
+        raise LMStackError(f"{p} has no config.json: not an lmstack checkpoint or a Hugging Face model directory")
+    if not p.exists() and list(p.parent.glob(f".{p.name}.old-*")):
+        return "lmstack"  # a checkpoint swap interrupted by a crash; load_model recovers it
+    hint = "; to fetch a Hugging Face model run `lmstack download REPO_ID`" if "/" in str(path) and not p.is_absolute() else ""
+    raise LMStackError(f"no model at {path} (expected an lmstack checkpoint directory, a Hugging Face model "
+                       f"directory or a GGUF file){hint}")
 
 
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LM:
-    """Load an lmstack checkpoint directory."""
-    model, tok = load_model(path, device=device, dtype=dtype)
+    """Load an lmstack checkpoint directory, a Hugging Face model directory, or a GGUF file."""
+    kind = resolve_source(path)
+    if kind == "gguf":
+        from .convert.gguf import load_gguf
+        model, tok = load_gguf(path, dtype=dtype)
+    elif kind == "hf":
+        from .convert.hf import load_hf
+        model, tok = load_hf(path, dtype=dtype)
+    else:
+        model, tok = load_model(path, device=device, dtype=dtype)
+    model = model.to(device).eval()
     if tok is None:
-        raise LMStackError(f"{path} has no tokenizer.json; copy the tokenizer into the checkpoint directory")
+        raise LMStackError(f"{path} has no tokenizer.json; copy the tokenizer into the model directory")
     return LM(model, tok, str(path))

@@ -14,18 +14,20 @@ from .errors import LMStackError
 
 EOT = "<|endoftext|>"
 DEFAULT_SPECIALS = [EOT]
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
 
 
 class Tokenizer:
     """Thin wrapper: encode/decode, special-token ids, byte lengths per token, chat template."""
 
     def __init__(self, hf: HFTokenizer, eos_token: str | None = EOT, bos_token: str | None = None,
-                 pad_token: str | None = None, chat_template: str | None = None):
+                 pad_token: str | None = None, chat_template: str | None = None, model_max_length: int | None = None):
         self.hf = hf
         self.eos_token = eos_token if eos_token and hf.token_to_id(eos_token) is not None else None
         self.bos_token = bos_token if bos_token and hf.token_to_id(bos_token) is not None else None
         self.pad_token = pad_token if pad_token and hf.token_to_id(pad_token) is not None else None
         self.chat_template = chat_template
+        self.model_max_length = model_max_length  # longest input the model was trained on (encoders truncate to it)
         self._bytes_table: list[bytes] | None = None
 
     # ---- basic API ---------------------------------------------------------------------------
@@ -47,6 +49,12 @@ class Tokenizer:
     @property
     def pad_id(self) -> int | None:
         return self.token_id(self.pad_token)
+
+    @property
+    def end_of_turn_ids(self) -> set[int]:
+        """EOS plus the end-of-turn tokens chat models use (<|im_end|>, <|eot_id|>, ...) that this vocabulary has."""
+        ids = {self.token_id(t) for t in END_OF_TURN} | {self.eos_id}
+        return {i for i in ids if i is not None and (i == self.eos_id or i in self.special_ids)}
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
@@ -85,6 +93,8 @@ class Tokenizer:
                 "tokenizer_class": "PreTrainedTokenizerFast"}
         if self.chat_template:
             meta["chat_template"] = self.chat_template
+        if self.model_max_length:
+            meta["model_max_length"] = self.model_max_length
         (d / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}, indent=2))
 
     @classmethod
@@ -100,12 +110,17 @@ class Tokenizer:
             raise LMStackError(f"cannot read tokenizer {file}: {e}") from e
         meta_file = file.parent / "tokenizer_config.json"
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        smap_file = file.parent / "special_tokens_map.json"  # older HF directories keep special tokens here
+        if smap_file.exists():
+            meta = {**json.loads(smap_file.read_text()), **meta}
 
         def tok(key: str, default: str | None = None) -> str | None:
             v = meta.get(key, default)
             return v.get("content") if isinstance(v, dict) else v
         return cls(hf, eos_token=tok("eos_token", EOT), bos_token=tok("bos_token"), pad_token=tok("pad_token"),
-                   chat_template=meta.get("chat_template"))
+                   chat_template=meta.get("chat_template"),
+                   model_max_length=meta["model_max_length"] if isinstance(meta.get("model_max_length"), int)
+                   and meta["model_max_length"] < 1e12 else None)
 
     # ---- chat --------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

@@ -61,7 +61,7 @@ def test_train_heads_do_not_divide_width(recipe, tmp_path):
 
 
 def test_user_errors_of_other_verbs(tmp_path):
-    assert_user_error(run_cli("generate", "--model", str(tmp_path / "missing")), "no checkpoint directory")
+    assert_user_error(run_cli("generate", "--model", str(tmp_path / "missing")), "no model at")
     assert_user_error(run_cli("plot", str(tmp_path)), "no metrics.jsonl")
 
 

@@ -1,7 +1,7 @@
 """Generation with a pre-allocated KV cache (or without, for checking), context-window handling, EOS stop."""
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -27,9 +27,11 @@ def fit_context(prompt: list[int], max_new_tokens: int, block_size: int, truncat
 
 
 @torch.inference_mode()
-def stream_tokens(model, prompt: list[int], params: SamplingParams, eos_id: int | None = None,
+def stream_tokens(model, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
                   use_cache: bool = True, truncate: str | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time."""
+    """Yield new token ids one at a time. `eos_id`: one id or several (e.g. a chat model's end-of-turn tokens);
+    generation stops after yielding one of them."""
+    stop_ids = set() if eos_id is None else ({eos_id} if isinstance(eos_id, int) else set(eos_id))
     if not prompt:
         raise LMStackError("the prompt is empty; give at least one token (e.g. the BOS/EOS token)")
     cfg = model.config
@@ -51,7 +53,7 @@ def stream_tokens(model, prompt: list[int], params: SamplingParams, eos_id: int 
             nxt = sample_next(logits.float().cpu(), params, gen)
             tok = int(nxt[0])
             yield tok
-            if params.stop_at_eos and eos_id is not None and tok == eos_id:
+            if params.stop_at_eos and tok in stop_ids:
                 return
             step = nxt.view(1, 1).to(device)
             if cache is not None:
@@ -64,7 +66,8 @@ def stream_tokens(model, prompt: list[int], params: SamplingParams, eos_id: int 
         model.train(was_training)
 
 
-def generate(model, prompt: list[int], params: SamplingParams, eos_id: int | None = None, use_cache: bool = True,
+def generate(model, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
+             use_cache: bool = True,
              truncate: str | None = None) -> list[int]:
     return list(stream_tokens(model, prompt, params, eos_id, use_cache, truncate))
 

@@ -2,6 +2,7 @@
 
 GPT-2 family: learned positions, LayerNorm, GELU MLP, biases, tied head.
 Llama family: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases (qkv bias for Qwen2), tied or untied head.
+BERT family: bidirectional (`causal=False`), post-norm blocks, token-type embeddings, LayerNorm after the embeddings.
 Causal (decoder) or bidirectional (encoder) by `config.causal`. Everything is chosen by ModelConfig fields.
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ def rope_frequencies(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, H, T, D); cos/sin: (T, D)
+    # x: (B, H, T, D); cos/sin: (T, D), or (B, 1, T, D) for per-row positions
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
@@ -99,8 +100,12 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer_idx)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.post_norm = cfg.norm_position == "post"
 
     def forward(self, x, rope, cache, pos, attn_mask):
+        if self.post_norm:  # BERT: norm(x + f(x))
+            x = self.norm1(x + self.drop(self.attn(x, rope, cache, pos, attn_mask)))
+            return self.norm2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.norm1(x), rope, cache, pos, attn_mask))
         return x + self.drop(self.mlp(self.norm2(x)))
 
@@ -111,9 +116,11 @@ class Transformer(nn.Module):
         self.config = cfg = config
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
+        self.emb_norm = make_norm(cfg) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm_f = make_norm(cfg)
+        self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()  # post-norm blocks end normed
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -142,10 +149,17 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
-                attn_mask: torch.Tensor | None = None, return_hidden: bool = False) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, return_hidden: bool = False,
+                padding_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids at absolute positions [pos, pos+T) -> logits (B, T, vocab).
 
         With a cache, keys/values are written into it and attention covers positions [0, pos+T).
+        padding_mask (B, pos+T) bool, True = real token: keys where it is False are not attended to (batches of
+        right-padded sequences; combined with the causal mask for decoders). token_type_ids (B, T): segment ids
+        for models with token-type embeddings (default 0). positions (B, T): each row's own position ids for the
+        position embeddings (learned or RoPE), for left-padded batches where a row's first real token sits at a
+        later slot; default pos..pos+T-1 for every row. Cache slots and masks still use `pos`.
         """
         B, T = idx.shape
         end = pos + T
@@ -153,17 +167,26 @@ class Transformer(nn.Module):
             raise ValueError(f"sequence of length {end} exceeds the context window block_size={self.config.block_size}")
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(pos, end, device=idx.device))
+            x = x + self.pos_emb(positions if positions is not None else torch.arange(pos, end, device=idx.device))
+        if self.type_emb is not None:
+            x = x + (self.type_emb(token_type_ids) if token_type_ids is not None else self.type_emb.weight[0])
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         x = self.drop(x)
         rope = None
         if self.config.pos_emb == "rope":
             if end > self.rope_cos.shape[0]:
                 cos, sin = rope_frequencies(self.config, end)
                 self.rope_cos, self.rope_sin = cos.to(idx.device), sin.to(idx.device)
-            rope = (self.rope_cos[pos:end].to(x.dtype), self.rope_sin[pos:end].to(x.dtype))
+            if positions is not None:  # (B, T) -> (B, 1, T, D), broadcast over heads
+                rope = (self.rope_cos[positions][:, None].to(x.dtype), self.rope_sin[positions][:, None].to(x.dtype))
+            else:
+                rope = (self.rope_cos[pos:end].to(x.dtype), self.rope_sin[pos:end].to(x.dtype))
         if attn_mask is None and cache is not None and self.config.causal and T > 1 and pos > 0:
             # chunk after a cached prefix: query i (absolute pos+i) sees keys 0..pos+i
             attn_mask = torch.ones(T, end, dtype=torch.bool, device=idx.device).tril(diagonal=pos)
+        if padding_mask is not None:
+            attn_mask = _with_padding(attn_mask, padding_mask.bool(), T, end, pos, self.config.causal)
         for block in self.blocks:
             x = block(x, rope, cache, pos, attn_mask)
         x = self.norm_f(x)
@@ -172,10 +195,27 @@ class Transformer(nn.Module):
     def configure_optimizer_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay matrices of linear layers only; no decay on norms, biases, embeddings."""
         decay, no_decay, seen = [], [], set()
-        emb_ids = {id(self.tok_emb.weight)} | ({id(self.pos_emb.weight)} if self.pos_emb is not None else set())
+        emb_ids = {id(m.weight) for m in (self.tok_emb, self.pos_emb, self.type_emb) if m is not None}
         for name, p in self.named_parameters():
             if not p.requires_grad or id(p) in seen:
                 continue
             seen.add(id(p))
             (decay if p.dim() >= 2 and id(p) not in emb_ids else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _with_padding(attn_mask: torch.Tensor | None, padding_mask: torch.Tensor, T: int, end: int, pos: int,
+                  causal: bool) -> torch.Tensor:
+    """Boolean SDPA mask (B, 1, T, end): the given/causal mask AND the key-padding mask, broadcast per batch row.
+    A query row left with no visible key (a padded position) attends everywhere instead of producing NaN."""
+    if padding_mask.shape[-1] != end:
+        raise ValueError(f"padding_mask covers {padding_mask.shape[-1]} positions, expected {end} (cache + input)")
+    mask = padding_mask[:, None, None, :]
+    if attn_mask is None and causal:
+        attn_mask = torch.ones(T, end, dtype=torch.bool, device=padding_mask.device).tril(diagonal=pos)
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool:
+            raise ValueError("padding_mask combines only with a boolean attn_mask")
+        mask = mask & attn_mask
+    mask = mask.expand(padding_mask.shape[0], 1, T, end)
+    return mask | ~mask.any(dim=-1, keepdim=True)

@@ -1,0 +1,1 @@
+"""Models made elsewhere in and out: Hugging Face directories (hf.py) and GGUF files (gguf.py)."""

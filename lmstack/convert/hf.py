@@ -1,0 +1,516 @@
+"""Hugging Face model directories <-> lmstack.
+
+In:  `load_hf(dir)` reads config.json + weights (*.safetensors, sharded or not, or pytorch_model.bin) of a GPT-2,
+     Llama (SmolLM, TinyLlama, ...), Mistral, Qwen2 or BERT model into the one lmstack Transformer, and the
+     directory's tokenizer.json into a lmstack Tokenizer.
+Out: `export_hf(model, tokenizer, dir)` writes a directory that `transformers.AutoModelForCausalLM` and
+     `AutoTokenizer` load (LlamaForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel).
+Plus `embed()`: sentence embeddings (mean pooling, L2 norm — the sentence-transformers convention) for encoders.
+
+Weight layouts. lmstack fuses attention q/k/v into `attn.qkv` (rows [q; k; v]) and the SwiGLU gate/up into
+`mlp.fc` (rows [gate; up]); GPT-2's Conv1D stores weights as (in, out), so they are transposed both ways.
+RoPE uses the same rotate-half layout as Hugging Face, so q/k need no permutation.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+
+from ..config import ModelConfig
+from ..errors import LMStackError
+from ..models.transformer import Transformer
+from ..tokenizer import Tokenizer
+
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert")
+_LLAMA_LIKE = ("llama", "mistral", "qwen2")
+_ACT_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
+           "relu": "relu", "silu": "silu", "swish": "silu"}
+_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+
+
+def _supported_msg() -> str:
+    return f"supported model types: {', '.join(SUPPORTED)}"
+
+
+# ---- detection ----------------------------------------------------------------------------------------------
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise LMStackError(f"cannot read {path}: {e}") from e
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    """A Hugging Face model directory: config.json with `model_type` (an lmstack config.json never has one)."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        return False
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get("model_type"), str)  # GPT-2 configs have n_layer too
+
+
+# ---- config -------------------------------------------------------------------------------------------------
+def _rope_settings(hf: dict) -> tuple[float, dict | None]:
+    """(theta, scaling) from either transformers-5 `rope_parameters` or the older `rope_theta`/`rope_scaling`."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or None
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type"))
+    if scaling is None and kind not in (None, "default"):
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in (None, "default"):
+            scaling = None
+        elif kind != "linear":
+            raise LMStackError(f"RoPE scaling {kind!r} is not supported (lmstack implements 'linear' only)")
+        else:
+            scaling = {"type": "linear", "factor": float(scaling["factor"])}
+    return theta, scaling
+
+
+def _first_id(v: Any) -> int | None:
+    if isinstance(v, list):
+        return v[0] if v else None
+    return v
+
+
+def hf_config_to_model_config(hf_cfg: dict) -> ModelConfig:
+    """Map a Hugging Face config.json dict onto ModelConfig; LMStackError for what lmstack cannot express."""
+    hf = hf_cfg
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        raise LMStackError(f"model_type {mt!r} is not supported for conversion; {_supported_msg()}")
+    def tid(key: str) -> int | None:  # special token id, dropped when outside the vocabulary (e.g. tiny GPT-2s)
+        v = _first_id(hf.get(key))
+        return v if isinstance(v, int) and 0 <= v < hf.get("vocab_size", 0) else None
+    ids = dict(bos_token_id=tid("bos_token_id"), eos_token_id=tid("eos_token_id"), pad_token_id=tid("pad_token_id"),
+               name=hf.get("_name_or_path") or mt)
+    if mt == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _ACT_IN:
+            raise LMStackError(f"GPT-2 activation_function {act!r} is not supported; use one of {', '.join(_ACT_IN)}")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn") \
+                or hf.get("scale_attn_weights", True) is False:
+            raise LMStackError("GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn, "
+                               "scale_attn_weights=false) are not supported")
+        return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
+                           intermediate_size=hf.get("n_inner"), pos_emb="learned", norm="layernorm",
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", activation=_ACT_IN[act],
+                           bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), **ids)
+    if mt == "bert":
+        act = hf.get("hidden_act", "gelu")
+        if act not in _ACT_IN:
+            raise LMStackError(f"BERT hidden_act {act!r} is not supported; use one of {', '.join(_ACT_IN)}")
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise LMStackError(f"BERT position_embedding_type {hf['position_embedding_type']!r} is not supported "
+                               "(only 'absolute')")
+        return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 512),
+                           n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
+                           intermediate_size=hf.get("intermediate_size"), pos_emb="learned", norm="layernorm",
+                           norm_eps=hf.get("layer_norm_eps", 1e-12), mlp="gelu", activation=_ACT_IN[act], bias=True,
+                           tie_embeddings=True, causal=False, norm_position="post",
+                           type_vocab_size=hf.get("type_vocab_size", 2), embedding_norm=True, **ids)
+    # llama / mistral / qwen2
+    d, nh = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, d // nh) or d % nh:
+        raise LMStackError(f"head_dim={hf.get('head_dim')} differs from hidden_size/num_attention_heads={d}/{nh}; "
+                           "lmstack needs head_dim = hidden_size / num_attention_heads")
+    if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise LMStackError(f"{mt} hidden_act {hf['hidden_act']!r} is not supported (lmstack's SwiGLU uses silu)")
+    block = hf.get("max_position_embeddings", 2048)
+    window = hf.get("sliding_window")
+    uses_window = window is not None and (mt == "mistral" or hf.get("use_sliding_window", False)
+                                          or "sliding_attention" in (hf.get("layer_types") or []))
+    if uses_window and window < block:
+        # within the window, sliding-window attention is plain causal attention: cap the context there (exact)
+        block = window
+    theta, scaling = _rope_settings(hf)
+    attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if mt == "qwen2" or (attn_bias and not mlp_bias):
+        bias, qkv_bias = False, True  # o_proj bias (Llama attention_bias) must then be zero: checked on load
+    elif mlp_bias and not attn_bias:
+        raise LMStackError(f"{mt} with attention_bias=false and mlp_bias=true is not supported "
+                           "(lmstack biases attention and MLP together)")
+    else:
+        bias, qkv_bias = attn_bias, None
+    return ModelConfig(vocab_size=hf["vocab_size"], block_size=block, n_layer=hf["num_hidden_layers"], n_head=nh,
+                       n_kv_head=hf.get("num_key_value_heads") or None, n_embd=d,
+                       intermediate_size=hf.get("intermediate_size"), pos_emb="rope", norm="rmsnorm",
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", bias=bias, qkv_bias=qkv_bias,
+                       tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=theta,
+                       rope_scaling=scaling, **ids)
+
+
+# ---- weights ------------------------------------------------------------------------------------------------
+def _weight_files(path: Path) -> list[Path]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = path / index_name
+        if index.exists():
+            files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+            missing = [f for f in files if not (path / f).exists()]
+            if missing:
+                raise LMStackError(f"{index} lists shard(s) that are missing: {', '.join(missing[:3])}")
+            return [path / f for f in files]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
+    st = sorted(path.glob("*.safetensors"))
+    if st:
+        return st
+    if (path / "pytorch_model.bin").exists():
+        return [path / "pytorch_model.bin"]
+    raise LMStackError(f"no weights in {path}: expected model.safetensors (or shards with "
+                       "model.safetensors.index.json) or pytorch_model.bin")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    sd: dict[str, torch.Tensor] = {}
+    for f in _weight_files(path):
+        if f.suffix == ".safetensors":
+            sd.update(load_file(str(f)))
+        else:
+            try:
+                sd.update(torch.load(f, map_location="cpu", weights_only=True))
+            except Exception as e:  # pickle errors surface as many types
+                raise LMStackError(f"cannot read {f} (torch.load, weights_only=True): {e}") from e
+    return sd
+
+
+def _strip_prefix(sd: dict[str, torch.Tensor], marker: str, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Drop a wrapper prefix ('transformer.', 'bert.', ...) so keys start at `marker` level."""
+    out = {}
+    for k, v in sd.items():
+        for p in prefixes:
+            if k.startswith(p) and k[len(p):].split(".")[0] in marker.split():
+                k = k[len(p):]
+                break
+        out[k] = v
+    return out
+
+
+class _Source:
+    """Pops weights by name, so whatever is left over can be reported."""
+
+    def __init__(self, sd: dict[str, torch.Tensor], where: Path):
+        self.sd, self.where = sd, where
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if name not in self.sd:
+            raise LMStackError(f"{self.where}: weight {name!r} is missing (the checkpoint does not match config.json)")
+        return self.sd.pop(name)
+
+    def opt(self, name: str) -> torch.Tensor | None:
+        return self.sd.pop(name, None)
+
+
+def _map_gpt2(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"tok_emb.weight": w("wte.weight"), "pos_emb.weight": w("wpe.weight"),
+           "norm_f.weight": w("ln_f.weight"), "norm_f.bias": w("ln_f.bias")}
+    for i in range(cfg.n_layer):
+        h, b = f"h.{i}.", f"blocks.{i}."
+        for src, dst in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            out[b + dst + ".weight"], out[b + dst + ".bias"] = w(h + src + ".weight"), w(h + src + ".bias")
+        for src, dst in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
+                         ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
+            out[b + dst + ".weight"] = w(h + src + ".weight").t()  # Conv1D: (in, out)
+            out[b + dst + ".bias"] = w(h + src + ".bias")
+        w.opt(h + "attn.bias"), w.opt(h + "attn.masked_bias")  # causal-mask buffers of old checkpoints
+    head = w.opt("lm_head.weight")
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = head if head is not None else w("lm_head.weight")
+    return out
+
+
+def _map_llama(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {"tok_emb.weight": w("model.embed_tokens.weight"), "norm_f.weight": w("model.norm.weight")}
+    for i in range(cfg.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        a = h + "self_attn."
+        out[b + "norm1.weight"] = w(h + "input_layernorm.weight")
+        out[b + "norm2.weight"] = w(h + "post_attention_layernorm.weight")
+        out[b + "attn.qkv.weight"] = torch.cat([w(a + "q_proj.weight"), w(a + "k_proj.weight"), w(a + "v_proj.weight")])
+        if cfg.use_qkv_bias:
+            out[b + "attn.qkv.bias"] = torch.cat([w(a + "q_proj.bias"), w(a + "k_proj.bias"), w(a + "v_proj.bias")])
+        out[b + "attn.proj.weight"] = w(a + "o_proj.weight")
+        if not cfg.bias and (ob := w.opt(a + "o_proj.bias")) is not None and ob.abs().max() > 0:
+            raise LMStackError(f"{w.where}: o_proj has a non-zero bias while the MLP has none; lmstack cannot "
+                               "express that combination")
+        m = h + "mlp."
+        out[b + "mlp.fc.weight"] = torch.cat([w(m + "gate_proj.weight"), w(m + "up_proj.weight")])
+        out[b + "mlp.proj.weight"] = w(m + "down_proj.weight")
+        if cfg.bias:
+            out[b + "attn.proj.bias"] = w(a + "o_proj.bias")
+            out[b + "mlp.fc.bias"] = torch.cat([w(m + "gate_proj.bias"), w(m + "up_proj.bias")])
+            out[b + "mlp.proj.bias"] = w(m + "down_proj.bias")
+        w.opt(a + "rotary_emb.inv_freq")
+    head = w.opt("lm_head.weight")
+    if not cfg.tie_embeddings:
+        if head is None:
+            raise LMStackError(f"{w.where}: lm_head.weight is missing but config.json has tie_word_embeddings=false")
+        out["lm_head.weight"] = head
+    return out
+
+
+def _map_bert(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    e = "embeddings."
+    out = {"tok_emb.weight": w(e + "word_embeddings.weight"), "pos_emb.weight": w(e + "position_embeddings.weight"),
+           "type_emb.weight": w(e + "token_type_embeddings.weight"),
+           "emb_norm.weight": w(e + "LayerNorm.weight"), "emb_norm.bias": w(e + "LayerNorm.bias")}
+    w.opt(e + "position_ids"), w.opt(e + "token_type_ids")
+    for i in range(cfg.n_layer):
+        h, b = f"encoder.layer.{i}.", f"blocks.{i}."
+        s = h + "attention.self."
+        for p in ("weight", "bias"):
+            out[f"{b}attn.qkv.{p}"] = torch.cat([w(f"{s}query.{p}"), w(f"{s}key.{p}"), w(f"{s}value.{p}")])
+            out[f"{b}attn.proj.{p}"] = w(f"{h}attention.output.dense.{p}")
+            out[f"{b}norm1.{p}"] = w(f"{h}attention.output.LayerNorm.{p}")
+            out[f"{b}mlp.fc.{p}"] = w(f"{h}intermediate.dense.{p}")
+            out[f"{b}mlp.proj.{p}"] = w(f"{h}output.dense.{p}")
+            out[f"{b}norm2.{p}"] = w(f"{h}output.LayerNorm.{p}")
+    for k in [k for k in w.sd if k.startswith(("pooler.", "cls."))]:  # pooler / MLM head: not part of the encoder
+        w.sd.pop(k)
+    return out
+
+
+def _hf_to_lmstack_state(sd: dict[str, torch.Tensor], mt: str, cfg: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
+    if mt == "gpt2":
+        sd = _strip_prefix(sd, "wte wpe h ln_f", ("transformer.",))
+        mapper: Callable = _map_gpt2
+    elif mt == "bert":
+        sd = _strip_prefix(sd, "embeddings encoder pooler", ("bert.", "model."))
+        mapper = _map_bert
+    else:
+        mapper = _map_llama
+    src = _Source(dict(sd), where)
+    out = mapper(src, cfg)
+    if src.sd:  # weights nobody consumed mean the architecture has something lmstack would silently drop
+        raise LMStackError(f"{where}: {len(src.sd)} weight(s) have no place in the lmstack model, e.g. "
+                           f"{', '.join(sorted(src.sd)[:3])}")
+    return out
+
+
+# ---- load ---------------------------------------------------------------------------------------------------
+def load_hf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
+    """A Hugging Face model directory -> (lmstack Transformer in eval mode, Tokenizer or None)."""
+    path = Path(path)
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise LMStackError(f"{path} is not a Hugging Face model directory (no config.json); {_supported_msg()}")
+    hf = _read_json(path / "config.json")
+    if "model_type" not in hf:
+        raise LMStackError(f"{path}/config.json has no model_type, so it is not a Hugging Face config; "
+                           f"{_supported_msg()}")
+    mt = hf["model_type"]
+    cfg = hf_config_to_model_config(hf)
+    state = _hf_to_lmstack_state(_read_weights(path), mt, cfg, path)
+    model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise LMStackError(f"{path}: converted weights do not fit the model (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    if dtype is not None:
+        model.to(dtype)
+    model.eval()
+    return model, load_hf_tokenizer(path, cfg)
+
+
+def load_hf_tokenizer(path: str | Path, cfg: ModelConfig | None = None) -> Tokenizer | None:
+    """The directory's tokenizer.json as a lmstack Tokenizer (None without one), with eos/bos/pad from
+    tokenizer_config.json / special_tokens_map.json, falling back to config.json's token ids, and the encoder's
+    max_seq_length from sentence_bert_config.json."""
+    path = Path(path)
+    if not (path / "tokenizer.json").exists():
+        return None
+    tok = Tokenizer.load(path)
+    # tokenizer.json may carry fixed padding/truncation settings; transformers ignores them unless asked, so do we
+    tok.hf.no_padding()
+    tok.hf.no_truncation()
+    if cfg is not None:
+        for attr, tid in (("eos_token", cfg.eos_token_id), ("bos_token", cfg.bos_token_id),
+                          ("pad_token", cfg.pad_token_id)):
+            if getattr(tok, attr) is None and tid is not None and (t := tok.hf.id_to_token(tid)) is not None:
+                setattr(tok, attr, t)
+    st = path / "sentence_bert_config.json"
+    if st.exists() and isinstance(msl := _read_json(st).get("max_seq_length"), int):
+        tok.model_max_length = min(msl, tok.model_max_length or msl)
+    return tok
+
+
+# ---- export -------------------------------------------------------------------------------------------------
+# transformers always loads a qwen2 directory's tokenizer as Qwen2Tokenizer, which replaces tokenizer.json's
+# pre-tokenizer with this regex (+ NFC); other tokenizers are exported under the Llama architecture instead
+_QWEN2_REGEX = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def _is_qwen2_tokenizer(tok: Tokenizer | None) -> bool:
+    if tok is None:
+        return True
+    d = json.loads(tok.hf.to_str())
+    pre, norm = d.get("pre_tokenizer") or {}, d.get("normalizer") or {}
+    pats = [p.get("pattern", {}).get("Regex") for p in pre.get("pretokenizers", []) if p.get("type") == "Split"]
+    return pats == [_QWEN2_REGEX] and norm.get("type") == "NFC"
+
+
+def _export_kind(cfg: ModelConfig, tok: Tokenizer | None = None) -> str:
+    common = cfg.causal and cfg.norm_position == "pre" and not cfg.type_vocab_size and not cfg.embedding_norm
+    if common and cfg.pos_emb == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.bias:
+        if cfg.rope_scaling and (cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type")) != "linear"):
+            raise LMStackError(f"RoPE scaling {cfg.rope_scaling} cannot be exported")
+        if not cfg.use_qkv_bias:
+            return "llama"
+        # q/k/v bias: Qwen2 when its tokenizer survives transformers' Qwen2Tokenizer, else Llama with
+        # attention_bias=true and a zero o_proj bias (exactly the same function)
+        return "qwen2" if _is_qwen2_tokenizer(tok) else "llama_qkv_bias"
+    if (common and cfg.pos_emb == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.bias
+            and cfg.use_qkv_bias and cfg.kv_heads == cfg.n_head and cfg.activation in _ACT_OUT):
+        return "gpt2"
+    raise LMStackError(
+        "this model has no Hugging Face equivalent lmstack can write: export supports the Llama family "
+        "(pos_emb=rope, norm=rmsnorm, mlp=swiglu, bias=false; qkv_bias=true -> Qwen2) and the GPT-2 family "
+        "(pos_emb=learned, norm=layernorm, mlp=gelu, bias=true, no grouped-query attention), causal and pre-norm; "
+        f"got pos_emb={cfg.pos_emb}, norm={cfg.norm}, mlp={cfg.mlp}, bias={cfg.bias}, causal={cfg.causal}, "
+        f"norm_position={cfg.norm_position}")
+
+
+def _special_ids(cfg: ModelConfig, tok: Tokenizer | None) -> dict[str, int | None]:
+    pick = lambda a, b: a if a is not None else b  # noqa: E731
+    return {"bos_token_id": pick(cfg.bos_token_id, tok.bos_id if tok else None),
+            "eos_token_id": pick(cfg.eos_token_id, tok.eos_id if tok else None),
+            "pad_token_id": pick(cfg.pad_token_id, tok.pad_id if tok else None)}
+
+
+def _export_state(model: Transformer, kind: str) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    if kind == "gpt2":
+        t = "transformer."
+        out[t + "wte.weight"], out[t + "wpe.weight"] = sd["tok_emb.weight"], sd["pos_emb.weight"]
+        out[t + "ln_f.weight"], out[t + "ln_f.bias"] = sd["norm_f.weight"], sd["norm_f.bias"]
+        for i in range(cfg.n_layer):
+            h, b = f"{t}h.{i}.", f"blocks.{i}."
+            for dst, src in (("ln_1", "norm1"), ("ln_2", "norm2")):
+                out[h + dst + ".weight"], out[h + dst + ".bias"] = sd[b + src + ".weight"], sd[b + src + ".bias"]
+            for dst, src in (("attn.c_attn", "attn.qkv"), ("attn.c_proj", "attn.proj"),
+                             ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
+                out[h + dst + ".weight"] = sd[b + src + ".weight"].t()
+                out[h + dst + ".bias"] = sd[b + src + ".bias"]
+    else:
+        out["model.embed_tokens.weight"], out["model.norm.weight"] = sd["tok_emb.weight"], sd["norm_f.weight"]
+        q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+        for i in range(cfg.n_layer):
+            h, b = f"model.layers.{i}.", f"blocks.{i}."
+            a, m = h + "self_attn.", h + "mlp."
+            out[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
+            out[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
+            for p in ("weight", "bias") if cfg.use_qkv_bias else ("weight",):
+                qw, kw, vw = sd[f"{b}attn.qkv.{p}"].split([q, kv, kv])
+                out[f"{a}q_proj.{p}"], out[f"{a}k_proj.{p}"], out[f"{a}v_proj.{p}"] = qw, kw, vw
+            out[a + "o_proj.weight"] = sd[b + "attn.proj.weight"]
+            if kind == "llama_qkv_bias":
+                out[a + "o_proj.bias"] = torch.zeros_like(sd[b + "attn.proj.weight"][:, 0])
+            gate, up = sd[b + "mlp.fc.weight"].chunk(2)
+            out[m + "gate_proj.weight"], out[m + "up_proj.weight"] = gate, up
+            out[m + "down_proj.weight"] = sd[b + "mlp.proj.weight"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def _export_config(cfg: ModelConfig, kind: str, ids: dict, dtype: torch.dtype) -> dict:
+    dtype_name = str(dtype).removeprefix("torch.")
+    if kind == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+                "n_head": cfg.n_head, "n_inner": cfg.intermediate_size,
+                "activation_function": _ACT_OUT[cfg.activation], "layer_norm_epsilon": cfg.norm_eps,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": cfg.init_std,
+                "tie_word_embeddings": cfg.tie_embeddings, "dtype": dtype_name, "use_cache": True, **ids}
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope = {"rope_type": "linear", "factor": float(cfg.rope_scaling["factor"]), "rope_theta": cfg.rope_theta}
+    out = {"architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"],
+           "model_type": "qwen2" if kind == "qwen2" else "llama",
+           "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_size,
+           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
+           "head_dim": cfg.head_dim, "max_position_embeddings": cfg.block_size, "hidden_act": "silu",
+           "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_parameters": rope,
+           "rope_scaling": None if not cfg.rope_scaling else {"rope_type": "linear", "type": "linear",
+                                                              "factor": float(cfg.rope_scaling["factor"])},
+           "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
+           "dtype": dtype_name, "use_cache": True, **ids}
+    if kind != "qwen2":
+        out.update(attention_bias=kind == "llama_qkv_bias", mlp_bias=False)
+    else:
+        out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
+    return out
+
+
+def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
+    """Write `model` (+ tokenizer) as a Hugging Face directory loadable by AutoModelForCausalLM / AutoTokenizer."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    kind = _export_kind(cfg, tokenizer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ids = _special_ids(cfg, tokenizer)
+    dtype = next(model.parameters()).dtype
+    (out / "config.json").write_text(json.dumps(_export_config(cfg, kind, ids, dtype), indent=2) + "\n")
+    gen = {"_from_model_config": True, **{k: v for k, v in ids.items() if v is not None}}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    save_file(_export_state(model, kind), str(out / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.hf.save(str(out / "tokenizer.json"))
+        meta: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
+                                "clean_up_tokenization_spaces": False}
+        for key in ("bos_token", "eos_token", "pad_token"):
+            if getattr(tokenizer, key):
+                meta[key] = getattr(tokenizer, key)
+        if tokenizer.chat_template:
+            meta["chat_template"] = tokenizer.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        smap = {k: v for k, v in meta.items() if k in ("bos_token", "eos_token", "pad_token")}
+        (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2) + "\n")
+    return out
+
+
+# ---- sentence embeddings ------------------------------------------------------------------------------------
+@torch.no_grad()
+def embed(model: Transformer, tokenizer: Tokenizer, texts: list[str] | str, normalize: bool = True,
+          batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
+    """Sentence embeddings (N, n_embd): mean of the last hidden states over real (non-padding) tokens, then L2
+    normalised — the sentence-transformers convention (e.g. all-MiniLM-L6-v2). Inputs get the tokenizer's
+    special tokens ([CLS] ... [SEP]) and are truncated to max_length (default: tokenizer.model_max_length, at
+    most the model's block_size)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    limit = min(x for x in (max_length, tokenizer.model_max_length, model.config.block_size) if x)
+    hf = HFTokenizer.from_str(tokenizer.hf.to_str())  # a copy: truncation/padding settings stay local
+    hf.no_padding()
+    hf.enable_truncation(limit)  # truncates the text, keeps the special tokens
+    seqs = [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=True)]
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+    outs = []
+    for i in range(0, len(seqs), batch_size):
+        chunk = seqs[i:i + batch_size]
+        T = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), T), pad, dtype=torch.long, device=device)
+        mask = torch.zeros(len(chunk), T, dtype=torch.bool, device=device)
+        for j, s in enumerate(chunk):
+            ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[j, :len(s)] = True
+        h = model(ids, return_hidden=True, padding_mask=mask).float()
+        m = mask.unsqueeze(-1).float()
+        e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        outs.append(torch.nn.functional.normalize(e, p=2, dim=-1) if normalize else e)
+    return torch.cat(outs) if outs else torch.zeros(0, model.config.n_embd)
