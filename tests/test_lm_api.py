@@ -102,3 +102,16 @@ def test_download_offline_is_one_line(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lmstack: error: cannot download nobody/nothing"), r.stderr
+
+
+def test_chat_cli_answers_with_the_real_gguf():
+    import os
+    from pathlib import Path
+    gguf = Path(os.environ.get("LMSTACK_GGUF", REPO.parent / "shared/models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    if not gguf.is_file():
+        pytest.skip(f"{gguf} not found (set LMSTACK_GGUF)")
+    r = subprocess.run([sys.executable, "-m", "lmstack.cli", "chat", "--model", str(gguf), "-p",
+                        "What is the capital of France?", "--max-new-tokens", "30"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout
