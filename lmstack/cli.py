@@ -52,17 +52,42 @@ def cmd_train(a) -> None:
         print(sample)
 
 
+def _sampling(a) -> dict:
+    """SamplingParams fields from the shared decoding flags."""
+    from .errors import LMStackError
+    bias = {}
+    for item in a.logit_bias or []:
+        try:
+            k, v = item.split("=", 1)
+            bias[int(k)] = float(v)
+        except ValueError:
+            raise LMStackError(f"--logit-bias expects TOKEN_ID=BIAS (e.g. 50256=-100), got {item!r}") from None
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                min_p=a.min_p, repetition_penalty=a.repetition_penalty, frequency_penalty=a.frequency_penalty,
+                presence_penalty=a.presence_penalty, logit_bias=bias or None, min_new_tokens=a.min_new_tokens,
+                stop=a.stop or None, seed=a.seed)
+
+
 def cmd_generate(a) -> None:
     import lmstack
     lm = lmstack.load(a.model)
-    params = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                  seed=a.seed)
+    params = _sampling(a)
+    if a.num_beams > 1:
+        early = {"true": True, "false": False, "never": "never"}[a.early_stopping]
+        for text, score in lm.beam_search(a.prompt, num_beams=a.num_beams, length_penalty=a.length_penalty,
+                                          early_stopping=early, num_return_sequences=a.num_return_sequences,
+                                          truncate=a.truncate, **params):
+            print(f"[score {score:.4f}] {a.prompt}{text}")
+        return
     if a.no_cache:
         from .generate import SamplingParams, generate
-        out = generate(lm.model, lm._prompt_ids(a.prompt), SamplingParams(**params), lm.tokenizer.eos_id,
-                       use_cache=False, truncate=a.truncate)
+        from .generate.stops import apply_stop_strings
         from .lm import decode_stream
-        print(a.prompt + "".join(decode_stream(lm.tokenizer, out)))
+        sp = SamplingParams(**params)
+        out = generate(lm.model, lm._prompt_ids(a.prompt), sp, lm.tokenizer.eos_id, use_cache=False,
+                       truncate=a.truncate)
+        out = [t for t in out if t != lm.tokenizer.eos_id]
+        print(a.prompt + "".join(apply_stop_strings(decode_stream(lm.tokenizer, out), sp.stop)))
         return
     sys.stdout.write(a.prompt)
     for piece in lm.stream(a.prompt, truncate=a.truncate, **params):
@@ -116,8 +141,7 @@ def cmd_download(a) -> None:
 def cmd_chat(a) -> None:
     import lmstack
     lm = lmstack.load(a.model)
-    params = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                  seed=a.seed)
+    params = _sampling(a)
     system = [{"role": "system", "content": a.system}] if a.system else []
     history: list[dict] = []
 
@@ -196,6 +220,21 @@ def cmd_plot(a) -> None:
     print(plot_run(a.run_dir, a.out))
 
 
+def _add_sampling_flags(t: argparse.ArgumentParser, max_new: int, temperature: float) -> None:
+    t.add_argument("--max-new-tokens", type=int, default=max_new)
+    t.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    t.add_argument("--top-k", type=int, default=0)
+    t.add_argument("--top-p", type=float, default=1.0)
+    t.add_argument("--min-p", type=float, default=0.0)
+    t.add_argument("--repetition-penalty", type=float, default=1.0, help="Hugging Face semantics; 1 = off")
+    t.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI semantics")
+    t.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI semantics")
+    t.add_argument("--logit-bias", action="append", metavar="ID=BIAS", help="add BIAS to token ID's logit (repeatable)")
+    t.add_argument("--min-new-tokens", type=int, default=0)
+    t.add_argument("--stop", action="append", metavar="STR", help="stop before this string (repeatable)")
+    t.add_argument("--seed", type=int)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmstack", description="A hackable language-model stack.")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -233,11 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("generate", help="generate text from a checkpoint")
     t.add_argument("--model", required=True)
     t.add_argument("--prompt", default="\n")
-    t.add_argument("--max-new-tokens", type=int, default=200)
-    t.add_argument("--temperature", type=float, default=0.8)
-    t.add_argument("--top-k", type=int, default=0)
-    t.add_argument("--top-p", type=float, default=1.0)
-    t.add_argument("--seed", type=int)
+    _add_sampling_flags(t, max_new=200, temperature=0.8)
+    t.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
+    t.add_argument("--length-penalty", type=float, default=1.0)
+    t.add_argument("--early-stopping", choices=["true", "false", "never"], default="false")
+    t.add_argument("--num-return-sequences", type=int, default=1)
     t.add_argument("--truncate", choices=["left"], help="cut an over-long prompt from the left instead of failing")
     t.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (for checking)")
     t.set_defaults(fn=cmd_generate)
@@ -265,11 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--model", required=True, help="checkpoint dir, Hugging Face dir or GGUF file")
     t.add_argument("--system", help="system message")
     t.add_argument("-p", "--prompt", help="answer this one question and exit")
-    t.add_argument("--max-new-tokens", type=int, default=256)
-    t.add_argument("--temperature", type=float, default=0.0)
-    t.add_argument("--top-k", type=int, default=0)
-    t.add_argument("--top-p", type=float, default=1.0)
-    t.add_argument("--seed", type=int)
+    _add_sampling_flags(t, max_new=256, temperature=0.0)
     t.set_defaults(fn=cmd_chat)
 
     t = sub.add_parser("embed", help="mean-pooled, normalised sentence embeddings (one JSON line per text)")

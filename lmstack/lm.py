@@ -11,7 +11,8 @@ import torch
 
 from .checkpoint import load_model
 from .errors import LMStackError
-from .generate import SamplingParams, stream_tokens
+from .generate import (SamplingParams, TokenStep, apply_stop_strings, beam_search, generate_batch, score,
+                       stream_steps, stream_tokens)
 
 
 def decode_stream(tokenizer, ids: Iterable[int]) -> Iterator[str]:
@@ -45,19 +46,69 @@ class LM:
             ids = [fallback]
         return ids
 
-    def generate(self, prompt: str, truncate: str | None = None, **params) -> str:
-        """Generate a continuation of `prompt` (text in, text out). params: SamplingParams fields."""
+    def generate(self, prompt: str, truncate: str | None = None, num_beams: int = 1, **params) -> str:
+        """Generate a continuation of `prompt` (text in, text out). params: SamplingParams fields (temperature,
+        top_k, top_p, min_p, penalties, logit_bias, min_new_tokens, stop, seed, ...). num_beams > 1: beam search
+        (see `beam_search`), returning the best hypothesis."""
+        if num_beams > 1:
+            return self.beam_search(prompt, num_beams=num_beams, truncate=truncate, **params)[0][0]
         return "".join(self.stream(prompt, truncate=truncate, **params))
 
     def stream(self, prompt: str, truncate: str | None = None, stop_ids: Iterable[int] | None = None,
                **params) -> Iterator[str]:
-        """Yield text pieces as they are generated; never splits a multi-byte UTF-8 character."""
+        """Yield text pieces as they are generated; never splits a multi-byte UTF-8 character. With stop strings
+        (`stop=`), text that could be the start of one is held back until it cannot, and the text ends right before
+        the first stop string (not included), so the pieces always join to exactly `generate`'s text."""
         sp = SamplingParams(**params)
         stops = set(stop_ids) if stop_ids is not None else {self.tokenizer.eos_id} - {None}
         ids = stream_tokens(self.model, self._prompt_ids(prompt), sp, eos_id=stops, truncate=truncate)
         if sp.stop_at_eos:  # the stop token ends the text and is not part of it
             ids = itertools.takewhile(lambda t: t not in stops, ids)
-        yield from decode_stream(self.tokenizer, ids)
+        yield from apply_stop_strings(decode_stream(self.tokenizer, ids), sp.stop)
+
+    def stream_steps(self, prompt: str, truncate: str | None = None, top_logprobs: int = 0,
+                     stop_ids: Iterable[int] | None = None, **params) -> Iterator[TokenStep]:
+        """Token-level stream: TokenStep(token, logprob, top alternatives) per generated token (EOS included).
+        Stop strings are a text-level feature: use `stream` for them."""
+        sp = SamplingParams(**params)
+        stops = set(stop_ids) if stop_ids is not None else {self.tokenizer.eos_id} - {None}
+        yield from stream_steps(self.model, self._prompt_ids(prompt), sp, eos_id=stops, truncate=truncate,
+                                top_logprobs=top_logprobs)
+
+    def generate_batch(self, prompts: list[str], truncate: str | None = None, **params) -> list[str]:
+        """Generate for several prompts in one batched forward pass per step (greedy: the same text as
+        `generate` on each prompt alone)."""
+        sp = SamplingParams(**params)
+        eos = {self.tokenizer.eos_id} - {None}
+        rows = generate_batch(self.model, [self._prompt_ids(p) for p in prompts], sp, eos_id=eos, truncate=truncate)
+        texts = []
+        for steps in rows:
+            ids = [s.token for s in steps]
+            if sp.stop_at_eos:
+                ids = list(itertools.takewhile(lambda t: t not in eos, ids))
+            texts.append("".join(apply_stop_strings(decode_stream(self.tokenizer, ids), sp.stop)))
+        return texts
+
+    def beam_search(self, prompt: str, num_beams: int = 4, length_penalty: float = 1.0,
+                    early_stopping: bool | str = False, num_return_sequences: int = 1, truncate: str | None = None,
+                    **params) -> list[tuple[str, float]]:
+        """Beam search: [(text, score)] best first; score = sum logprob / generated_length ** length_penalty."""
+        sp = SamplingParams(**{"temperature": 0, **params})
+        eos = {self.tokenizer.eos_id} - {None}
+        hyps = beam_search(self.model, self._prompt_ids(prompt), num_beams=num_beams,
+                           max_new_tokens=sp.max_new_tokens, length_penalty=length_penalty,
+                           early_stopping=early_stopping, num_return_sequences=num_return_sequences, eos_id=eos,
+                           params=sp, truncate=truncate)
+        out = []
+        for h in hyps:
+            ids = list(itertools.takewhile(lambda t: t not in eos, h.tokens))
+            out.append(("".join(apply_stop_strings(decode_stream(self.tokenizer, ids), sp.stop)), h.score))
+        return out
+
+    def score(self, context: str, continuation: str) -> tuple[float, bool]:
+        """(log P(continuation | context), is_greedy), tokenizing context and continuation separately; an empty
+        context starts from the BOS/EOS token."""
+        return score(self.model, self._prompt_ids(context), self.tokenizer.encode(continuation))
 
     def chat_prompt(self, messages: list[dict]) -> str:
         """Render messages with the model's own chat template, ready for the assistant's reply."""

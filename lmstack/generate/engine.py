@@ -1,6 +1,8 @@
-"""Generation with a pre-allocated KV cache (or without, for checking), context-window handling, EOS stop."""
+"""Generation with a pre-allocated KV cache (or without, for checking): context-window handling, EOS stop, per-token
+logprobs, and batched generation of prompts of different lengths in one forward pass per step."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import torch
@@ -8,6 +10,15 @@ import torch
 from ..errors import ContextLengthError, LMStackError
 from ..models.kv_cache import KVCache
 from .sampling import SamplingParams, sample_next
+
+
+@dataclass
+class TokenStep:
+    """One generated token. logprob / top: log-probabilities under the model's own distribution (log-softmax of the
+    raw logits, before penalties, temperature and filters), like OpenAI's and vLLM's default `logprobs`."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # the `top_logprobs` most likely (id, logprob)
 
 
 def fit_context(prompt: list[int], max_new_tokens: int, block_size: int, truncate: str | None = None) -> list[int]:
@@ -26,22 +37,46 @@ def fit_context(prompt: list[int], max_new_tokens: int, block_size: int, truncat
         f"{block_size} tokens; shorten the prompt, lower max_new_tokens, or pass truncate='left' (--truncate left)")
 
 
+def _stop_set(eos_id: int | Iterable[int] | None) -> set[int]:
+    return set() if eos_id is None else ({eos_id} if isinstance(eos_id, int) else set(eos_id))
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    return gen
+
+
+def _steps(logits: torch.Tensor, toks: torch.Tensor, top_logprobs: int) -> list[TokenStep]:
+    """(B, V) raw logits and the (B,) chosen ids -> one TokenStep per row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, toks.view(-1, 1)).squeeze(-1).tolist()
+    if top_logprobs:
+        vals, idx = logp.topk(min(top_logprobs, logp.shape[-1]), dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    else:
+        tops = [[] for _ in chosen]
+    return [TokenStep(int(t), c, tp) for t, c, tp in zip(toks.tolist(), chosen, tops)]
+
+
 @torch.inference_mode()
-def stream_tokens(model, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
-                  use_cache: bool = True, truncate: str | None = None) -> Iterator[int]:
-    """Yield new token ids one at a time. `eos_id`: one id or several (e.g. a chat model's end-of-turn tokens);
-    generation stops after yielding one of them."""
-    stop_ids = set() if eos_id is None else ({eos_id} if isinstance(eos_id, int) else set(eos_id))
+def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
+                 use_cache: bool = True, truncate: str | None = None, top_logprobs: int = 0) -> Iterator[TokenStep]:
+    """Yield TokenSteps (id, logprob, top alternatives) one at a time. `eos_id`: one id or several (e.g. a chat
+    model's end-of-turn tokens); generation stops after yielding one of them."""
+    stop_ids = _stop_set(eos_id)
     if not prompt:
         raise LMStackError("the prompt is empty; give at least one token (e.g. the BOS/EOS token)")
+    if top_logprobs < 0:
+        raise LMStackError(f"top_logprobs must be >= 0, got {top_logprobs}")
     cfg = model.config
     prompt = fit_context(list(prompt), params.max_new_tokens, cfg.block_size, truncate)
     device = next(model.parameters()).device
-    gen = torch.Generator(device="cpu")
-    if params.seed is not None:
-        gen.manual_seed(params.seed)
-    else:
-        gen.seed()
+    gen = _generator(params.seed)
+    history = list(prompt)
     was_training = model.training
     model.eval()
     try:
@@ -50,20 +85,33 @@ def stream_tokens(model, prompt: list[int], params: SamplingParams, eos_id: int 
         logits = model(ids, cache=cache, pos=0)[:, -1]
         pos = ids.shape[1]
         for _ in range(params.max_new_tokens):
-            nxt = sample_next(logits.float().cpu(), params, gen)
-            tok = int(nxt[0])
-            yield tok
-            if params.stop_at_eos and tok in stop_ids:
+            raw = logits.float().cpu()
+            nxt = sample_next(raw, params, gen, ids=[history], prompt_len=len(prompt), eos_ids=stop_ids)
+            step = _steps(raw, nxt, top_logprobs)[0]
+            history.append(step.token)
+            yield step
+            if params.stop_at_eos and step.token in stop_ids:
                 return
-            step = nxt.view(1, 1).to(device)
+            nxt = nxt.view(1, 1).to(device)
             if cache is not None:
-                logits = model(step, cache=cache, pos=pos)[:, -1]
+                logits = model(nxt, cache=cache, pos=pos)[:, -1]
             else:
-                ids = torch.cat([ids, step], dim=1)
+                ids = torch.cat([ids, nxt], dim=1)
                 logits = model(ids)[:, -1]
             pos += 1
     finally:
         model.train(was_training)
+
+
+def stream_tokens(model, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
+                  use_cache: bool = True, truncate: str | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time (stream_steps without the logprobs)."""
+    steps = stream_steps(model, prompt, params, eos_id, use_cache, truncate)
+    try:
+        for s in steps:
+            yield s.token
+    finally:
+        steps.close()
 
 
 def generate(model, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
@@ -72,7 +120,68 @@ def generate(model, prompt: list[int], params: SamplingParams, eos_id: int | Ite
     return list(stream_tokens(model, prompt, params, eos_id, use_cache, truncate))
 
 
+@torch.inference_mode()
+def generate_batch(model, prompts: list[list[int]], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
+                   truncate: str | None = None, top_logprobs: int = 0) -> list[list[TokenStep]]:
+    """Generate for several prompts of different lengths at once, one forward pass per step for the whole batch.
+
+    Prompts are left-padded to a common length; a padding mask hides the pad slots, and every row uses its own true
+    positions (slot - number of pads) for learned/RoPE position embeddings, so each row gets the same tokens as when
+    generated alone (greedy). A row stops at EOS (its EOS step is included); the batch stops when all rows have.
+    Returns, per prompt, the list of TokenSteps."""
+    if not prompts:
+        return []
+    stop_ids = _stop_set(eos_id)
+    cfg = model.config
+    if any(not p for p in prompts):
+        raise LMStackError("a prompt is empty; give at least one token (e.g. the BOS/EOS token) per prompt")
+    prompts = [fit_context(list(p), params.max_new_tokens, cfg.block_size, truncate) for p in prompts]
+    device = next(model.parameters()).device
+    gen = _generator(params.seed)
+    B, L = len(prompts), max(len(p) for p in prompts)
+    pads = torch.tensor([L - len(p) for p in prompts], device=device)
+    ids = torch.zeros(B, L, dtype=torch.long, device=device)
+    mask = torch.zeros(B, L + params.max_new_tokens, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        ids[b, L - len(p):] = torch.tensor(p, device=device)
+        mask[b, L - len(p):] = True
+    histories = [list(p) for p in prompts]
+    out: list[list[TokenStep]] = [[] for _ in prompts]
+    done = [False] * B
+    was_training = model.training
+    model.eval()
+    try:
+        cache = KVCache.for_model(model, B, L + params.max_new_tokens)
+        positions = (torch.arange(L, device=device)[None, :] - pads[:, None]).clamp(min=0)
+        logits = model(ids, cache=cache, pos=0, padding_mask=mask[:, :L], positions=positions)[:, -1]
+        pos = L
+        for _ in range(params.max_new_tokens):
+            raw = logits.float().cpu()
+            nxt = sample_next(raw, params, gen, ids=histories, prompt_len=[len(p) for p in prompts],
+                              eos_ids=stop_ids)
+            for b, step in enumerate(_steps(raw, nxt, top_logprobs)):
+                if done[b]:
+                    continue
+                out[b].append(step)
+                histories[b].append(step.token)
+                if params.stop_at_eos and step.token in stop_ids:
+                    done[b] = True
+            if all(done):
+                break
+            mask[:, pos] = True
+            logits = model(nxt.view(B, 1).to(device), cache=cache, pos=pos, padding_mask=mask[:, :pos + 1],
+                           positions=(pos - pads)[:, None])[:, -1]
+            pos += 1
+    finally:
+        model.train(was_training)
+    return out
+
+
 def generate_text(model, tokenizer, prompt: str, params: SamplingParams, truncate: str | None = None) -> str:
     ids = tokenizer.encode(prompt) or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     from ..lm import decode_stream
-    return "".join(decode_stream(tokenizer, generate(model, ids, params, eos_id=tokenizer.eos_id, truncate=truncate)))
+    from .stops import apply_stop_strings
+    toks = generate(model, ids, params, eos_id=tokenizer.eos_id, truncate=truncate)
+    if params.stop_at_eos and tokenizer.eos_id in toks:
+        toks = toks[:toks.index(tokenizer.eos_id)]
+    return "".join(apply_stop_strings(decode_stream(tokenizer, toks), params.stop))

@@ -1,7 +1,24 @@
-"""The one sampling pipeline: logits -> temperature -> top-k -> top-p -> sample (or argmax when temperature=0)."""
+"""The one sampling pipeline: raw logits -> processed logits -> next token.
+
+Order of the processors (Hugging Face's order where both have them, so distributions match transformers exactly):
+
+  1. logit_bias            add a bias per token id (HF SequenceBiasLogitsProcessor with one-token sequences)
+  2. repetition_penalty    tokens seen in prompt + generated ids: logit/pen if logit > 0 else logit*pen (HF semantics)
+  3. frequency_penalty,    OpenAI semantics: logit -= freq * count + presence * (count > 0), counts over the
+     presence_penalty      generated tokens only (not the prompt)
+  4. min_new_tokens        EOS/stop ids masked to -inf until that many tokens were generated
+  -- temperature == 0 (greedy) stops here: the argmax of the penalised logits --
+  5. temperature           logits / temperature
+  6. top_k                 keep the k largest
+  7. top_p                 keep the smallest set of most likely tokens whose mass reaches top_p
+  8. min_p                 drop tokens whose probability is below min_p * (probability of the most likely token)
+
+Steps 1-4 need the token history: `process_logits(logits, params, ids=..., prompt_len=...)`.
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Iterable, Sequence
 
 import torch
 
@@ -14,36 +31,115 @@ class SamplingParams:
     temperature: float = 1.0      # 0 = greedy
     top_k: int = 0                # 0 = off
     top_p: float = 1.0            # 1 = off
+    min_p: float = 0.0            # 0 = off
+    repetition_penalty: float = 1.0   # 1 = off; > 1 discourages repeats (HF semantics)
+    frequency_penalty: float = 0.0    # OpenAI semantics, over generated tokens
+    presence_penalty: float = 0.0     # OpenAI semantics, over generated tokens
+    logit_bias: dict[int, float] | None = None  # token id -> added bias
+    min_new_tokens: int = 0       # EOS/stop ids are impossible before this many new tokens
+    stop: list[str] | None = None  # stop strings: the text ends right before the first one, which is not returned
     seed: int | None = None
     stop_at_eos: bool = True
 
     def __post_init__(self) -> None:
+        def bad(msg):
+            raise LMStackError(msg)
+
         if self.temperature is None or self.temperature < 0:
-            raise LMStackError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+            bad(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if self.top_k is None or self.top_k < 0:
-            raise LMStackError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            bad(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if self.top_p is None or not 0.0 < self.top_p <= 1.0:
-            raise LMStackError(f"top_p must be in (0, 1], got {self.top_p}")
+            bad(f"top_p must be in (0, 1] (1 disables it), got {self.top_p}")
+        if self.min_p is None or not 0.0 <= self.min_p <= 1.0:
+            bad(f"min_p must be in [0, 1] (0 disables it), got {self.min_p}")
+        if self.repetition_penalty is None or not self.repetition_penalty > 0:
+            bad(f"repetition_penalty must be > 0 (1 disables it, > 1 discourages repeats), "
+                f"got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if v is None or not -2.0 <= v <= 2.0:
+                bad(f"{name} must be in [-2, 2] (0 disables it), got {v}")
         if self.max_new_tokens is None or self.max_new_tokens < 0:
-            raise LMStackError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            bad(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.min_new_tokens is None or self.min_new_tokens < 0:
+            bad(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.logit_bias is not None:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
+            except (TypeError, ValueError):
+                bad(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+            if any(k < 0 for k in self.logit_bias):
+                bad(f"logit_bias token ids must be >= 0, got {sorted(self.logit_bias)}")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None:
+            self.stop = list(self.stop)
+            if not all(isinstance(s, str) and s for s in self.stop):
+                bad(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def needs_history(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+                or self.min_new_tokens > 0)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def process_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """(B, V) raw logits -> (B, V) processed logits (filtered entries are -inf). Same order as Hugging Face:
-    temperature, then top-k, then top-p."""
-    logits = logits.float()
+def _rows(ids, B: int) -> list[torch.Tensor]:
+    """ids: None, a (B, L) tensor, or B sequences of ids (ragged allowed) -> B 1-D long tensors."""
+    if ids is None:
+        return [torch.empty(0, dtype=torch.long)] * B
+    if isinstance(ids, torch.Tensor):
+        ids = ids.view(1, -1) if ids.dim() == 1 else ids
+        rows = [r.long().cpu() for r in ids]
+    else:
+        rows = [torch.as_tensor(list(r), dtype=torch.long) for r in ids]
+    if len(rows) != B:
+        raise LMStackError(f"process_logits got {len(rows)} id histories for {B} rows of logits")
+    return rows
+
+
+def process_logits(logits: torch.Tensor, p: SamplingParams, ids: torch.Tensor | Sequence[Sequence[int]] | None = None,
+                   prompt_len: int | Sequence[int] = 0, eos_ids: Iterable[int] | None = None) -> torch.Tensor:
+    """(B, V) raw logits -> (B, V) processed logits (filtered entries are -inf), in the order of the module docstring.
+
+    ids: each row's token history, prompt + generated (a (B, L) tensor or B lists); prompt_len: where the generated
+    part starts (one int or one per row); eos_ids: the ids min_new_tokens keeps out."""
+    logits = logits.float().clone()
+    B, V = logits.shape
+    if p.logit_bias:
+        if max(p.logit_bias) >= V:
+            raise LMStackError(f"logit_bias token id {max(p.logit_bias)} is outside the vocabulary (ids 0..{V - 1})")
+        idx = torch.tensor(list(p.logit_bias), dtype=torch.long)
+        val = torch.tensor([p.logit_bias[k] for k in idx.tolist()], dtype=logits.dtype)
+        logits[:, idx.to(logits.device)] += val.to(logits.device)
+    if p.needs_history:
+        rows = _rows(ids, B)
+        starts = [prompt_len] * B if isinstance(prompt_len, int) else list(prompt_len)
+        for b, row in enumerate(rows):
+            row = row.to(logits.device)
+            if p.repetition_penalty != 1.0 and row.numel():
+                seen = torch.unique(row)
+                s = logits[b, seen]
+                logits[b, seen] = torch.where(s < 0, s * p.repetition_penalty, s / p.repetition_penalty)
+            gen = row[starts[b]:]
+            if (p.frequency_penalty or p.presence_penalty) and gen.numel():
+                counts = torch.bincount(gen, minlength=V)[:V].to(logits.dtype)
+                logits[b] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+            if p.min_new_tokens and gen.numel() < p.min_new_tokens and eos_ids:
+                stop = torch.tensor([e for e in set(eos_ids) if 0 <= e < V], dtype=torch.long, device=logits.device)
+                logits[b, stop] = float("-inf")
     if p.greedy:
         return logits
     if p.temperature != 1.0:
         logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[-1]:
+    if p.top_k and p.top_k < V:
         kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if p.top_p < 1.0:
@@ -53,12 +149,18 @@ def process_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
         remove_sorted[..., -1:] = False  # always keep the most likely token
         remove = remove_sorted.scatter(-1, order, remove_sorted)
         logits = logits.masked_fill(remove, float("-inf"))
+    if p.min_p > 0.0:
+        probs = logits.softmax(-1)
+        remove = probs < p.min_p * probs.amax(-1, keepdim=True)
+        remove.scatter_(-1, probs.argmax(-1, keepdim=True), False)
+        logits = logits.masked_fill(remove, float("-inf"))
     return logits
 
 
-def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) raw logits -> (B,) next token ids."""
+def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
+                ids=None, prompt_len: int | Sequence[int] = 0, eos_ids: Iterable[int] | None = None) -> torch.Tensor:
+    """(B, V) raw logits -> (B,) next token ids (argmax of the processed logits when temperature=0)."""
+    processed = process_logits(logits, p, ids, prompt_len, eos_ids)
     if p.greedy:
-        return logits.argmax(-1)
-    probs = process_logits(logits, p).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return processed.argmax(-1)
+    return torch.multinomial(processed.softmax(-1), 1, generator=generator).squeeze(-1)
