@@ -131,7 +131,7 @@ def pretrain(cfg: TrainConfig, log=print) -> dict[str, Any]:
     evaluator = make_evaluator(ds, block, bs, cfg.seed, tok.byte_lengths())
     trainer = Trainer(model, cfg, lm_loss, get_batch, max_steps,
                       evaluate=lambda m, **kw: evaluator(m, iters=cfg.eval_iters, **kw), tokenizer=tok,
-                      param_groups=model.configure_optimizer_groups(cfg.weight_decay), tokens_per_step=tokens_per_step)
+                      param_groups=model.configure_optimizer_groups(cfg.weight_decay))
     history = trainer.fit()
     summary: dict[str, Any] = {"out_dir": cfg.out_dir, "steps": trainer.step, "params": model.num_params()}
     if history:

@@ -96,10 +96,9 @@ class Trainer:
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, loss_fn: Callable, get_batch: Callable,
                  max_steps: int, evaluate: Callable[[torch.nn.Module], dict] | None = None, tokenizer=None,
-                 param_groups: list[dict] | None = None, tokens_per_step: int | None = None):
+                 param_groups: list[dict] | None = None):
         self.model, self.cfg, self.loss_fn, self.get_batch = model, cfg, loss_fn, get_batch
         self.max_steps, self.evaluate, self.tokenizer = max_steps, evaluate, tokenizer
-        self.tokens_per_step = tokens_per_step
         self.out_dir = Path(cfg.out_dir)
         self.device = next(model.parameters()).device
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
