@@ -160,20 +160,25 @@ def _is_metaspace(hf: HFTokenizer) -> bool:
     return hf.decoder is not None and "Metaspace" in hf.decoder.__getstate__().decode()
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (byte-level BPE vocabularies are spelled in it)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
 _BL_TABLE: dict[str, int] | None = None
 
 
 def _bytelevel_decode_table() -> dict[str, int]:
     global _BL_TABLE
     if _BL_TABLE is None:
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-        cs, n = bs[:], 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        _BL_TABLE = {chr(c): b for b, c in zip(bs, cs)}
+        _BL_TABLE = {c: b for b, c in bytes_to_unicode().items()}
     return _BL_TABLE
 
 

@@ -26,7 +26,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import LMStackError
 from ..models.transformer import Transformer, rope_frequencies
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, bytes_to_unicode
 
 MAGIC = b"GGUF"
 SUPPORTED_ARCHS = ("llama",)
@@ -162,18 +162,6 @@ _SPLITS = {  # pre-tokenizer regexes for `tokenizer.ggml.pre` values whose merge
              r"|\s+(?!\S)|\s+",
 }
 _SPLITS["llama-bpe"] = _SPLITS["llama-v3"] = _SPLITS["llama3"]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table (byte-level BPE vocabularies are spelled in it)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def tokenizer_from_reader(reader, path: Path | str = "<gguf>") -> Tokenizer:
