@@ -101,6 +101,20 @@ def _dtype(name: str | None):
     return {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def cmd_bench_generate(a) -> None:
+    from .generate.bench import DEFAULT_PROMPT, bench_generate, load_for_bench
+    from .models.quant import kernel_status
+    lm = load_for_bench(a.model, quantize=a.quantize, dtype=a.dtype, compile=a.compile, threads=a.threads)
+    ids = lm._prompt_ids(a.prompt or DEFAULT_PROMPT)
+    r = bench_generate(lm.model, ids, new_tokens=a.new_tokens, batch=a.batch, warmup=a.warmup)
+    if a.json:
+        print(json.dumps({k: v for k, v in r.as_dict().items() if k != "tokens"}))
+        return
+    extra = f", int8 kernel: {kernel_status()}" if a.quantize else ""
+    print(f"model: {a.model} (dtype {a.dtype or 'float32'}, quantize {a.quantize or 'none'}{extra})")
+    print(r.summary())
+
+
 def cmd_convert(a) -> None:
     import lmstack
 
@@ -280,6 +294,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--truncate", choices=["left"], help="cut an over-long prompt from the left instead of failing")
     t.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (for checking)")
     t.set_defaults(fn=cmd_generate)
+
+    t = sub.add_parser("bench-generate", help="measure prefill/decode tok/s, time to first token and peak RSS")
+    t.add_argument("--model", required=True, help="checkpoint dir, Hugging Face dir or GGUF file")
+    t.add_argument("--quantize", choices=["int8"], help="weight-only int8 linears (fast CPU decoding)")
+    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward (slower than eager for int8 on CPU, see RESULTS.md)")
+    t.add_argument("--new-tokens", type=int, default=128)
+    t.add_argument("--batch", type=int, default=1)
+    t.add_argument("--prompt", help="prompt text (default: a fixed ~50-token paragraph)")
+    t.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    t.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs")
+    t.add_argument("--json", action="store_true", help="print one JSON object")
+    t.set_defaults(fn=cmd_bench_generate)
 
     t = sub.add_parser("convert", help="write an lmstack checkpoint from a Hugging Face directory or GGUF file")
     t.add_argument("src")

@@ -105,6 +105,20 @@ class LM:
             out.append(("".join(apply_stop_strings(decode_stream(self.tokenizer, ids), sp.stop)), h.score))
         return out
 
+    def speculative_generate(self, prompt: str, draft: "LM", num_draft_tokens: int = 4, truncate: str | None = None,
+                             return_stats: bool = False, **params):
+        """Generate with speculative decoding: `draft` (a smaller LM over the same tokenizer) proposes
+        `num_draft_tokens` tokens per round, this model verifies them in one pass. Same distribution as `generate`
+        (greedy: the same text). return_stats=True: (text, SpeculativeResult) with `.acceptance_rate`."""
+        from .generate.speculative import speculative_generate
+        sp = SamplingParams(**params)
+        eos = {self.tokenizer.eos_id} - {None}
+        res = speculative_generate(self.model, draft.model, self._prompt_ids(prompt), sp, num_draft_tokens,
+                                   eos_id=eos, truncate=truncate)
+        ids = list(itertools.takewhile(lambda t: t not in eos, res.tokens)) if sp.stop_at_eos else res.tokens
+        text = "".join(apply_stop_strings(decode_stream(self.tokenizer, ids), sp.stop))
+        return (text, res) if return_stats else text
+
     def score(self, context: str, continuation: str) -> tuple[float, bool]:
         """(log P(continuation | context), is_greedy), tokenizing context and continuation separately; an empty
         context starts from the BOS/EOS token."""
@@ -155,8 +169,9 @@ def resolve_source(path: str | Path) -> str:
                        f"directory or a GGUF file){hint}")
 
 
-def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None) -> LM:
-    """Load an lmstack checkpoint directory, a Hugging Face model directory, or a GGUF file."""
+def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None, quantize: str | None = None) -> LM:
+    """Load an lmstack checkpoint directory, a Hugging Face model directory, or a GGUF file.
+    quantize="int8": weight-only int8 linears for fast CPU decoding (see lmstack.models.quant)."""
     kind = resolve_source(path)
     if kind == "gguf":
         from .convert.gguf import load_gguf
@@ -167,6 +182,9 @@ def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None
     else:
         model, tok = load_model(path, device=device, dtype=dtype)
     model = model.to(device).eval()
+    if quantize:
+        from .models.quant import quantize_model
+        quantize_model(model, quantize)
     if tok is None:
         raise LMStackError(f"{path} has no tokenizer.json; copy the tokenizer into the model directory")
     return LM(model, tok, str(path))

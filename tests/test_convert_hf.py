@@ -279,7 +279,7 @@ def test_missing_weights_and_bad_configs_raise(tmp_path):
     with pytest.raises(LMStackError, match="head_dim"):
         hf_config_to_model_config({**llama, "head_dim": 16})
     with pytest.raises(LMStackError, match="RoPE scaling"):
-        hf_config_to_model_config({**llama, "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+        hf_config_to_model_config({**llama, "rope_parameters": {"rope_type": "longrope", "factor": 4.0,
                                                                  "rope_theta": 1e4}})
 
 

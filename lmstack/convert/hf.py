@@ -22,7 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..config import ModelConfig
 from ..errors import LMStackError
-from ..models.transformer import Transformer
+from ..models.transformer import Transformer, rope_original_length, rope_scaling_type
 from ..tokenizer import Tokenizer
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert")
@@ -57,23 +57,56 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 # ---- config -------------------------------------------------------------------------------------------------
+_ROPE_KEYS = {  # the rope-scaling fields lmstack keeps per kind (besides the kind itself)
+    "linear": ("factor",),
+    "dynamic": ("factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+             "attention_factor", "truncate"),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
 def _rope_settings(hf: dict) -> tuple[float, dict | None]:
-    """(theta, scaling) from either transformers-5 `rope_parameters` or the older `rope_theta`/`rope_scaling`."""
+    """(theta, scaling) from either transformers-5 `rope_parameters` or the older `rope_theta`/`rope_scaling`.
+
+    scaling is lmstack's rope_scaling dict: {"type": kind, ...the fields of _ROPE_KEYS[kind]}, with
+    original_max_position_embeddings filled in as transformers does (max_position_embeddings when absent)."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or None
     theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type"))
     if scaling is None and kind not in (None, "default"):
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    if scaling is not None:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind in (None, "default"):
-            scaling = None
-        elif kind != "linear":
-            raise LMStackError(f"RoPE scaling {kind!r} is not supported (lmstack implements 'linear' only)")
-        else:
-            scaling = {"type": "linear", "factor": float(scaling["factor"])}
-    return theta, scaling
+    if scaling is None:
+        return theta, None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return theta, None
+    if kind not in _ROPE_KEYS:
+        raise LMStackError(f"RoPE scaling {kind!r} is not supported (lmstack implements {', '.join(_ROPE_KEYS)})")
+    if float(scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0)) != 1.0:
+        raise LMStackError("partial_rotary_factor != 1 is not supported (lmstack rotates the whole head)")
+    max_pos = hf.get("max_position_embeddings", 2048)
+    out: dict[str, Any] = {"type": kind}
+    for k in _ROPE_KEYS[kind]:
+        if scaling.get(k) is not None:
+            out[k] = scaling[k]
+    if kind == "dynamic":  # transformers scales past max_position_embeddings itself
+        out["original_max_position_embeddings"] = max_pos
+    elif kind in ("yarn", "llama3"):
+        out.setdefault("original_max_position_embeddings", hf.get("original_max_position_embeddings") or max_pos)
+    if kind == "yarn" and out.get("factor") is None:
+        out["factor"] = max_pos / out["original_max_position_embeddings"]
+    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k in _ROPE_KEYS[kind] and k not in out]
+    if missing:
+        raise LMStackError(f"RoPE scaling {kind!r} needs {', '.join(missing)} in rope_scaling/rope_parameters")
+    for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+              "attention_factor"):
+        if k in out:
+            out[k] = float(out[k])
+    if "original_max_position_embeddings" in out:
+        out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
+    return theta, out
 
 
 def _first_id(v: Any) -> int | None:
@@ -134,6 +167,8 @@ def hf_config_to_model_config(hf_cfg: dict) -> ModelConfig:
         # within the window, sliding-window attention is plain causal attention: cap the context there (exact)
         block = window
     theta, scaling = _rope_settings(hf)
+    if scaling and scaling["type"] == "dynamic":  # dynamic NTK is meant to run up to factor x the trained length
+        block = max(block, int(scaling["factor"] * scaling["original_max_position_embeddings"]))
     attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
     if mt == "qwen2" or (attn_bias and not mlp_bias):
         bias, qkv_bias = False, True  # o_proj bias (Llama attention_bias) must then be zero: checked on load
@@ -363,7 +398,8 @@ def _is_qwen2_tokenizer(tok: Tokenizer | None) -> bool:
 def _export_kind(cfg: ModelConfig, tok: Tokenizer | None = None) -> str:
     common = cfg.causal and cfg.norm_position == "pre" and not cfg.type_vocab_size and not cfg.embedding_norm
     if common and cfg.pos_emb == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.bias:
-        if cfg.rope_scaling and (cfg.rope_scaling.get("type", cfg.rope_scaling.get("rope_type")) != "linear"):
+        kind = rope_scaling_type(cfg)
+        if kind is not None and kind not in _ROPE_KEYS:
             raise LMStackError(f"RoPE scaling {cfg.rope_scaling} cannot be exported")
         if not cfg.use_qkv_bias:
             return "llama"
@@ -436,16 +472,24 @@ def _export_config(cfg: ModelConfig, kind: str, ids: dict, dtype: torch.dtype) -
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": cfg.init_std,
                 "tie_word_embeddings": cfg.tie_embeddings, "dtype": dtype_name, "use_cache": True, **ids}
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling:
-        rope = {"rope_type": "linear", "factor": float(cfg.rope_scaling["factor"]), "rope_theta": cfg.rope_theta}
+    legacy_scaling, max_pos = None, cfg.block_size
+    kind_ = rope_scaling_type(cfg)
+    if kind_ is not None:
+        params = {k: cfg.rope_scaling[k] for k in _ROPE_KEYS[kind_] if cfg.rope_scaling.get(k) is not None}
+        if kind_ == "dynamic":  # transformers' dynamic NTK scales past max_position_embeddings
+            max_pos = rope_original_length(cfg)
+            params.pop("original_max_position_embeddings", None)
+        elif kind_ in ("yarn", "llama3"):
+            params["original_max_position_embeddings"] = rope_original_length(cfg)
+        rope = {"rope_type": kind_, **params, "rope_theta": cfg.rope_theta}
+        legacy_scaling = {"rope_type": kind_, "type": kind_, **params}
     out = {"architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"],
            "model_type": "qwen2" if kind == "qwen2" else "llama",
            "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_size,
            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
-           "head_dim": cfg.head_dim, "max_position_embeddings": cfg.block_size, "hidden_act": "silu",
+           "head_dim": cfg.head_dim, "max_position_embeddings": max_pos, "hidden_act": "silu",
            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_parameters": rope,
-           "rope_scaling": None if not cfg.rope_scaling else {"rope_type": "linear", "type": "linear",
-                                                              "factor": float(cfg.rope_scaling["factor"])},
+           "rope_scaling": legacy_scaling,
            "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
            "dtype": dtype_name, "use_cache": True, **ids}
     if kind != "qwen2":

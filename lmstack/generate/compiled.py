@@ -1,0 +1,15 @@
+"""Optional torch.compile of the model's forward for decoding (`compile=True` in the bench / load helpers).
+
+The int8 kernel is registered as a torch custom op (lmstack::int8_linear) so the compiled graph calls it without a
+graph break. Decoding steps differ only in `pos`; dynamic shapes keep that to one or two compiled graphs."""
+from __future__ import annotations
+
+import torch
+
+
+def compile_decode(model, mode: str | None = None):
+    """Replace model.forward by a torch.compile'd version (in place); returns the model."""
+    from ..models import quant
+    quant.register_custom_op()
+    model.forward = torch.compile(model.forward, mode=mode, dynamic=True)
+    return model
