@@ -70,7 +70,7 @@ def _sampling(a) -> dict:
 
 def cmd_generate(a) -> None:
     import lmstack
-    lm = lmstack.load(a.model)
+    lm = lmstack.load(a.model, dtype=_dtype(a.dtype), quantize=a.quantize)
     params = _sampling(a)
     if a.num_beams > 1:
         early = {"true": True, "false": False, "never": "never"}[a.early_stopping]
@@ -154,7 +154,7 @@ def cmd_download(a) -> None:
 
 def cmd_chat(a) -> None:
     import lmstack
-    lm = lmstack.load(a.model)
+    lm = lmstack.load(a.model, dtype=_dtype(a.dtype), quantize=a.quantize)
     params = _sampling(a)
     system = [{"role": "system", "content": a.system}] if a.system else []
     history: list[dict] = []
@@ -247,6 +247,8 @@ def _add_sampling_flags(t: argparse.ArgumentParser, max_new: int, temperature: f
     t.add_argument("--min-new-tokens", type=int, default=0)
     t.add_argument("--stop", action="append", metavar="STR", help="stop before this string (repeatable)")
     t.add_argument("--seed", type=int)
+    t.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (bfloat16: half the bytes)")
+    t.add_argument("--quantize", choices=["int8"], help="int8 weight-only linears (fast CPU decoding)")
 
 
 def build_parser() -> argparse.ArgumentParser:

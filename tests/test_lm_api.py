@@ -115,3 +115,16 @@ def test_chat_cli_answers_with_the_real_gguf():
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Paris" in r.stdout
+
+
+def test_generate_cli_speed_options(tiny_run):
+    out, _ = tiny_run
+    for extra in (["--quantize", "int8"], ["--dtype", "bfloat16"]):
+        r = subprocess.run([sys.executable, "-m", "lmstack.cli", "generate", "--model", str(out / "last"), "--prompt",
+                            "the", "--max-new-tokens", "8", "--temperature", "0", *extra],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.startswith("the") and len(r.stdout.strip()) > 3
+    bad = subprocess.run([sys.executable, "-m", "lmstack.cli", "generate", "--model", str(out / "last"),
+                          "--quantize", "int4"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
