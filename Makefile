@@ -24,6 +24,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_speed.py
+	$(BIN)/python benchmarks/generate_speed.py
 
 clean:
 	rm -rf runs .pytest_cache tests/artifacts
