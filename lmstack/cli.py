@@ -152,6 +152,12 @@ def cmd_download(a) -> None:
     print(path)
 
 
+def cmd_serve(a) -> None:
+    from .serve import serve
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, model_name=a.model_name,
+          dtype=_dtype(a.dtype), quantize=a.quantize)
+
+
 def cmd_chat(a) -> None:
     import lmstack
     lm = lmstack.load(a.model, dtype=_dtype(a.dtype), quantize=a.quantize)
@@ -336,6 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-p", "--prompt", help="answer this one question and exit")
     _add_sampling_flags(t, max_new=256, temperature=0.0)
     t.set_defaults(fn=cmd_chat)
+
+    t = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...)")
+    t.add_argument("--model", required=True, help="checkpoint dir, Hugging Face dir or GGUF file")
+    t.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    t.add_argument("--port", type=int, default=8000)
+    t.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    t.add_argument("--max-batch", type=int, default=16, help="requests generating at once (+64 queued, then 429)")
+    t.add_argument("--model-name", default=None, help="name clients pass as `model` (default: the --model value)")
+    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--quantize", choices=["int8"], help="int8 weight-only linears (fast CPU decoding)")
+    t.set_defaults(fn=cmd_serve)
 
     t = sub.add_parser("embed", help="mean-pooled, normalised sentence embeddings (one JSON line per text)")
     t.add_argument("--model", required=True)
