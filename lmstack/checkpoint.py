@@ -83,17 +83,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> Transformer:
+    """A Transformer for `cfg` holding exactly the weights in `state` (the tied head may be absent)."""
+    model = Transformer(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise LMStackError(f"{source}: the weights do not fit the model config (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})")
+    return model
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
     path = resolve_checkpoint(path)
     cfg = ModelConfig.load(path / "config.json")
-    model = Transformer(cfg)
-    sd = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise LMStackError(f"{path}/model.safetensors does not match config.json (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+    model = build_model(cfg, load_file(str(path / "model.safetensors")), f"{path}/model.safetensors")
     if dtype is not None:
         model.to(dtype)
     model.to(device).eval()

@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..config import ModelConfig
+from ..checkpoint import build_model
 from ..errors import LMStackError
 from ..models.transformer import Transformer, rope_original_length, rope_scaling_type
 from ..tokenizer import Tokenizer
@@ -346,12 +347,7 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Transfo
     mt = hf["model_type"]
     cfg = hf_config_to_model_config(hf)
     state = _hf_to_lmstack_state(_read_weights(path), mt, cfg, path)
-    model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise LMStackError(f"{path}: converted weights do not fit the model (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
+    model = build_model(cfg, state, f"{path} (converted weights)")
     if dtype is not None:
         model.to(dtype)
     model.eval()
