@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP API over an `LM`: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings,
-/health and /metrics (Prometheus text).
+/health and /metrics (Prometheus text), plus a web playground at / (static files in serve/static/).
 
 Model calls run on one worker thread (a single-thread executor), so the event loop stays responsive and the model
 is never entered from two threads at once; a streamed request advances its generator one token per worker task, so
@@ -22,16 +22,19 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, LMStackError
 from ..generate import SamplingParams, apply_stop_strings, stream_steps, token_logprobs_top
 
 _DONE = object()
+STATIC_DIR = Path(__file__).parent / "static"  # the web playground served at /
 
 
 class APIError(Exception):
@@ -384,6 +387,16 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ------------------------------------------------------------------------------------------------ routes
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/playground/config")
+    async def playground_config():  # what the page needs before its first request; reveals no secret
+        return {"model": model_name, "api_key_required": api_key is not None, "context_length": block}
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name}
