@@ -1,0 +1,209 @@
+"""Load test of `lmstack serve`: concurrent streaming /v1/completions clients against a real server subprocess.
+
+Starts `lmstack serve --model MODEL --port <free port> [SERVE_ARGS]`, waits for GET /health, then for each
+concurrency level N (default 1, 4, 8, 16) runs N asyncio + httpx clients at once, each doing ROUNDS streamed
+requests (POST /v1/completions, stream=true, a fixed short prompt, max_tokens 32, temperature 0). Per level it
+reports aggregate generated tokens/s (all tokens / wall time of the level), p50/p99 time to first token (first SSE
+chunk with text), p50/p99 total request latency and the error count. Tokens per request are the `usage`
+completion_tokens of the final chunk (stream_options.include_usage), or the number of SSE chunks with text when
+no usage chunk came.
+
+    .venv/bin/python benchmarks/serve_load.py [--model GGUF] [--serve-args "--quantize int8"]
+        [--concurrency 1,4,8,16] [--rounds 1] [--max-tokens 32] [--append-results]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT = "The three most important things to know about the ocean are"
+MACHINE = "2-core x86_64 VM, shared"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def lmstack_cmd() -> list[str]:
+    exe = Path(sys.executable).parent / "lmstack"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "lmstack.cli"]
+
+
+def wait_health(base: str, proc: subprocess.Popen, timeout: float) -> float:
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before /health answered")
+        try:
+            if httpx.get(base + "/health", timeout=2.0).status_code == 200:
+                return time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise TimeoutError(f"/health did not answer within {timeout:.0f} s")
+
+
+def pct(xs: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]); nan when empty."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = max(0, min(len(s) - 1, int(-(-q * len(s) // 100)) - 1))
+    return s[k]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dict:
+    t0 = time.perf_counter()
+    ttft, text_chunks, usage_tokens, err = None, 0, None, None
+    try:
+        async with client.stream("POST", url, json=payload) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return {"error": f"HTTP {r.status_code}: {r.text[:200]}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    break
+                d = json.loads(data)
+                if "error" in d:
+                    err = f"stream error: {d['error'].get('message')}"
+                    break
+                if any(c.get("text") for c in d.get("choices") or []):
+                    text_chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                if d.get("usage"):
+                    usage_tokens = d["usage"].get("completion_tokens")
+    except (httpx.HTTPError, json.JSONDecodeError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    if err:
+        return {"error": err}
+    return {"ttft": ttft, "latency": time.perf_counter() - t0,
+            "tokens": usage_tokens if usage_tokens is not None else text_chunks}
+
+
+async def run_level(base: str, model_name: str, n: int, rounds: int, max_tokens: int) -> dict:
+    payload = {"model": model_name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+               "stream": True, "stream_options": {"include_usage": True}}
+    limits = httpx.Limits(max_connections=n + 4, max_keepalive_connections=n + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+        async def worker():
+            return [await one_request(client, base + "/v1/completions", payload) for _ in range(rounds)]
+
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker() for _ in range(n))) for r in rs]
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    errors = [r["error"] for r in results if "error" in r]
+    tokens = sum(r["tokens"] for r in ok)
+    ttfts = [r["ttft"] for r in ok if r["ttft"] is not None]
+    lats = [r["latency"] for r in ok]
+    return {"clients": n, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "tok_s": tokens / wall if wall > 0 else 0.0,
+            "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99),
+            "lat_p50": pct(lats, 50), "lat_p99": pct(lats, 99),
+            "errors": len(errors), "error_samples": errors[:3]}
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| clients | requests | tokens | wall s | aggregate tok/s | TTFT p50 ms | TTFT p99 ms "
+           "| latency p50 s | latency p99 s | errors |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} | {r['tok_s']:.1f} "
+                   f"| {r['ttft_p50'] * 1000:.0f} | {r['ttft_p99'] * 1000:.0f} | {r['lat_p50']:.2f} "
+                   f"| {r['lat_p99']:.2f} | {r['errors']} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--serve-args", default="", help='extra `lmstack serve` flags, e.g. "--quantize int8"')
+    ap.add_argument("--concurrency", default="1,4,8,16", help="comma-separated client counts")
+    ap.add_argument("--rounds", type=int, default=1, help="requests each client makes, one after another")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--startup-timeout", type=float, default=180.0)
+    ap.add_argument("--server-log", action="store_true", help="show the server's own log (default: discarded)")
+    ap.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    a = ap.parse_args()
+
+    levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
+    serve_args = shlex.split(a.serve_args)
+    port = free_port()
+    cmd = lmstack_cmd() + ["serve", "--model", a.model, "--port", str(port)] + serve_args
+    model_name = a.model
+    if "--model-name" in serve_args:
+        model_name = serve_args[serve_args.index("--model-name") + 1]
+    base = f"http://127.0.0.1:{port}"
+    print("server:", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    log = None if a.server_log else open(os.devnull, "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT if log else None)
+    rows = []
+    try:
+        up = wait_health(base, proc, a.startup_timeout)
+        print(f"/health ok after {up:.1f} s", flush=True)
+        # one untimed warm-up request (first-call allocations, int8 kernel load)
+        warm = asyncio.run(run_level(base, model_name, 1, 1, a.max_tokens))
+        if warm["errors"]:
+            print("warm-up error:", warm["error_samples"], flush=True)
+        for n in levels:
+            r = asyncio.run(run_level(base, model_name, n, a.rounds, a.max_tokens))
+            rows.append(r)
+            print(f"clients={n}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50'] * 1000:.0f} ms, "
+                  f"latency p50 {r['lat_p50']:.2f} s, errors {r['errors']}"
+                  + (f" {r['error_samples']}" if r["errors"] else ""), flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if log:
+            log.close()
+
+    tbl = table(rows)
+    print()
+    print(tbl)
+    if a.append_results:
+        argv = " ".join(shlex.quote(x) for x in sys.argv[1:])
+        cmdline = f".venv/bin/python benchmarks/serve_load.py {argv}".strip()
+        try:
+            import torch
+            tv = f", torch {torch.__version__}"
+        except Exception:
+            tv = ""
+        section = (f"\n## Serve load — {dt.date.today().isoformat()}\n\n"
+                   f"Command: `{cmdline}`  \n"
+                   f"Machine: {MACHINE} ({platform.machine()}, {os.cpu_count()} CPUs{tv}); model "
+                   f"{Path(a.model).name}, server flags `{' '.join(serve_args) or '(none)'}`; "
+                   f"each of N clients makes {a.rounds} streamed /v1/completions request(s) at once "
+                   f"(prompt {PROMPT!r}, max_tokens {a.max_tokens}, temperature 0), one untimed warm-up request "
+                   f"first. Aggregate tok/s = generated tokens (usage.completion_tokens) / wall time of the level.\n\n"
+                   f"{tbl}\n")
+        with open(REPO / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write(section)
+        print(f"\nappended to {REPO / 'benchmarks' / 'RESULTS.md'}")
+
+
+if __name__ == "__main__":
+    main()
