@@ -56,6 +56,13 @@ class Tokenizer:
         ids = {self.token_id(t) for t in END_OF_TURN} | {self.eos_id}
         return {i for i in ids if i is not None and (i == self.eos_id or i in self.special_ids)}
 
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        """Add special tokens (e.g. chat markers) and return their ids; cached tables are rebuilt on next use."""
+        self.hf.add_special_tokens(list(tokens))
+        self.__dict__.pop("_special_ids", None)
+        self._bytes_table = None
+        return [self.hf.token_to_id(t) for t in tokens]
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.hf.encode(text, add_special_tokens=add_special_tokens).ids
 

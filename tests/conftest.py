@@ -129,3 +129,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(300))
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_chat_checkpoint(run_dir: Path, dst: Path) -> Path:
+    """The tiny run's checkpoint with a ChatML template and <|im_start|>/<|im_end|> special tokens."""
+    from lmstack.checkpoint import load_model, save_checkpoint
+    model, tok = load_model(Path(run_dir) / "last")
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = CHAT_TEMPLATE
+    assert tok.vocab_size <= model.config.vocab_size  # the padded vocabulary has room for the new ids
+    save_checkpoint(dst, model, tok)
+    return dst
+
+
+def start_server(app):
+    """Run a FastAPI app under uvicorn on a free loopback port in a daemon thread: (server, thread, base_url)."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    for _ in range(250):
+        if server.started:
+            break
+        time.sleep(0.02)
+    assert server.started
+    return server, th, f"http://127.0.0.1:{port}"

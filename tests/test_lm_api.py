@@ -8,12 +8,9 @@ import sys
 import pytest
 
 import lmstack
-from conftest import REPO
+from conftest import REPO, make_chat_checkpoint
 from lmstack.errors import LMStackError
 from lmstack.lm import resolve_source
-
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def test_resolve_source_kinds(tmp_path, tiny_run):
@@ -50,19 +47,8 @@ def test_stop_ids_end_generation(tiny_run):
 
 @pytest.fixture
 def chat_model(tmp_path, tiny_run):
-    """The tiny run's checkpoint with a chat template and <|im_start|>/<|im_end|> special tokens."""
-    from lmstack.checkpoint import load_model, save_checkpoint
     out, _ = tiny_run
-    model, tok = load_model(out / "last")
-    tok.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tok.chat_template = TEMPLATE
-    if hasattr(tok, "_special_ids"):
-        del tok._special_ids
-    tok._bytes_table = None
-    assert tok.vocab_size <= model.config.vocab_size
-    dst = tmp_path / "chat"
-    save_checkpoint(dst, model, tok)
-    return dst
+    return make_chat_checkpoint(out, tmp_path / "chat")
 
 
 def test_chat_template_and_end_of_turn(chat_model):

@@ -2,10 +2,7 @@
 slider, sets a seed, generates with streaming and checks the coloured token view."""
 import os
 import shutil
-import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import lmstack  # noqa: E402
 from lmstack.serve import create_app  # noqa: E402
+from conftest import start_server  # noqa: E402
 
 KEY = "sk-playground"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -22,25 +20,10 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-def _start(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    for _ in range(250):
-        if server.started:
-            break
-        time.sleep(0.02)
-    assert server.started
-    return server, th, f"http://127.0.0.1:{port}"
-
-
 @pytest.fixture(scope="module")
 def server(tiny_run):
     out, _ = tiny_run
-    srv, th, url = _start(create_app(lmstack.load(out / "last"), "tiny", api_key=KEY))
+    srv, th, url = start_server(create_app(lmstack.load(out / "last"), "tiny", api_key=KEY))
     yield url
     srv.should_exit = True
     th.join(timeout=10)

@@ -1,8 +1,6 @@
 """`lmstack serve`: a real uvicorn server on a loopback port, driven by the official openai SDK and raw httpx."""
 import json
 import math
-import socket
-import threading
 import time
 
 import pytest
@@ -14,50 +12,21 @@ uvicorn = pytest.importorskip("uvicorn")
 import lmstack  # noqa: E402
 from lmstack.generate import score  # noqa: E402
 from lmstack.serve import create_app  # noqa: E402
+from conftest import make_chat_checkpoint, start_server  # noqa: E402
 
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 KEY = "sk-test-key"
 NAME = "tiny"
 
 
 @pytest.fixture(scope="module")
 def chat_lm(tmp_path_factory, tiny_run):
-    from lmstack.checkpoint import load_model, save_checkpoint
     out, _ = tiny_run
-    model, tok = load_model(out / "last")
-    tok.hf.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    tok.chat_template = TEMPLATE
-    if hasattr(tok, "_special_ids"):
-        del tok._special_ids
-    tok._bytes_table = None
-    dst = tmp_path_factory.mktemp("serve") / "chat"
-    save_checkpoint(dst, model, tok)
-    return lmstack.load(dst)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(app):
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=server.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if server.started:
-            break
-        time.sleep(0.02)
-    assert server.started
-    return server, th, f"http://127.0.0.1:{port}"
+    return lmstack.load(make_chat_checkpoint(out, tmp_path_factory.mktemp("serve") / "chat"))
 
 
 @pytest.fixture(scope="module")
 def server(chat_lm):
-    srv, th, url = _start(create_app(chat_lm, NAME, api_key=KEY, max_batch=4, max_body_bytes=64 * 1024))
+    srv, th, url = start_server(create_app(chat_lm, NAME, api_key=KEY, max_batch=4, max_body_bytes=64 * 1024))
     yield chat_lm, url
     srv.should_exit = True
     th.join(timeout=10)
@@ -217,7 +186,7 @@ def _slow_lm(path, calls):
 
 def test_queue_limit_429_and_disconnect_stops_generation(chat_lm):
     calls = []
-    srv, th, url = _start(create_app(_slow_lm(chat_lm.path, calls), NAME, max_batch=1, max_queue=0))
+    srv, th, url = start_server(create_app(_slow_lm(chat_lm.path, calls), NAME, max_batch=1, max_queue=0))
     try:
         body = {"prompt": "a", "max_tokens": 25, "stream": True, "temperature": 1.0, "seed": 1,
                 "logit_bias": {str(chat_lm.tokenizer.eos_id or 0): -100}}

@@ -95,7 +95,7 @@ def dequantize(data: np.ndarray, qtype) -> np.ndarray:
     if fn is not None:
         try:
             return np.asarray(fn(data, gguf.GGMLQuantizationType[name]), dtype=np.float32)
-        except NotImplementedError:
+        except NotImplementedError:  # the gguf package has no dequantizer for this type: use ours below
             pass
     return _np_dequantize(data, name)
 
