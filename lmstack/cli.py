@@ -371,6 +371,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("run_dir")
     t.add_argument("--out")
     t.set_defaults(fn=cmd_plot)
+
+    # --- eval verbs (issue 6) ---
+    # --- end eval verbs ---
+
+    # --- finetune / lora verbs (issue 7: SFT) ---
+    # --- end finetune verbs ---
+
+    # --- reward / dpo / ppo verbs (issue 7: RLHF) ---
+    # --- end rlhf verbs ---
+
+    # --- feedback verb (issue 7: human feedback page) ---
+    # --- end feedback verb ---
     return p
 
 
