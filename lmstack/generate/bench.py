@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .engine import generate_batch, stream_steps
+from .batching import generate_batch
+from .engine import stream_steps
 from .sampling import SamplingParams
 
 DEFAULT_PROMPT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "

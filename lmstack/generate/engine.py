@@ -120,63 +120,6 @@ def generate(model, prompt: list[int], params: SamplingParams, eos_id: int | Ite
     return list(stream_tokens(model, prompt, params, eos_id, use_cache, truncate))
 
 
-@torch.inference_mode()
-def generate_batch(model, prompts: list[list[int]], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
-                   truncate: str | None = None, top_logprobs: int = 0) -> list[list[TokenStep]]:
-    """Generate for several prompts of different lengths at once, one forward pass per step for the whole batch.
-
-    Prompts are left-padded to a common length; a padding mask hides the pad slots, and every row uses its own true
-    positions (slot - number of pads) for learned/RoPE position embeddings, so each row gets the same tokens as when
-    generated alone (greedy). A row stops at EOS (its EOS step is included); the batch stops when all rows have.
-    Returns, per prompt, the list of TokenSteps."""
-    if not prompts:
-        return []
-    stop_ids = _stop_set(eos_id)
-    cfg = model.config
-    if any(not p for p in prompts):
-        raise LMStackError("a prompt is empty; give at least one token (e.g. the BOS/EOS token) per prompt")
-    prompts = [fit_context(list(p), params.max_new_tokens, cfg.block_size, truncate) for p in prompts]
-    device = next(model.parameters()).device
-    gen = _generator(params.seed)
-    B, L = len(prompts), max(len(p) for p in prompts)
-    pads = torch.tensor([L - len(p) for p in prompts], device=device)
-    ids = torch.zeros(B, L, dtype=torch.long, device=device)
-    mask = torch.zeros(B, L + params.max_new_tokens, dtype=torch.bool, device=device)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(p, device=device)
-        mask[b, L - len(p):] = True
-    histories = [list(p) for p in prompts]
-    out: list[list[TokenStep]] = [[] for _ in prompts]
-    done = [False] * B
-    was_training = model.training
-    model.eval()
-    try:
-        cache = KVCache.for_model(model, B, L + params.max_new_tokens)
-        positions = (torch.arange(L, device=device)[None, :] - pads[:, None]).clamp(min=0)
-        logits = model(ids, cache=cache, pos=0, padding_mask=mask[:, :L], positions=positions)[:, -1]
-        pos = L
-        for _ in range(params.max_new_tokens):
-            raw = logits.float().cpu()
-            nxt = sample_next(raw, params, gen, ids=histories, prompt_len=[len(p) for p in prompts],
-                              eos_ids=stop_ids)
-            for b, step in enumerate(_steps(raw, nxt, top_logprobs)):
-                if done[b]:
-                    continue
-                out[b].append(step)
-                histories[b].append(step.token)
-                if params.stop_at_eos and step.token in stop_ids:
-                    done[b] = True
-            if all(done):
-                break
-            mask[:, pos] = True
-            logits = model(nxt.view(B, 1).to(device), cache=cache, pos=pos, padding_mask=mask[:, :pos + 1],
-                           positions=(pos - pads)[:, None])[:, -1]
-            pos += 1
-    finally:
-        model.train(was_training)
-    return out
-
-
 def generate_text(model, tokenizer, prompt: str, params: SamplingParams, truncate: str | None = None) -> str:
     ids = tokenizer.encode(prompt) or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
     from ..lm import decode_stream

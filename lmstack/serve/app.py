@@ -1,11 +1,14 @@
 """OpenAI-compatible HTTP API over an `LM`: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings,
 /health and /metrics (Prometheus text), plus a web playground at / (static files in serve/static/).
 
-Model calls run on one worker thread (a single-thread executor), so the event loop stays responsive and the model
-is never entered from two threads at once; a streamed request advances its generator one token per worker task, so
-concurrent streams interleave token by token. A client that disconnects mid-stream has its generator closed, which
-ends its generation. Every bad request gets an OpenAI-style error JSON ({"error": {message, type, param, code}})
-with a 4xx status; never a 500.
+Generation is continuous batching by the engine (lmstack.generate.batching.BackgroundBatcher): every choice of every
+request is submitted to one decode loop on its own thread, joins the running batch as soon as a row is free (up to
+--max-batch rows) and leaves it the step it ends. The server only parses, schedules and streams: a request's tokens
+arrive on a blocking stream that a small thread pool turns into text pieces and SSE chunks. A client that
+disconnects (even before its stream starts) cancels its generations at once, freeing their rows. Other model work
+(echo scoring, embeddings, beam search) runs on the engine thread between decode steps, so the model is never
+entered from two threads at once. Every bad request gets an OpenAI-style error JSON
+({"error": {message, type, param, code}}) with a 4xx status; never a 500.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, LMStackError
-from ..generate import SamplingParams, apply_stop_strings, stream_steps, token_logprobs_top
+from ..generate import BackgroundBatcher, SamplingParams, apply_stop_strings, beam_search, token_logprobs_top
 
 _DONE = object()
 STATIC_DIR = Path(__file__).parent / "static"  # the web playground served at /
@@ -141,12 +144,11 @@ class Piece:
     steps: list = field(default_factory=list)  # TokenSteps whose text is (at least partly) in `text`
 
 
-def generate_pieces(lm, prompt_ids: list[int], sp: SamplingParams, stop_ids: set[int], top_n: int,
-                    truncate: str | None, state: ChoiceState) -> Iterator[Piece]:
-    """Text pieces of one choice with the TokenSteps behind them, stop strings applied the way `LM.stream` does
-    (so the joined text equals `LM.generate`'s). Fills `state` when done."""
+def generate_pieces(lm, steps, sp: SamplingParams, stop_ids: set[int], state: ChoiceState) -> Iterator[Piece]:
+    """Text pieces of one choice (from `steps`, its engine token stream) with the TokenSteps behind them, stop strings
+    applied the way `LM.stream` does (so the joined text equals `LM.generate`'s). Closing `steps` (at a stop string)
+    ends the generation. Fills `state` when done."""
     pending: list = []
-    steps = stream_steps(lm.model, prompt_ids, sp, eos_id=stop_ids, truncate=truncate, top_logprobs=top_n)
 
     def pieces():
         dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -180,9 +182,44 @@ def generate_pieces(lm, prompt_ids: list[int], sp: SamplingParams, stop_ids: set
         state.finish_reason = "length" if state.tokens >= sp.max_new_tokens else "stop"
 
 
+def _decode(tokenizer, ids: list[int]) -> Iterator[str]:
+    from ..lm import decode_stream
+    return decode_stream(tokenizer, ids)
+
+
 def token_str(tokenizer, t: int) -> str:
     b = tokenizer.token_bytes(t)
     return b.decode("utf-8", errors="replace") if b else tokenizer.decode([t])
+
+
+class _NoTokens:
+    """The token stream of a max_tokens=0 choice."""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raise StopIteration
+
+    def cancel(self) -> None:
+        pass
+
+    close = cancel
+
+
+class GuardedStream(StreamingResponse):
+    """A StreamingResponse that calls `on_close` when the response ends however it ends, including a client gone
+    before the body started (then the body generator never runs, so its own `finally` cannot release anything)."""
+
+    def __init__(self, content, on_close: Callable[[], None], **kw):
+        super().__init__(content, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 # ------------------------------------------------------------------------------------------------------ metrics
@@ -211,7 +248,7 @@ class Metrics:
             self.prompt_tokens += prompt
             self.completion_tokens += completion
 
-    def render(self, active: int) -> str:
+    def render(self, active: int, queued: int = 0, batch: int = 0) -> str:
         with self.lock:
             out = ["# HELP lmstack_requests_total HTTP requests by route and status.",
                    "# TYPE lmstack_requests_total counter"]
@@ -224,6 +261,10 @@ class Metrics:
                     f"lmstack_completion_tokens_total {self.completion_tokens}",
                     "# HELP lmstack_requests_active Requests admitted and not finished.",
                     "# TYPE lmstack_requests_active gauge", f"lmstack_requests_active {active}",
+                    "# HELP lmstack_queue_depth Generations waiting for a free row in the decode batch.",
+                    "# TYPE lmstack_queue_depth gauge", f"lmstack_queue_depth {queued}",
+                    "# HELP lmstack_batch_rows Generations decoding in the running batch.",
+                    "# TYPE lmstack_batch_rows gauge", f"lmstack_batch_rows {batch}",
                     "# HELP lmstack_request_duration_seconds Request latency (to the last byte for streams).",
                     "# TYPE lmstack_request_duration_seconds histogram"]
             cum = 0
@@ -242,12 +283,15 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
     """The FastAPI app serving `lm` under the name `model_name`. api_key: required as `Authorization: Bearer KEY`
     on every /v1 route. max_batch + max_queue: requests admitted at once (more get 429); max_batch also caps the
     choices (prompts x n) of one request. max_body_bytes: larger bodies get 413."""
-    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lmstack-model")
+    engine = BackgroundBatcher(lm.model, max_batch=max_batch)
+    # threads that wait for tokens and turn them into text/SSE chunks (blocking waits, little CPU)
+    consumers = ThreadPoolExecutor(max_workers=max_batch + max_queue + 4, thread_name_prefix="lmstack-stream")
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        worker.shutdown(wait=False, cancel_futures=True)
+        engine.close()
+        consumers.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="lmstack", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     metrics = Metrics()
@@ -345,13 +389,36 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
         def __exit__(self, *exc):
             st["active"] -= 1
 
-    async def on_worker(fn: Callable, *args):
+    async def mapped(fut):
         try:
-            return await asyncio.get_running_loop().run_in_executor(worker, fn, *args)
+            return await fut
         except ContextLengthError as e:
             raise APIError(400, str(e), code="context_length_exceeded") from None
         except LMStackError as e:
             raise APIError(400, str(e)) from None
+
+    async def on_worker(fn: Callable, *args):
+        """Run model work on the engine thread (between decode steps)."""
+        return await mapped(asyncio.wrap_future(engine.run(fn, *args)))
+
+    async def on_consumer(fn: Callable, *args):
+        """Run a blocking consumer of engine streams on the stream thread pool."""
+        return await mapped(asyncio.get_running_loop().run_in_executor(consumers, fn, *args))
+
+    def submit_all(specs, handles: list) -> list:
+        """Submit every (ids, params, stop ids, top_n, truncate) generation now, so they decode together; each
+        stream is also put in `handles` (for cancelling on disconnect)."""
+        out = []
+        try:
+            for ids, sp, stop_ids, top_n, truncate in specs:
+                h = _NoTokens() if sp.max_new_tokens == 0 else engine.submit(ids, sp, stop_ids, truncate, top_n)
+                handles.append(h)
+                out.append(h)
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        return out
 
     def make_params(body: dict, max_tokens: int) -> SamplingParams:
         try:
@@ -359,18 +426,38 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
         except LMStackError as e:
             raise APIError(400, str(e)) from None
 
-    async def stream_response(request: Request, events: Iterator[dict]) -> StreamingResponse:
-        """SSE over a sync iterator of chunk dicts that runs on the worker, one item per worker task."""
+    async def stream_response(request: Request, make_events: Callable[[list], Iterator[dict]]) -> StreamingResponse:
+        """SSE over a sync iterator of chunk dicts (`make_events(handles)`, which submits its generations into
+        `handles`), advanced on the stream thread pool. Whatever ends the response (the last chunk, a client
+        disconnect, a response that never started) cancels the generations and frees the admission slot once."""
         admit = Admit().__enter__()
+        handles: list = []
+        events = make_events(handles)
+        lock = threading.Lock()  # the generator is advanced and closed from pool threads, never at once
+        released = [False]
 
         def step():
-            return next(events, _DONE)
+            with lock:
+                return next(events, _DONE)
+
+        def close():
+            with lock:
+                events.close()
+
+        def release():
+            if released[0]:
+                return
+            released[0] = True
+            for h in handles:
+                h.cancel()  # unblocks a pool thread waiting for this request's next token
+            consumers.submit(close)
+            admit.__exit__()
 
         async def body():
             try:
                 while True:
                     try:
-                        item = await on_worker(step)
+                        item = await on_consumer(step)
                     except APIError as e:
                         yield "data: " + json.dumps({"error": {"message": e.message, "type": e.type,
                                                                "param": e.param, "code": e.code}}) + "\n\n"
@@ -380,11 +467,10 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                     yield "data: " + json.dumps(item) + "\n\n"
                 yield "data: [DONE]\n\n"
             finally:  # also on a client disconnect: Starlette cancels or closes this generator
-                worker.submit(getattr(events, "close", lambda: None))  # ends the generation on the worker
-                admit.__exit__()
+                release()
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return GuardedStream(body(), release, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     # ------------------------------------------------------------------------------------------------ routes
     @app.get("/", include_in_schema=False)
@@ -403,7 +489,8 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(st["active"]), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(st["active"], engine.queued, engine.active),
+                                 media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -496,17 +583,17 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                 off += len(s)
             return lpb
 
-        def run_choice(ids, text, sp) -> Iterator[tuple[str, dict | None, ChoiceState | None]]:
-            """(text delta, logprobs delta, final state) for one choice, echo first."""
+        def run_choice(ids, text, sp, steps, echo_lp) -> Iterator[tuple[str, dict | None, ChoiceState | None]]:
+            """(text delta, logprobs delta, final state) for one choice (`steps`: its engine stream), echo first."""
             state = ChoiceState()
             if echo:
-                yield text, (echo_block(ids) if want_lp else None), None
+                yield text, echo_lp, None
             offset = len(text) if echo else 0
             if max_tokens == 0:
                 state.finish_reason = "length"
                 yield "", None, state
                 return
-            for piece in generate_pieces(lm, ids, sp, eos, top_n or 0, None, state):
+            for piece in generate_pieces(lm, steps, sp, eos, state):
                 lpb = lp_block(piece.steps, offset) if want_lp else None
                 offset += len(piece.text)
                 yield piece.text, lpb, None
@@ -521,23 +608,74 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
             return a
 
         prompt_tokens = sum(len(ids) for ids, _ in prompts) * 1
-        if not stream:
-            def work():
+        num_beams = _field(body, "num_beams", "int", 1, lo=1, hi=16)
+        if num_beams > 1:
+            if stream:
+                raise APIError(400, "num_beams > 1 cannot be streamed; set stream to false", param="num_beams")
+            if n > num_beams:
+                raise APIError(400, f"n={n} must be <= num_beams={num_beams}", param="n")
+            if echo or want_lp:
+                raise APIError(400, "num_beams > 1 does not return logprobs or echo", param="num_beams")
+            length_penalty = _field(body, "length_penalty", "float", 1.0)
+
+            def beams():
                 choices, completion_tokens = [], 0
-                for pi, (ids, text) in enumerate(prompts):
-                    for i in range(n):
-                        out, lps, state = "", None, None
-                        for delta, lpb, fin in run_choice(ids, text, params[pi][i]):
-                            out += delta
-                            lps = merge(lps, lpb)
-                            state = fin or state
-                        completion_tokens += state.tokens
-                        choices.append({"index": pi * n + i, "text": out, "logprobs": lps,
-                                        "finish_reason": state.finish_reason})
+                for pi, (ids, _) in enumerate(prompts):
+                    sp = params[pi][0]
+                    hyps = beam_search(lm.model, ids, num_beams=num_beams, max_new_tokens=max_tokens,
+                                       length_penalty=length_penalty, num_return_sequences=n, eos_id=eos,
+                                       params=sp)
+                    for i, h in enumerate(hyps):
+                        ended = bool(h.tokens) and h.tokens[-1] in eos
+                        toks = h.tokens[:-1] if ended else h.tokens
+                        text = "".join(apply_stop_strings(_decode(tok, toks), sp.stop))
+                        completion_tokens += len(h.tokens)
+                        choices.append({"index": pi * n + i, "text": text, "logprobs": None,
+                                        "finish_reason": "stop" if ended or len(toks) < max_tokens else "length"})
                 return choices, completion_tokens
 
             with Admit():
-                choices, completion_tokens = await on_worker(work)
+                choices, completion_tokens = await on_worker(beams)
+            metrics.tokens(prompt_tokens, completion_tokens)
+            return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                    "choices": choices, "usage": {"prompt_tokens": prompt_tokens,
+                                                  "completion_tokens": completion_tokens,
+                                                  "total_tokens": prompt_tokens + completion_tokens}}
+
+        async def echo_lps() -> list:
+            if not (echo and want_lp):
+                return [None] * len(prompts)
+            return await on_worker(lambda: [echo_block(ids) for ids, _ in prompts])
+
+        def specs():
+            return [(ids, params[pi][i], eos, top_n or 0, None) for pi, (ids, _) in enumerate(prompts)
+                    for i in range(n)]
+
+        if not stream:
+            echoes = await echo_lps()
+
+            def work():
+                choices, completion_tokens, handles = [], 0, []
+                streams = submit_all(specs(), handles)
+                try:
+                    for pi, (ids, text) in enumerate(prompts):
+                        for i in range(n):
+                            out, lps, state = "", None, None
+                            for delta, lpb, fin in run_choice(ids, text, params[pi][i], streams[pi * n + i],
+                                                              echoes[pi]):
+                                out += delta
+                                lps = merge(lps, lpb)
+                                state = fin or state
+                            completion_tokens += state.tokens
+                            choices.append({"index": pi * n + i, "text": out, "logprobs": lps,
+                                            "finish_reason": state.finish_reason})
+                finally:
+                    for h in handles:
+                        h.cancel()
+                return choices, completion_tokens
+
+            with Admit():
+                choices, completion_tokens = await on_consumer(work)
             metrics.tokens(prompt_tokens, completion_tokens)
             return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
                     "choices": choices, "usage": {"prompt_tokens": prompt_tokens,
@@ -547,11 +685,14 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
             if isinstance(body.get("stream_options"), dict) else False
 
-        def events():
+        echoes = await echo_lps()
+
+        def events(handles):
             completion_tokens = 0
+            streams = submit_all(specs(), handles)
             for pi, (ids, text) in enumerate(prompts):
                 for i in range(n):
-                    for delta, lpb, fin in run_choice(ids, text, params[pi][i]):
+                    for delta, lpb, fin in run_choice(ids, text, params[pi][i], streams[pi * n + i], echoes[pi]):
                         if fin is not None:
                             completion_tokens += fin.tokens
                         if delta or lpb or fin:
@@ -564,7 +705,7 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                  "total_tokens": prompt_tokens + completion_tokens}}
 
-        return await stream_response(request, events())
+        return await stream_response(request, events)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -624,29 +765,36 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                                               "bytes": list(token_str(tok, i).encode())} for i, v in s.top[:top_n]]})
             return out
 
-        def run_choice(sp):
+        specs = [(ids, sp, stop_ids, top_n if want_lp else 0, "left") for sp in params]
+
+        def run_choice(sp, steps):
             state = ChoiceState()
-            for piece in generate_pieces(lm, ids, sp, stop_ids, top_n if want_lp else 0, "left", state):
+            for piece in generate_pieces(lm, steps, sp, stop_ids, state):
                 yield piece.text, (lp_content(piece.steps) if want_lp else None), None
             yield "", None, state
 
         if not stream:
             def work():
-                choices, completion_tokens = [], 0
-                for i, sp in enumerate(params):
-                    out, lps, state = "", [], None
-                    for delta, lpc, fin in run_choice(sp):
-                        out += delta
-                        lps += lpc or []
-                        state = fin or state
-                    completion_tokens += state.tokens
-                    choices.append({"index": i, "message": {"role": "assistant", "content": out},
-                                    "logprobs": {"content": lps} if want_lp else None,
-                                    "finish_reason": state.finish_reason})
+                choices, completion_tokens, handles = [], 0, []
+                streams = submit_all(specs, handles)
+                try:
+                    for i, sp in enumerate(params):
+                        out, lps, state = "", [], None
+                        for delta, lpc, fin in run_choice(sp, streams[i]):
+                            out += delta
+                            lps += lpc or []
+                            state = fin or state
+                        completion_tokens += state.tokens
+                        choices.append({"index": i, "message": {"role": "assistant", "content": out},
+                                        "logprobs": {"content": lps} if want_lp else None,
+                                        "finish_reason": state.finish_reason})
+                finally:
+                    for h in handles:
+                        h.cancel()
                 return choices, completion_tokens
 
             with Admit():
-                choices, completion_tokens = await on_worker(work)
+                choices, completion_tokens = await on_consumer(work)
             metrics.tokens(len(ids), completion_tokens)
             return {"id": rid, "object": "chat.completion", "created": now, "model": model_name, "choices": choices,
                     "usage": {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
@@ -662,12 +810,13 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                 d["usage"] = usage
             return d
 
-        def events():
+        def events(handles):
             completion_tokens = 0
+            streams = submit_all(specs, handles)
             for i, sp in enumerate(params):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
-                for delta, lpc, fin in run_choice(sp):
+                for delta, lpc, fin in run_choice(sp, streams[i]):
                     if fin is not None:
                         completion_tokens += fin.tokens
                         yield chunk([{"index": i, "delta": {}, "logprobs": None,
@@ -680,7 +829,7 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                 yield chunk([], {"prompt_tokens": len(ids), "completion_tokens": completion_tokens,
                                  "total_tokens": len(ids) + completion_tokens})
 
-        return await stream_response(request, events())
+        return await stream_response(request, events)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

@@ -1,0 +1,401 @@
+"""Continuous batching: requests join one running decode batch as rows free up, and leave it the step they finish.
+
+`ContinuousBatcher` is the step-driven core (no threads): `add` queues a request, `step` admits waiting requests
+into free rows (prefill, first token) and then runs ONE decode forward pass for every active row. `generate_batch`
+drives it to completion for a fixed list of prompts; `BackgroundBatcher` runs it on its own thread for the server,
+with `submit` returning a blocking, cancellable token stream per request. So the CLI, evaluation and the server share
+one decoding path (the same `sample_next` pipeline, the same padded forward pass).
+
+Layout of the shared KV cache (per layer: (max_batch, n_kv_head, C, head_dim)). All active rows are written at the
+same slot `pos` each step; row r holds its tokens in slots [start[r], pos), so a row that joined later simply starts
+later. A padding mask hides slots before start[r], and every row passes its own position ids (pos - start[r]) to the
+position embeddings, so a row decodes exactly as it would alone. When `pos` reaches the end of the cache the rows are
+shifted left by the smallest start (their common empty prefix) or the cache grows, up to the context window; a
+prompt longer than `pos` shifts the batch right to make room. A finished row is swap-removed (the last row moves
+into its place), so the forward pass only ever covers active rows.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from ..errors import LMStackError
+from ..models.kv_cache import KVCache
+from .engine import TokenStep, _generator, _stop_set, fit_context
+from .sampling import SamplingParams, sample_next
+
+
+@dataclass
+class Request:
+    """One generation: the prompt (already fitted to the context window), its sampling settings, and where its
+    tokens go. `on_step(TokenStep)` is called for every token (the stop token included), `on_done(error or None)`
+    exactly once at the end. Set `cancelled` (from any thread) to end it at the next step."""
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: set[int] = field(default_factory=set)
+    top_logprobs: int = 0
+    on_step: Callable[[TokenStep], None] = lambda s: None
+    on_done: Callable[[BaseException | None], None] = lambda e: None
+    generator: torch.Generator | None = None
+    cancelled: bool = False
+    # decoding state
+    history: list[int] = field(default_factory=list)
+    generated: int = 0
+    pending: int = -1  # the last sampled token, fed at the next decode step
+    finished: bool = False
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if not self.finished:
+            self.finished = True
+            self.on_done(error)
+
+
+def _simple_greedy(p: SamplingParams) -> bool:
+    return p.greedy and not p.needs_history and not p.logit_bias
+
+
+class ContinuousBatcher:
+    """Step-driven continuous batching over `model` with at most `max_batch` rows decoding at once."""
+
+    def __init__(self, model, max_batch: int = 16):
+        if max_batch < 1:
+            raise LMStackError(f"max_batch must be >= 1, got {max_batch}")
+        self.model, self.max_batch = model, max_batch
+        cfg = model.config
+        self.block = cfg.block_size
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.shape = (cfg.n_layer, cfg.kv_heads, cfg.head_dim)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.cap = 0            # C: cache slots per row
+        self.pos = 0            # the next slot every active row writes
+        self.rows: list[Request] = []
+        self.starts: list[int] = []
+        self.waiting: deque[Request] = deque()
+        self.lock = threading.Lock()  # guards `waiting` (add may come from other threads)
+        self.steps_run = 0
+
+    # ---- public -----------------------------------------------------------------------------------
+    def add(self, req: Request) -> Request:
+        if not req.prompt:
+            raise LMStackError("the prompt is empty; give at least one token (e.g. the BOS/EOS token)")
+        if len(req.prompt) + req.params.max_new_tokens > self.block:
+            raise LMStackError(f"prompt of {len(req.prompt)} tokens + max_new_tokens={req.params.max_new_tokens} "
+                               f"exceeds the context window of {self.block} tokens (fit it with fit_context first)")
+        if req.generator is None:
+            req.generator = _generator(req.params.seed)
+        with self.lock:
+            self.waiting.append(req)
+        return req
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit waiting requests into free rows, then one decode step for all active rows."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self._drop_cancelled()
+            while len(self.rows) < self.max_batch:
+                with self.lock:
+                    if not self.waiting:
+                        break
+                    req = self.waiting.popleft()
+                if req.cancelled:
+                    req._finish()
+                    continue
+                self._admit(req)
+            if self.rows:
+                self._decode()
+        finally:
+            self.model.train(was_training)
+
+    def fail_all(self, error: BaseException) -> None:
+        """End every active and waiting request with `error` and reset the batch (after an unexpected failure)."""
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for r in self.rows + waiting:
+            r._finish(error)
+        self.rows, self.starts, self.pos = [], [], 0
+
+    # ---- internals ----------------------------------------------------------------------------------
+    def _emit(self, req: Request, logits_row: torch.Tensor, token: int, logp_row: torch.Tensor) -> None:
+        """Record and hand out one sampled token; finish the request when it ends."""
+        top = []
+        if req.top_logprobs:
+            v, i = logp_row.topk(min(req.top_logprobs, logp_row.shape[-1]))
+            top = list(zip(i.tolist(), v.tolist()))
+        step = TokenStep(token, float(logp_row[token]), top)
+        req.history.append(token)
+        req.generated += 1
+        req.pending = token
+        try:
+            req.on_step(step)
+        except Exception as e:  # a consumer that cannot take tokens any more ends its request, nothing else
+            req.cancelled = True
+            req._finish(e)
+            return
+        p = req.params
+        if (p.stop_at_eos and token in req.stop_ids) or req.generated >= p.max_new_tokens:
+            req._finish()
+
+    def _sample(self, reqs: list[Request], raw: torch.Tensor) -> None:
+        """raw: (n, V) float32 logits on the CPU, one row per request."""
+        logp = torch.log_softmax(raw, dim=-1)
+        toks = [0] * len(reqs)
+        easy = [i for i, r in enumerate(reqs) if _simple_greedy(r.params)]
+        if easy:
+            am = raw[easy].argmax(-1).tolist()
+            for i, t in zip(easy, am):
+                toks[i] = t
+        for i, r in enumerate(reqs):
+            if i in easy:
+                continue
+            toks[i] = int(sample_next(raw[i:i + 1], r.params, r.generator, ids=[r.history],
+                                      prompt_len=len(r.prompt), eos_ids=r.stop_ids)[0])
+        for i, r in enumerate(reqs):
+            self._emit(r, raw[i], toks[i], logp[i])
+
+    def _admit(self, req: Request) -> None:
+        """Prefill one request alone, sample its first token, and give it a row in the batch."""
+        req.history = list(req.prompt)
+        if req.params.max_new_tokens == 0:
+            req._finish()
+            return
+        L = len(req.prompt)
+        cache = KVCache.for_model(self.model, 1, L)
+        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
+        logits = self.model(ids, cache=cache, pos=0)[:, -1]
+        self._sample([req], logits.float().cpu())
+        if req.finished or req.cancelled:
+            req._finish()
+            return
+        if not self.rows:
+            self.pos = 0
+        if L > self.pos:  # not enough slots before `pos`: shift the batch right (room for the next write too)
+            self._relayout(L - self.pos, max(self.cap, L + 1))
+        r, s = len(self.rows), self.pos - L
+        for layer in range(self.shape[0]):
+            self.k[layer][r, :, s:self.pos] = cache.k[layer][0]
+            self.v[layer][r, :, s:self.pos] = cache.v[layer][0]
+        self.rows.append(req)
+        self.starts.append(s)
+
+    def _relayout(self, delta: int, cap: int) -> None:
+        """Move every active row's slots by `delta` into a cache of `cap` slots (allocated anew)."""
+        n_layer, H, D = self.shape
+        cap = max(cap, 1)
+        new_k = [torch.zeros(self.max_batch, H, cap, D, dtype=self.dtype, device=self.device) for _ in range(n_layer)]
+        new_v = [torch.zeros(self.max_batch, H, cap, D, dtype=self.dtype, device=self.device) for _ in range(n_layer)]
+        n = len(self.rows)
+        if n:
+            lo = min(self.starts)
+            assert lo + delta >= 0 and self.pos + delta <= cap
+            for layer in range(n_layer):
+                new_k[layer][:n, :, lo + delta:self.pos + delta] = self.k[layer][:n, :, lo:self.pos]
+                new_v[layer][:n, :, lo + delta:self.pos + delta] = self.v[layer][:n, :, lo:self.pos]
+        self.k, self.v, self.cap = new_k, new_v, cap
+        self.starts = [s + delta for s in self.starts]
+        self.pos += delta
+
+    def _ensure_room(self) -> None:
+        """Make slot `pos` writable: drop the rows' common empty prefix, or grow (doubling, up to the window)."""
+        lo = min(self.starts) if self.rows else self.pos
+        if self.pos + 1 <= self.cap and not (lo >= 32 and lo >= self.pos - lo):
+            return
+        need = self.pos - lo + 1
+        cap = self.cap if need <= self.cap else min(max(need, 2 * self.cap, 64), max(self.block, need))
+        self._relayout(-lo, cap)
+
+    def _drop_cancelled(self) -> None:
+        for r in sorted((i for i, q in enumerate(self.rows) if q.cancelled or q.finished), reverse=True):
+            self._remove(r)
+
+    def _remove(self, r: int) -> None:
+        req, last = self.rows[r], len(self.rows) - 1
+        req._finish()
+        if r != last:  # swap-remove: the last row moves into this one's place
+            s = self.starts[last]
+            for layer in range(self.shape[0]):
+                self.k[layer][r, :, s:self.pos] = self.k[layer][last, :, s:self.pos]
+                self.v[layer][r, :, s:self.pos] = self.v[layer][last, :, s:self.pos]
+            self.rows[r], self.starts[r] = self.rows[last], self.starts[last]
+        self.rows.pop()
+        self.starts.pop()
+        if not self.rows:
+            self.pos = 0
+
+    def _decode(self) -> None:
+        self._ensure_room()
+        n, pos = len(self.rows), self.pos
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.max_len = [t[:n] for t in self.k], [t[:n] for t in self.v], self.cap
+        starts = torch.tensor(self.starts, device=self.device)
+        mask = torch.arange(pos + 1, device=self.device)[None, :] >= starts[:, None]
+        toks = torch.tensor([[r.pending] for r in self.rows], dtype=torch.long, device=self.device)
+        logits = self.model(toks, cache=view, pos=pos, padding_mask=mask, positions=(pos - starts)[:, None])[:, -1]
+        self.pos += 1
+        self.steps_run += 1
+        self._sample(list(self.rows), logits.float().cpu())
+        self._drop_cancelled()
+
+
+def generate_batch(model, prompts: list[list[int]], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
+                   truncate: str | None = None, top_logprobs: int = 0,
+                   max_batch: int | None = None) -> list[list[TokenStep]]:
+    """Generate for several prompts of different lengths with continuous batching: one forward pass per step for
+    all unfinished rows; a row stops at EOS (its EOS step is included) or after max_new_tokens. With more prompts
+    than `max_batch` (default: all at once), later prompts take the rows earlier ones free up.
+
+    Every row gets its own random generator, seeded `seed + i` for prompt i (so prompt 0 samples exactly what
+    `stream_steps(prompt, seed=seed)` does; greedy rows give the same tokens as each prompt generated alone).
+    Returns, per prompt, the list of TokenSteps."""
+    if not prompts:
+        return []
+    stop_ids = _stop_set(eos_id)
+    if any(not p for p in prompts):
+        raise LMStackError("a prompt is empty; give at least one token (e.g. the BOS/EOS token) per prompt")
+    if top_logprobs < 0:
+        raise LMStackError(f"top_logprobs must be >= 0, got {top_logprobs}")
+    fitted = [fit_context(list(p), params.max_new_tokens, model.config.block_size, truncate) for p in prompts]
+    out: list[list[TokenStep]] = [[] for _ in prompts]
+    errors: list[BaseException] = []
+    batcher = ContinuousBatcher(model, max_batch or len(prompts))
+    for i, p in enumerate(fitted):
+        seed = None if params.seed is None else params.seed + i
+        batcher.add(Request(p, params, stop_ids, top_logprobs, on_step=out[i].append,
+                            on_done=lambda e: e is not None and errors.append(e), generator=_generator(seed)))
+    while batcher.has_work():
+        batcher.step()
+    if errors:
+        raise errors[0]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ background
+_END = object()
+
+
+class StepStream:
+    """The tokens of one submitted request, as a blocking iterator of TokenSteps (ends after the stop token or
+    max_new_tokens; re-raises an engine error). `cancel()` (any thread) ends the generation and the iteration."""
+
+    def __init__(self, req: Request, wake: Callable[[], None]):
+        self.req, self._wake = req, wake
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        req.on_step = self._q.put
+        req.on_done = lambda e: self._q.put(_END if e is None else e)
+
+    def __iter__(self) -> Iterator[TokenStep]:
+        return self
+
+    def __next__(self) -> TokenStep:
+        item = self._q.get()
+        if item is _END:
+            self._q.put(_END)  # stay ended
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._q.put(_END)
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        if not self.req.finished:
+            self.req.cancelled = True
+            self._q.put(_END)
+            self._wake()
+
+    close = cancel
+
+
+class BackgroundBatcher:
+    """A ContinuousBatcher on its own daemon thread: `submit` from any thread, tokens arrive as they are decoded.
+    `run(fn)` executes other model work (scoring, embeddings, beam search) on the same thread between decode
+    steps, so the model is never entered from two threads at once."""
+
+    def __init__(self, model, max_batch: int = 16):
+        self.core = ContinuousBatcher(model, max_batch)
+        self.model = model
+        self._cv = threading.Condition()
+        self._calls: deque[tuple[Callable, Future]] = deque()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="lmstack-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
+               truncate: str | None = None, top_logprobs: int = 0) -> StepStream:
+        """Queue one generation; raises ContextLengthError / LMStackError at once for a request that cannot run."""
+        if not prompt:
+            raise LMStackError("the prompt is empty; give at least one token (e.g. the BOS/EOS token)")
+        if top_logprobs < 0:
+            raise LMStackError(f"top_logprobs must be >= 0, got {top_logprobs}")
+        prompt = fit_context(list(prompt), params.max_new_tokens, self.core.block, truncate)
+        req = Request(prompt, params, _stop_set(eos_id), top_logprobs)
+        stream = StepStream(req, self._wake)
+        self.core.add(req)
+        self._wake()
+        return stream
+
+    def run(self, fn: Callable, *args) -> Future:
+        fut: Future = Future()
+        with self._cv:
+            self._calls.append((lambda: fn(*args), fut))
+            self._cv.notify()
+        return fut
+
+    @property
+    def active(self) -> int:
+        return self.core.active
+
+    @property
+    def queued(self) -> int:
+        return self.core.queued
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=5)
+        self.core.fail_all(LMStackError("the generation engine was shut down"))
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._calls and not self.core.has_work():
+                    self._cv.wait()
+                if self._stop:
+                    return
+                calls = list(self._calls)
+                self._calls.clear()
+            for fn, fut in calls:
+                if fut.set_running_or_notify_cancel():
+                    try:
+                        fut.set_result(fn())
+                    except BaseException as e:  # handed to the caller
+                        fut.set_exception(e)
+            if self.core.has_work():
+                try:
+                    self.core.step()
+                except Exception as e:  # an engine failure ends the requests in flight, not the server
+                    self.core.fail_all(e)
