@@ -373,15 +373,173 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_plot)
 
     # --- eval verbs (issue 6) ---
+    def _cmd_eval(a):  # the library does the work: lmstack.eval.run.cli_main
+        from .eval.run import cli_main
+        cli_main(a)
+
+    t = sub.add_parser("eval", help="benchmarks (MMLU, TruthfulQA, WiC, BIG-bench, HellaSwag, ARC, GSM8K) and "
+                                    "perplexity / bits-per-byte, scored as lm-evaluation-harness scores them")
+    t.add_argument("--model", required=True, help="checkpoint dir, HF dir, GGUF file, or the model name at --base-url")
+    t.add_argument("--tasks", required=True, help="comma-separated NAME or NAME=PATH (mmlu, mmlu_<subject>, "
+                   "truthfulqa_mc1, truthfulqa_mc2, wic, hellaswag, arc_easy, arc_challenge, gsm8k, "
+                   "bigbench_<name>, perplexity=FILE)")
+    t.add_argument("--data-dir", help="benchmark data root (default $LMSTACK_EVAL_DATA or ~/.cache/lmstack/eval)")
+    t.add_argument("--shots", type=int, default=0, help="few-shot examples from the train/dev split (first n)")
+    t.add_argument("--limit", type=int, help="evaluate only the first N examples (documents for perplexity)")
+    t.add_argument("--batch-size", type=int, default=8, help="generation prompts per batch")
+    t.add_argument("--stride", type=int, help="perplexity: sliding-window stride in tokens (default: the window)")
+    t.add_argument("--max-length", type=int, help="window / context length (default: the model's)")
+    t.add_argument("--max-new-tokens", type=int, help="generation tasks: override the task's limit")
+    t.add_argument("--seed", type=int, default=1234)
+    t.add_argument("--base-url", help="evaluate a remote OpenAI-compatible endpoint (e.g. http://host:8000/v1)")
+    t.add_argument("--api-key", default=None)
+    t.add_argument("--tokenizer", help="remote: the server's tokenizer (path), for exact token-level splitting")
+    t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--log-samples", action="store_true", help="keep per-example inputs/outputs in the JSON")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--out", help="write results JSON here")
+    t.set_defaults(fn=_cmd_eval)
     # --- end eval verbs ---
 
     # --- finetune / lora verbs (issue 7: SFT) ---
+    def _sft(name: str):  # thin: lmstack.train.sft.<name>(args), imported only when the verb runs
+        def run(a):
+            from .train import sft
+            return getattr(sft, name)(a)
+        return run
+
+    t = sub.add_parser("finetune", help="supervised fine-tuning (full or --lora) on instruction/chat data")
+    t.add_argument("--model", required=True, help="checkpoint dir, Hugging Face dir or GGUF file")
+    t.add_argument("--data", required=True, help="Alpaca .json/.jsonl, chat .jsonl ({messages}) or plain text")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--lora", nargs="?", const="", default=None, metavar="SPEC",
+                   help="LoRA instead of full fine-tuning: r=16,alpha=32,dropout=0.05,targets=q,k,v,o "
+                        "(targets: q k v o gate up down, attn, mlp, all); --lora alone = these defaults")
+    t.add_argument("--recipe", help="YAML of TrainConfig keys (lr, batch_size, epochs, ...)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a TrainConfig key (repeatable)")
+    t.add_argument("--seq-len", type=int, help="max tokens per example (default min(512, context window))")
+    t.add_argument("--pack", action="store_true", help="pack several examples per row")
+    t.add_argument("--val-data", help="validation file (default: hold out --val-fraction of --data)")
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--epochs", type=float)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--grad-accum", type=int)
+    t.add_argument("--max-records", type=int, help="use only the first N records")
+    t.add_argument("--no-merge", action="store_true", help="LoRA: skip writing <out>/merged")
+    t.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=_sft("cli_finetune"))
+    t = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model: a plain checkpoint")
+    t.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    t.add_argument("--adapter", required=True, help="adapter dir (<finetune out>/adapter, or a LoRA run's last/)")
+    t.add_argument("--out", required=True, help="where to write the merged checkpoint")
+    t.add_argument("--no-check", action="store_true", help="skip the logits comparison")
+    t.set_defaults(fn=_sft("cli_merge_lora"))
     # --- end finetune verbs ---
 
     # --- reward / dpo / ppo verbs (issue 7: RLHF) ---
+    def _rlhf(mod: str, name: str):  # thin: the verb's function lives in lmstack.train.<mod>, imported when run
+        def run(a):
+            import importlib
+            return getattr(importlib.import_module(f"lmstack.train.{mod}"), name)(a)
+        return run
+
+    def _ft_flags(t: argparse.ArgumentParser, lr_help: str) -> None:
+        t.add_argument("--out", required=True, help="output run directory (checkpoints last/, metrics.jsonl)")
+        t.add_argument("--lr", type=float, help=lr_help)
+        t.add_argument("--seed", type=int)
+        t.add_argument("--device", help="auto | cpu | cuda")
+        t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig key (repeatable)")
+        t.add_argument("--no-progress", action="store_true")
+
+    rw = sub.add_parser("reward", help="reward models: train on preference pairs, score texts")
+    rws = rw.add_subparsers(dest="rverb", required=True)
+    t = rws.add_parser("train", help="scalar-head reward model, Bradley-Terry loss on prompt/chosen/rejected JSONL")
+    t.add_argument("--model", required=True, help="base checkpoint (the backbone)")
+    t.add_argument("--data", required=True, help="preference JSONL: prompt, chosen, rejected")
+    t.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    t.add_argument("--batch-size", type=int, help="pairs per step (default 8)")
+    t.add_argument("--eval-interval", type=int)
+    t.add_argument("--val-fraction", type=float, default=0.1, help="held-out pairs for pairwise accuracy")
+    t.add_argument("--max-length", type=int, help="tokens per sequence (default: the context window)")
+    _ft_flags(t, "learning rate (default 1e-4)")
+    t.set_defaults(fn=_rlhf("reward", "cmd_reward_train"))
+    t = rws.add_parser("score", help="score texts with a reward model (one JSON line per text)")
+    t.add_argument("--model", required=True, help="reward model directory (from `lmstack reward train`)")
+    t.add_argument("--prompt", help="prompt the texts answer (default none)")
+    t.add_argument("texts", nargs="*", help="texts (default: one per line on stdin)")
+    t.set_defaults(fn=_rlhf("reward", "cmd_reward_score"))
+
+    t = sub.add_parser("dpo", help="Direct Preference Optimization against a frozen reference")
+    t.add_argument("--model", required=True)
+    t.add_argument("--data", required=True, help="preference JSONL: prompt, chosen, rejected")
+    t.add_argument("--beta", type=float, default=0.1)
+    t.add_argument("--loss", choices=["sigmoid", "ipo"], default="sigmoid")
+    t.add_argument("--label-smoothing", type=float, default=0.0, help="conservative DPO (sigmoid loss only)")
+    t.add_argument("--lora", help="train LoRA adapters, e.g. r=16,alpha=32,targets=q,k,v,o (the reference is the "
+                   "base model)")
+    t.add_argument("--ref", choices=["precompute", "live"], default="precompute",
+                   help="precompute the reference log-probs once (default) or recompute them every step")
+    t.add_argument("--ref-model", help="another checkpoint as the reference (default: the starting model)")
+    t.add_argument("--steps", type=int, help="optimizer steps (default 200)")
+    t.add_argument("--batch-size", type=int, help="pairs per step (default 8)")
+    t.add_argument("--eval-interval", type=int)
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--max-length", type=int)
+    _ft_flags(t, "learning rate (default 5e-5)")
+    t.set_defaults(fn=_rlhf("dpo", "cmd_dpo"))
+
+    t = sub.add_parser("ppo", help="RLHF with PPO: value head, frozen reference, adaptive KL penalty, GAE")
+    t.add_argument("--model", required=True, help="the starting policy")
+    t.add_argument("--reward", required=True, help="reward model dir, or python:module:function / "
+                   "python:file.py:function taking (prompts, completions) -> list[float]")
+    t.add_argument("--prompts", required=True, help="prompts: .jsonl with 'prompt' fields or a text file, one per line")
+    t.add_argument("--rollouts", type=int, default=50)
+    t.add_argument("--batch-size", type=int, default=16, help="prompts per rollout")
+    t.add_argument("--max-new-tokens", type=int, default=24)
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--top-k", type=int, default=0)
+    t.add_argument("--ppo-epochs", type=int, default=4)
+    t.add_argument("--minibatches", type=int, default=1)
+    t.add_argument("--init-kl-coef", type=float, default=0.1)
+    t.add_argument("--target-kl", type=float, default=6.0, help="adaptive KL target (0 = fixed kl coefficient)")
+    t.add_argument("--horizon", type=int, default=10000)
+    t.add_argument("--gamma", type=float, default=1.0)
+    t.add_argument("--lam", type=float, default=0.95)
+    t.add_argument("--cliprange", type=float, default=0.2)
+    t.add_argument("--cliprange-value", type=float, default=0.2)
+    t.add_argument("--vf-coef", type=float, default=0.1)
+    t.add_argument("--ent-coef", type=float, default=0.0)
+    _ft_flags(t, "learning rate (default 1e-5)")
+    t.set_defaults(fn=_rlhf("ppo", "cmd_ppo"))
     # --- end rlhf verbs ---
 
     # --- feedback verb (issue 7: human feedback page) ---
+    def cmd_feedback(a):
+        from .serve.feedback import cmd_feedback as run
+        run(a)
+
+    t = sub.add_parser("feedback", help="web page to vote between two sampled completions (preference data)",
+                       description="Serve a local page that shows each prompt with two sampled completions; every "
+                                   "vote is appended (fsync) to --out at once. Restarting with the same --out "
+                                   "continues where it stopped. --export OUT writes prompt/chosen/rejected JSONL.")
+    t.add_argument("--model", help="checkpoint dir, Hugging Face dir or GGUF file")
+    t.add_argument("--prompts", help=".txt (one prompt per line) or .jsonl ({\"prompt\"} or {\"messages\"} per line)")
+    t.add_argument("--out", required=True, help="votes JSONL (appended to; already voted prompts are skipped)")
+    t.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    t.add_argument("--port", type=int, default=8008)
+    t.add_argument("--annotator", help="default annotator name (default: your user name)")
+    t.add_argument("--max-new-tokens", type=int, default=128)
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--top-p", type=float, default=0.95)
+    t.add_argument("--seed", type=int, default=0, help="base seed; each prompt's two seeds derive from it")
+    t.add_argument("--chat", action="store_true", help="send plain prompts as a user turn (chat template)")
+    t.add_argument("--no-browser", action="store_true", help="don't open the page in a web browser")
+    t.add_argument("--export", metavar="OUT", help="write the votes in --out as prompt/chosen/rejected JSONL and exit")
+    t.add_argument("--no-edited", action="store_true", help="with --export: drop pairs whose chosen text was edited")
+    t.set_defaults(fn=cmd_feedback)
     # --- end feedback verb ---
     return p
 

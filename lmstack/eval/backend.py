@@ -1,0 +1,243 @@
+"""The local evaluation backend: log-likelihood requests (lm-evaluation-harness's `loglikelihood`), rolling
+log-likelihood for perplexity, and greedy generation, over any model `lmstack.load` returns.
+
+Tokenization follows lm-evaluation-harness's HF model exactly, so accuracies agree:
+- trailing whitespace of the context moves to the front of the continuation;
+- context+continuation are encoded together and split at the length of the context's own encoding (BPE merges
+  across the boundary go to the continuation);
+- text is encoded with the tokenizer's default special tokens (`add_special_tokens=True`, what transformers does
+  when lm-eval's `add_bos_token` is unset); an empty context starts from the BOS token (else EOS);
+- a row longer than the context window keeps its last `block_size + 1` tokens (left truncation).
+
+Efficiency: all choices of one question share the context, which is run through the model once into a KV cache;
+the cache is expanded to one row per choice and the continuations run as one right-padded batch (right padding
+needs no mask: a causal row never attends to the pads after it). Only the positions that predict continuation
+tokens go through the output head. Several questions can go together (`score_batch`, `--batch-size`): their
+contexts run left-padded with a padding mask and per-row positions. The result equals scoring each choice from
+scratch to float rounding.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..errors import ContextLengthError, LMStackError
+from ..models.kv_cache import KVCache
+
+
+def _gather(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    t = torch.tensor(targets, device=logp.device)
+    lp = logp.gather(-1, t[:, None]).squeeze(-1)
+    return float(lp.double().sum()), bool((logp.argmax(-1) == t).all())
+
+
+def _forward_logits(model, ids: list[int], first: int) -> torch.Tensor:
+    """Logits at positions [first, len(ids)) of one sequence (the head runs only there)."""
+    device = next(model.parameters()).device
+    h = model(torch.tensor([ids], dtype=torch.long, device=device), return_hidden=True)
+    return model.lm_head(h[0, first:])
+
+
+def score_choices(model, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]
+                  ) -> list[tuple[float, bool]]:
+    """[(sum log P(cont_i | context), is_greedy_i)] for every continuation, sharing one pass over the context.
+    Rows that do not fit the context window are scored alone with lm-eval's left truncation."""
+    return score_batch(model, [(context_ids, continuations)])[0]
+
+
+@torch.inference_mode()
+def score_batch(model, items: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
+                ) -> list[list[tuple[float, bool]]]:
+    """`score_choices` for several questions at once: their contexts run as one left-padded batch (padding mask,
+    per-row positions) into a KV cache, which is expanded to one row per choice; all choices of all questions then
+    run as one right-padded batch. One question alone takes the unpadded path."""
+    L = model.config.block_size
+    out: list[list] = [[None] * len(conts) for _, conts in items]
+    rows: list[tuple[int, int]] = []  # (question, choice) scored in the shared batch
+    for q, (ctx, conts) in enumerate(items):
+        ctx = list(ctx)
+        if not ctx:
+            raise LMStackError("scoring needs a non-empty context (start it with the BOS/EOS token)")
+        for i, c in enumerate(conts):
+            c = list(c)
+            if not c:
+                out[q][i] = (0.0, True)
+            elif len(ctx) + len(c) - 1 <= L:
+                rows.append((q, i))
+            else:
+                if len(c) > L:
+                    raise ContextLengthError(f"a continuation of {len(c)} tokens is longer than the model's "
+                                             f"context window ({L} tokens)")
+                ids = (ctx + c)[-(L + 1):][:-1]
+                out[q][i] = _gather(_forward_logits(model, ids, len(ids) - len(c)), c)
+    if not rows:
+        return out
+    qs = sorted({q for q, _ in rows})
+    ctxs = [list(items[q][0]) for q in qs]
+    Lc = max(len(c) for c in ctxs)
+    maxk = max(len(items[q][1][i]) for q, i in rows)
+    if len(qs) > 1 and Lc + maxk - 1 > L:  # padded rows would pass the window: score the questions one by one
+        for q in qs:
+            for i, r in enumerate(score_batch(model, [items[q]])[0]):
+                out[q][i] = out[q][i] if out[q][i] is not None else r
+        return out
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        B = len(qs)
+        row_of = {q: b for b, q in enumerate(qs)}
+        pads = torch.tensor([Lc - len(c) for c in ctxs], device=device)
+        ids = torch.zeros(B, Lc, dtype=torch.long, device=device)
+        mask = torch.zeros(B, Lc, dtype=torch.bool, device=device)
+        for b, c in enumerate(ctxs):
+            ids[b, Lc - len(c):] = torch.tensor(c, device=device)
+            mask[b, Lc - len(c):] = True
+        padded = bool(pads.any())
+        kw = dict(padding_mask=mask, positions=(torch.arange(Lc, device=device)[None] - pads[:, None]).clamp(min=0)
+                  ) if padded else {}
+        cache1 = KVCache.for_model(model, B, Lc)
+        h = model(ids, cache=cache1, pos=0, return_hidden=True, **kw)
+        last = model.lm_head(h[:, -1])  # (B, V): predicts the first token of every choice
+        rest = None
+        if maxk > 1:
+            R = len(rows)
+            src = torch.tensor([row_of[q] for q, _ in rows], device=device)
+            cache = KVCache.for_model(model, R, Lc + maxk - 1)
+            for layer in range(len(cache.k)):
+                cache.k[layer][:, :, :Lc] = cache1.k[layer][src]
+                cache.v[layer][:, :, :Lc] = cache1.v[layer][src]
+            cids = torch.zeros(R, maxk - 1, dtype=torch.long, device=device)
+            for r, (q, i) in enumerate(rows):
+                c = list(items[q][1][i])[:-1]
+                if c:
+                    cids[r, :len(c)] = torch.tensor(c, device=device)
+            kw = {}
+            if padded:  # right pads of the choices need no mask: a causal row never sees what follows it
+                cmask = torch.ones(R, Lc + maxk - 1, dtype=torch.bool, device=device)
+                cmask[:, :Lc] = mask[src]
+                kw = dict(padding_mask=cmask,
+                          positions=(Lc - pads[src])[:, None] + torch.arange(maxk - 1, device=device)[None])
+            rest = model.lm_head(model(cids, cache=cache, pos=Lc, return_hidden=True, **kw))  # (R, maxk-1, V)
+        for r, (q, i) in enumerate(rows):
+            c = list(items[q][1][i])
+            first = last[row_of[q]][None]
+            out[q][i] = _gather(first if len(c) == 1 else torch.cat([first, rest[r, :len(c) - 1]], dim=0), c)
+    finally:
+        model.train(was_training)
+    return out
+
+
+class LocalBackend:
+    """Evaluation requests against an in-process `lmstack.LM`."""
+
+    def __init__(self, lm, add_special_tokens: bool = True, max_length: int | None = None):
+        self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
+        self.add_special_tokens = add_special_tokens
+        self.max_length = min(max_length or self.model.config.block_size, self.model.config.block_size)
+        self.name = str(getattr(lm, "path", None) or "model")
+
+    # ---- tokenization (lm-eval rules) --------------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=self.add_special_tokens if add_special_tokens is None
+                               else add_special_tokens)
+
+    @property
+    def prefix_id(self) -> int:
+        pid = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+        if pid is None:
+            raise LMStackError("the tokenizer has no BOS/EOS token to condition an empty context on")
+        return pid
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if context == "":
+            cont = self.encode(continuation, add_special_tokens=False)
+            if cont and cont[0] == self.prefix_id:
+                return cont[:1], cont[1:]
+            return [self.prefix_id], cont
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        whole = self.encode(context + continuation)
+        ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    # ---- requests ----------------------------------------------------------------------------------------------
+    def loglikelihood_choices(self, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
+        """(log P(continuation | context), is_greedy) for each continuation of one context (one shared pass)."""
+        pairs = [self.encode_pair(context, c) for c in continuations]
+        out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (ctx, _) in enumerate(pairs):
+            groups.setdefault(tuple(ctx), []).append(i)
+        for ctx, idx in groups.items():
+            for i, res in zip(idx, score_choices(self.model, list(ctx), [pairs[i][1] for i in idx])):
+                out[i] = res
+        return out  # type: ignore[return-value]
+
+    def loglikelihood_batch(self, requests: list[tuple[str, list[str]]]) -> list[list[tuple[float, bool]]]:
+        """`loglikelihood_choices` for several questions, their contexts batched together (`score_batch`)."""
+        items, where = [], []
+        for qi, (context, continuations) in enumerate(requests):
+            pairs = [self.encode_pair(context, c) for c in continuations]
+            groups: dict[tuple[int, ...], list[int]] = {}
+            for i, (ctx, _) in enumerate(pairs):
+                groups.setdefault(tuple(ctx), []).append(i)
+            for ctx, idx in groups.items():
+                items.append((list(ctx), [pairs[i][1] for i in idx]))
+                where.append((qi, idx))
+        out: list[list] = [[None] * len(c) for _, c in requests]
+        for (qi, idx), res in zip(where, score_batch(self.model, items)):
+            for i, r in zip(idx, res):
+                out[qi][i] = r
+        return out
+
+    def loglikelihood(self, requests: list[tuple[str, str]]) -> list[tuple[float, bool]]:
+        return [self.loglikelihood_choices(c, [x])[0] for c, x in requests]
+
+    @torch.inference_mode()
+    def token_logprobs_rolling(self, text: str, stride: int | None = None, max_length: int | None = None
+                               ) -> torch.Tensor:
+        """Log-prob of every token of `text`, conditioned on the BOS/EOS prefix token, with sliding windows: the
+        first window of `max_length` input tokens scores all it predicts; each next window of up to `max_length`
+        input tokens scores the next `stride` tokens. Every token is scored exactly once, with at least
+        max_length - stride + 1 tokens of context once past the first window (stride = max_length: lm-eval's
+        disjoint rolling windows; smaller strides: more context for more compute, Hugging Face's recipe)."""
+        ids = [self.prefix_id] + self.encode(text, add_special_tokens=False)
+        L = min(max_length or self.max_length, self.max_length)
+        stride = stride or L
+        if not 0 < stride <= L:
+            raise LMStackError(f"stride must be in [1, {L}] (the window), got {stride}")
+        was_training = self.model.training
+        self.model.eval()
+        out = []
+        try:
+            prev_end, N = 1, len(ids)  # tokens [1, prev_end) are scored; token 0 is the prefix
+            while prev_end < N:
+                end = min(L + 1 if prev_end == 1 else prev_end + stride, N)  # score tokens [prev_end, end)
+                begin = max(0, end - 1 - L)
+                window = ids[begin:end - 1]  # inputs; position j predicts ids[begin + j + 1]
+                logits = _forward_logits(self.model, window, prev_end - begin - 1)
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                tgt = torch.tensor(ids[prev_end:end], device=logp.device)
+                out.append(logp.gather(-1, tgt[:, None]).squeeze(-1).cpu())
+                prev_end = end
+        finally:
+            self.model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def generate(self, prompts: list[str], until: list[str], max_new_tokens: int, batch_size: int = 1
+                 ) -> list[str]:
+        """Greedy continuations cut at the first stop string. With stop strings each prompt streams on its own and
+        stops as soon as one appears (the batched engine only stops rows at EOS, so a batch would run to
+        max_new_tokens); without, prompts run `batch_size` at a time. Both give the same text (greedy)."""
+        if until:
+            return [self.lm.generate(p, truncate="left", max_new_tokens=max_new_tokens, temperature=0, stop=until)
+                    for p in prompts]
+        outs = []
+        for i in range(0, len(prompts), max(1, batch_size)):
+            outs += self.lm.generate_batch(prompts[i:i + max(1, batch_size)], truncate="left",
+                                           max_new_tokens=max_new_tokens, temperature=0)
+        return outs

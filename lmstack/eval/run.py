@@ -1,0 +1,354 @@
+"""The evaluation runner: tasks -> requests -> metrics -> a results dict, a markdown table and a JSON file.
+
+    from lmstack.eval import evaluate
+    res = evaluate("model.gguf", ["mmlu", "truthfulqa_mc2"], data_dir="~/evaldata", shots=5, limit=100)
+    print(res["table"])
+
+Aggregation: per task, the mean of the per-example metric with its sample standard error (stdev / sqrt(n), as
+lm-eval). Groups (MMLU): the macro-average over subjects, with stderr sqrt(sum of subject stderr^2) / k (subjects
+are independent samples); the micro-average over all questions is reported as `acc_micro`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import LMStackError
+from . import metrics as M
+from .tasks import Task, resolve_tasks
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from rich.progress import Progress
+    except ImportError:  # pragma: no cover
+        return None
+    p = Progress(transient=True)
+    p.start()
+    tid = p.add_task(desc, total=total)
+    return p, tid
+
+
+def evaluate_task(backend, task: Task, shots: int = 0, limit: int | None = None, batch_size: int = 8,
+                  stride: int | None = None, max_length: int | None = None, max_new_tokens: int | None = None,
+                  log_samples: bool = False, progress: bool = False) -> dict[str, Any]:
+    """Run one task: {'metrics': {name: {'value', 'stderr', 'n'}}, 'samples': [...] (with log_samples)}."""
+    samples: list[dict] = []
+    if task.kind == "ppl":
+        from .perplexity import aggregate, corpus_documents, document_stats
+        docs = corpus_documents(task.corpus, limit)
+        stats = [document_stats(backend, d, stride, max_length) for d in docs]
+        agg = aggregate(stats)
+        n = agg["documents"]
+        mets = {k: {"value": agg[k], "stderr": None, "n": n}
+                for k in ("token_perplexity", "bits_per_byte", "byte_perplexity", "word_perplexity")}
+        return {"metrics": mets, "samples": stats if log_samples else [],
+                "totals": {k: agg[k] for k in ("nats", "tokens", "bytes", "words", "documents")}}
+
+    docs = task.docs[:limit] if limit else task.docs
+    if not docs:
+        raise LMStackError(f"task {task.name} has no examples")
+    if shots and len(task.shots(docs[0], shots)) < shots:
+        raise LMStackError(f"task {task.name} has {len(task.fewshot_docs)} few-shot examples (from {task.source}'s "
+                           f"training/dev split), fewer than --shots {shots}")
+    per: dict[str, list[float]] = {}
+    bar = _progress(len(docs), task.name, progress)
+    try:
+        if task.kind in ("mc", "mc2"):
+            ctxs = [task.context(doc, shots) for doc in docs]
+            answers: list = []
+            for s in range(0, len(docs), max(1, batch_size)):  # batch_size questions per forward pass
+                reqs = [(ctxs[i], [task.target_delimiter + c for c in docs[i].choices])
+                        for i in range(s, min(s + max(1, batch_size), len(docs)))]
+                if hasattr(backend, "loglikelihood_batch"):
+                    answers += backend.loglikelihood_batch(reqs)
+                else:
+                    answers += [backend.loglikelihood_choices(c, x) for c, x in reqs]
+                if bar:
+                    bar[0].advance(bar[1], len(reqs))
+            for i, (doc, ctx, res) in enumerate(zip(docs, ctxs, answers)):
+                lls = [r[0] for r in res]
+                if task.kind == "mc2":
+                    m = {"acc": M.mc2_metric(lls, doc.labels)}
+                else:
+                    m = M.mc_metrics(lls, doc.choices, doc.gold)
+                for k, v in m.items():
+                    per.setdefault(k, []).append(v)
+                if log_samples:
+                    samples.append({"doc": i, "context": ctx, "choices": doc.choices, "gold": doc.gold,
+                                    "loglikelihoods": lls, "is_greedy": [r[1] for r in res], **m})
+        elif task.kind == "gen":
+            prompts = [task.context(doc, shots) for doc in docs]
+            outs = []
+            for s in range(0, len(prompts), batch_size):
+                outs += backend.generate(prompts[s:s + batch_size], task.until,
+                                         max_new_tokens or task.max_new_tokens, batch_size=batch_size)
+                if bar:
+                    bar[0].advance(bar[1], len(prompts[s:s + batch_size]))
+            for i, (doc, out) in enumerate(zip(docs, outs)):
+                if task.extract == "gsm8k":
+                    m = {"exact_match_strict": M.exact_match(M.extract_strict(out), doc.answers),
+                         "exact_match_flexible": M.exact_match(M.extract_flexible(out), doc.answers)}
+                else:
+                    m = {"exact_match": float(any(out.strip() == a.strip() for a in doc.answers))}
+                for k, v in m.items():
+                    per.setdefault(k, []).append(v)
+                if log_samples:
+                    samples.append({"doc": i, "prompt": prompts[i], "output": out, "answers": doc.answers, **m})
+        else:
+            raise LMStackError(f"unknown task kind {task.kind!r}")
+    finally:
+        if bar:
+            bar[0].stop()
+    mets = {k: {"value": M.mean(v), "stderr": M.stderr(v), "n": len(v)} for k, v in per.items()}
+    return {"metrics": mets, "samples": samples}
+
+
+class ResumeCache:
+    """Wraps a backend and appends every answered request to a JSONL file (one flushed line per request), so an
+    interrupted run resumes where it stopped: `evaluate(..., out=F)` keeps `F.partial.jsonl` until the run
+    finishes. Keys hash the model name with the full request."""
+
+    def __init__(self, backend, path: Path):
+        self.backend, self.path = backend, Path(path)
+        self.store: dict[str, Any] = {}
+        self.hits = 0
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.store[rec["k"]] = rec["v"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by the interruption
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def __getattr__(self, name):  # everything else (name, tok, add_special_tokens, ...) from the wrapped backend
+        if name == "backend":
+            raise AttributeError(name)
+        return getattr(self.backend, name)
+
+    def _key(self, *req) -> str:
+        import hashlib
+        return hashlib.sha1(json.dumps([str(getattr(self.backend, "name", "")), *req]).encode()).hexdigest()
+
+    def _get(self, key: str, compute):
+        if key in self.store:
+            self.hits += 1
+            return self.store[key]
+        v = compute()
+        self.store[key] = v
+        self._f.write(json.dumps({"k": key, "v": v}) + "\n")
+        self._f.flush()
+        return v
+
+    def loglikelihood_choices(self, context: str, continuations: list[str]):
+        v = self._get(self._key("ll", context, continuations),
+                      lambda: [list(r) for r in self.backend.loglikelihood_choices(context, continuations)])
+        return [tuple(r) for r in v]
+
+    def loglikelihood_batch(self, requests: list[tuple[str, list[str]]]):
+        keys = [self._key("ll", c, x) for c, x in requests]
+        todo = [i for i, k in enumerate(keys) if k not in self.store]
+        if todo:
+            reqs = [requests[i] for i in todo]
+            res = (self.backend.loglikelihood_batch(reqs) if hasattr(self.backend, "loglikelihood_batch")
+                   else [self.backend.loglikelihood_choices(c, x) for c, x in reqs])
+            for i, r in zip(todo, res):
+                self._get(keys[i], lambda r=r: [list(t) for t in r])
+        self.hits += len(requests) - len(todo)
+        return [[tuple(t) for t in self.store[k]] for k in keys]
+
+    def generate(self, prompts: list[str], until: list[str], max_new_tokens: int, batch_size: int = 1):
+        keys = [self._key("gen", p, until, max_new_tokens) for p in prompts]
+        todo = [i for i, k in enumerate(keys) if k not in self.store]
+        if todo:
+            outs = self.backend.generate([prompts[i] for i in todo], until, max_new_tokens, batch_size)
+            for i, o in zip(todo, outs):
+                self._get(keys[i], lambda o=o: o)
+        self.hits += len(prompts) - len(todo)
+        return [self.store[k] for k in keys]
+
+    def token_logprobs_rolling(self, text: str, stride: int | None = None, max_length: int | None = None):
+        import torch
+        v = self._get(self._key("roll", text, stride, max_length),
+                      lambda: self.backend.token_logprobs_rolling(text, stride, max_length).tolist())
+        return torch.tensor(v, dtype=torch.float64)
+
+    def close(self, remove: bool = False) -> None:
+        self._f.close()
+        if remove:
+            self.path.unlink(missing_ok=True)
+
+
+def _group_metrics(results: dict[str, dict], members: list[str]) -> dict[str, dict]:
+    out = {}
+    names = set.intersection(*(set(results[t]["metrics"]) for t in members))
+    for k in sorted(names):
+        ms = [results[t]["metrics"][k] for t in members]
+        vals = [m["value"] for m in ms]
+        ses = [m["stderr"] for m in ms]
+        n = sum(m["n"] for m in ms)
+        se = (math.sqrt(sum(s * s for s in ses)) / len(ses)
+              if all(s is not None and not math.isnan(s) for s in ses) else float("nan"))
+        out[k] = {"value": M.mean(vals), "stderr": se, "n": n, "aggregation": f"macro-average of {len(ms)} tasks"}
+        micro = sum(m["value"] * m["n"] for m in ms) / n
+        out[k + "_micro"] = {"value": micro, "stderr": None, "n": n, "aggregation": "micro-average (per example)"}
+    return out
+
+
+def _fmt(x) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.4f}"
+
+
+def markdown_table(results: dict) -> str:
+    lines = ["| task | metric | value | stderr | n |", "| --- | --- | --- | --- | --- |"]
+    rows = [(t, r["metrics"]) for t, r in results["results"].items()]
+    rows += [(g, m) for g, m in results.get("groups", {}).items()]
+    for task, mets in rows:
+        for k, m in mets.items():
+            lines.append(f"| {task} | {k} | {_fmt(m['value'])} | {_fmt(m['stderr'])} | {m['n']} |")
+    return "\n".join(lines)
+
+
+def _versions() -> dict:
+    import torch
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        lv = version("lmstack")
+    except PackageNotFoundError:  # pragma: no cover
+        lv = "unknown"
+    return {"lmstack": lv, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def make_backend(model, base_url: str | None = None, api_key: str | None = None, tokenizer: str | None = None,
+                 device: str = "cpu", dtype=None, add_special_tokens: bool = True, max_length: int | None = None):
+    """A backend for a local model (path or an `lmstack.LM`) or a remote OpenAI-compatible endpoint."""
+    if base_url:
+        from .remote import RemoteBackend
+        return RemoteBackend(base_url, str(model), api_key=api_key, tokenizer=tokenizer,
+                             add_special_tokens=add_special_tokens, max_length=max_length)
+    from .backend import LocalBackend
+    if isinstance(model, (str, Path)):
+        import lmstack
+        lm = lmstack.load(model, device=device, dtype=dtype)
+    elif hasattr(model, "loglikelihood_choices"):
+        return model
+    else:
+        lm = model
+    return LocalBackend(lm, add_special_tokens=add_special_tokens, max_length=max_length)
+
+
+def evaluate(model, tasks: str | list[str], data_dir: str | None = None, shots: int = 0, limit: int | None = None,
+             batch_size: int = 8, stride: int | None = None, max_length: int | None = None,
+             max_new_tokens: int | None = None, seed: int = 1234, base_url: str | None = None,
+             api_key: str | None = None, tokenizer: str | None = None, log_samples: bool = False,
+             progress: bool = False, out: str | Path | None = None) -> dict:
+    """Evaluate `model` (a path, an `lmstack.LM`, or a model name on `base_url`) on `tasks`; returns the results
+    dict (also written as JSON to `out`), with a markdown `table`. With `out`, answered requests are appended to
+    `<out>.partial.jsonl` as they come, so an interrupted run started again with the same arguments resumes."""
+    import random
+
+    import torch
+    random.seed(seed)
+    torch.manual_seed(seed)
+    task_objs = resolve_tasks(tasks, data_dir)
+    backend = make_backend(model, base_url=base_url, api_key=api_key, tokenizer=tokenizer, max_length=max_length)
+    cache = None
+    if out:  # resumable: answered requests are kept next to the output until the run completes
+        cache = backend = ResumeCache(backend, Path(str(out) + ".partial.jsonl"))
+    try:
+        res = _run(backend, model, tasks, task_objs, data_dir, shots, limit, batch_size, stride, max_length,
+                   max_new_tokens, seed, base_url, log_samples, progress)
+    except BaseException:
+        if cache is not None:
+            cache.close()
+        raise
+    if cache is not None:
+        res["resumed_requests"] = cache.hits
+        cache.close(remove=True)
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
+        os.replace(tmp, out)
+    return res
+
+
+def _run(backend, model, tasks, task_objs, data_dir, shots, limit, batch_size, stride, max_length, max_new_tokens,
+         seed, base_url, log_samples, progress) -> dict:
+    t0 = time.time()
+    results: dict[str, dict] = {}
+    configs: dict[str, dict] = {}
+    samples: dict[str, list] = {}
+    for task in task_objs:
+        t1 = time.time()
+        r = evaluate_task(backend, task, shots=shots, limit=limit, batch_size=batch_size, stride=stride,
+                          max_length=max_length, max_new_tokens=max_new_tokens, log_samples=log_samples,
+                          progress=progress)
+        secs = time.time() - t1
+        results[task.name] = {"metrics": r["metrics"], "seconds": round(secs, 3),
+                              **({"totals": r["totals"]} if "totals" in r else {})}
+        configs[task.name] = {"kind": task.kind, "source": task.source or task.corpus, "version": task.version,
+                              "num_fewshot": shots if task.kind != "ppl" else 0, "limit": limit,
+                              "target_delimiter": task.target_delimiter, "fewshot_delimiter": task.fewshot_delimiter,
+                              "fewshot_sampler": "first_n", **({"until": task.until, "max_new_tokens":
+                                                                 max_new_tokens or task.max_new_tokens}
+                                                                if task.kind == "gen" else {}),
+                              **({"stride": stride, "max_length": max_length} if task.kind == "ppl" else {})}
+        if log_samples:
+            samples[task.name] = r["samples"]
+    groups: dict[str, list[str]] = {}
+    for task in task_objs:
+        if task.group:
+            groups.setdefault(task.group, []).append(task.name)
+    res = {
+        "model": str(getattr(backend, "name", model)),
+        "backend": type(getattr(backend, "backend", backend)).__name__,
+        "base_url": base_url,
+        "tasks": [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)],
+        "config": {"data_dir": str(data_dir) if data_dir else None, "shots": shots, "limit": limit,
+                   "batch_size": batch_size, "seed": seed, "stride": stride, "max_length": max_length,
+                   "add_special_tokens": getattr(backend, "add_special_tokens", None)},
+        "task_configs": configs,
+        "versions": _versions(),
+        "seed": seed,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.time() - t0, 3),
+        "results": results,
+        "groups": {g: _group_metrics(results, m) for g, m in groups.items() if len(m) > 1},
+    }
+    if log_samples:
+        res["samples"] = samples
+    res["table"] = markdown_table(res)
+    return res
+
+
+def cli_main(a) -> None:
+    """`lmstack eval`: run the tasks, print the markdown table, write the JSON."""
+    dtype = None
+    if getattr(a, "dtype", None):
+        import torch
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
+    model = a.model
+    if not a.base_url:
+        import lmstack
+        model = lmstack.load(a.model, dtype=dtype)
+    res = evaluate(model, a.tasks, data_dir=a.data_dir, shots=a.shots, limit=a.limit, batch_size=a.batch_size,
+                   stride=a.stride, max_length=a.max_length, max_new_tokens=a.max_new_tokens, seed=a.seed,
+                   base_url=a.base_url, api_key=a.api_key, tokenizer=a.tokenizer, log_samples=a.log_samples,
+                   progress=not a.no_progress, out=a.out)
+    print(f"model: {a.model}  tasks: {a.tasks}  shots: {a.shots}  limit: {a.limit}  ({res['seconds']:.1f}s)")
+    print(res["table"])
+    if a.out:
+        print(f"results -> {a.out}")

@@ -1,0 +1,234 @@
+"""Direct Preference Optimization (Rafailov et al. 2023) through the one Trainer core.
+
+    h = (log pi(y_c|x) - log pi(y_r|x)) - (log ref(y_c|x) - log ref(y_r|x))
+    sigmoid (DPO):   loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps: label smoothing, cDPO)
+    ipo:             loss = (h - 1 / (2 beta))^2
+    implicit rewards: r_c = beta (log pi(y_c|x) - log ref(y_c|x)), r_r likewise; accuracy = mean(r_c > r_r)
+
+log pi(y|x) is the sum of the completion tokens' log-probabilities (prompt tokens are context only).
+
+The reference: by default its log-probabilities are computed once for every pair before training (ref="precompute":
+no second model in memory, no extra forward per step; exact, since the reference never changes). ref="live"
+recomputes them every step with a frozen copy of the starting model, or, with LoRA, with the adapters disabled (the
+base weights are the reference, so no copy at all). `ref_model=` takes another checkpoint as the reference.
+
+Metrics (metrics.jsonl via the Trainer, at every eval): held-out val_loss, val_accuracy, val_margin,
+val_rewards_chosen / val_rewards_rejected, and the training window's rewards/chosen, rewards/rejected,
+rewards/margins, rewards/accuracy averaged since the previous eval.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint import load_model, save_checkpoint
+from ..data.prefs import load_prefs, split_prefs
+from ..errors import LMStackError
+from .config import TrainConfig
+from .losses import IGNORE_INDEX
+from .losses import sequence_logprobs as labelled_sequence_logprobs
+from .reward import finetune_config, pair_batch, sample_indices
+from .trainer import Trainer, resolve_device
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, chosen rewards, rejected rewards) from sequence log-probabilities, each (B,)."""
+    h = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2 * beta)) ** 2
+    else:
+        raise LMStackError(f"DPO loss_type must be 'sigmoid' or 'ipo', got {loss_type!r}")
+    return (losses.mean(), beta * (policy_chosen - ref_chosen).detach(),
+            beta * (policy_rejected - ref_rejected).detach())
+
+
+def completion_labels(ids: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+    """Shifted labels (lmstack.train.losses convention): labels[:, t] = ids[:, t + 1] where that token is a
+    completion token, else -100."""
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = ids[:, 1:].masked_fill(~comp[:, 1:], IGNORE_INDEX)
+    return labels
+
+
+def sequence_logprobs(model, ids: torch.Tensor, attn: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+    """Sum over completion tokens of log p(token | previous tokens): (B,). ids/attn/comp (B, T), right-padded;
+    comp marks the completion tokens. Through lmstack.train.losses.sequence_logprobs (the output head runs on the
+    completion positions only). Right padding cannot reach real tokens through causal attention, so decoders run
+    without a padding mask (SDPA's fast causal path)."""
+    pm = None if getattr(model.config, "causal", True) else attn
+    return labelled_sequence_logprobs(model, ids, completion_labels(ids, comp), padding_mask=pm)
+
+
+def _pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, attn, comp = batch[:3]
+    lp = sequence_logprobs(model, ids, attn, comp)
+    n = lp.shape[0] // 2
+    return lp[:n], lp[n:]
+
+
+class _LoRATrainer(Trainer):
+    """Checkpoints of a LoRA run: the merged weights as a standard checkpoint (loadable anywhere) plus the
+    adapter in <ckpt>/adapter/. Resume is not supported for LoRA runs."""
+
+    def save(self, name: str) -> None:
+        from ..models.lora import merge_lora, save_adapter
+        merged = merge_lora(copy.deepcopy(self.model))
+        path = save_checkpoint(self.out_dir / name, merged, self.tokenizer, self.state_dict())
+        save_adapter(self.model, path / "adapter", getattr(self.model, "lora_config", None))
+
+    def load_state(self, ckpt_dir: Path) -> None:
+        raise LMStackError("--resume is not supported for LoRA DPO runs; start a fresh run (or run without --lora)")
+
+
+def train_dpo(model_path: str, data: str, cfg: TrainConfig, beta: float = 0.1, label_smoothing: float = 0.0,
+              loss_type: str = "sigmoid", lora: str | None = None, ref: str = "precompute",
+              ref_model: str | None = None, val_fraction: float = 0.1, max_length: int | None = None,
+              log=print) -> dict[str, Any]:
+    """DPO fine-tuning of `model_path` on prompt/chosen/rejected pairs; returns a summary with held-out accuracy."""
+    if ref not in ("precompute", "live"):
+        raise LMStackError(f"ref must be 'precompute' or 'live', got {ref!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    model, tok = load_model(model_path, device=device)
+    if tok is None:
+        raise LMStackError(f"{model_path} has no tokenizer.json")
+    examples = load_prefs(data, tok)
+    train, val = split_prefs(examples, val_fraction, cfg.seed)
+    L = max_length or model.config.block_size
+    bs = cfg.batch_size
+    torch.manual_seed(cfg.seed)
+
+    ref_net = None
+    if ref_model is not None:
+        ref_net, _ = load_model(ref_model, device=device)
+    elif ref == "live" and not lora:
+        ref_net = copy.deepcopy(model)
+    if ref_net is not None:
+        ref_net.eval().requires_grad_(False)
+
+    if lora:
+        from ..models.lora import LoRAConfig, apply_lora, trainable_summary
+        apply_lora(model, LoRAConfig.parse(lora))
+        s = trainable_summary(model)
+        log(f"LoRA: {s['trainable']:,} trainable of {s['total']:,} parameters ({s['percent']:.2f}%)")
+
+    def ref_context():
+        if ref_net is None and lora:
+            from ..models.lora import lora_disabled
+            return lora_disabled(model)
+        return nullcontext()
+
+    @torch.no_grad()
+    def ref_logps(batch) -> torch.Tensor:
+        net = ref_net if ref_net is not None else model
+        was = net.training
+        net.eval()
+        try:
+            with ref_context():
+                return torch.cat(_pair_logps(net, batch))
+        finally:
+            net.train(was)
+
+    cache: dict[tuple[str, int], torch.Tensor] = {}
+    if ref == "precompute":  # one pass of the (unchanged) reference over every pair
+        for split, exs in (("train", train), ("val", val)):
+            for i in range(0, len(exs), bs):
+                chunk = exs[i:i + bs]
+                lp = ref_logps(pair_batch(tok, chunk, L, device))
+                n = len(chunk)
+                for j in range(n):
+                    cache[(split, i + j)] = torch.stack([lp[j], lp[n + j]])
+
+    def batch_for(split: str, exs, idx) -> tuple:
+        b = pair_batch(tok, [exs[i] for i in idx], L, device)
+        if ref == "precompute":
+            r = torch.stack([cache[(split, int(i))] for i in idx])  # (B, 2)
+            rl = torch.cat([r[:, 0], r[:, 1]])
+        else:
+            rl = ref_logps(b)
+        return (*b, rl)
+
+    log(f"DPO on {model_path}: {len(train)} train / {len(val)} held-out pairs, beta={beta}, loss={loss_type}, "
+        f"ref={'lora-disabled' if lora and ref_net is None and ref == 'live' else ref}, {cfg.max_steps} steps")
+
+    window: dict[str, list[float]] = {}
+
+    def loss_fn(net, batch):
+        pc, pr = _pair_logps(net, batch)
+        rl = batch[3]
+        n = pc.shape[0]
+        loss, rc, rr = dpo_loss(pc, pr, rl[:n], rl[n:], beta, label_smoothing, loss_type)
+        for k, v in (("rewards/chosen", rc.mean()), ("rewards/rejected", rr.mean()),
+                     ("rewards/margins", (rc - rr).mean()), ("rewards/accuracy", (rc > rr).float().mean())):
+            window.setdefault(k, []).append(float(v))
+        return loss
+
+    def get_batch(step: int, micro: int):
+        return batch_for("train", train, sample_indices(len(train), bs, cfg.seed, step * cfg.grad_accum + micro))
+
+    def evaluate(net) -> dict[str, Any]:
+        out: dict[str, Any] = {k: sum(v) / len(v) for k, v in window.items() if v}
+        window.clear()
+        if not val:
+            return out
+        pcs, prs, rls = [], [], []
+        for i in range(0, len(val), bs):
+            b = batch_for("val", val, list(range(i, min(i + bs, len(val)))))
+            pc, pr = _pair_logps(net, b)
+            pcs.append(pc)
+            prs.append(pr)
+            n = pc.shape[0]
+            rls.append(b[3].view(2, n).T)
+        pc, pr, rl = torch.cat(pcs), torch.cat(prs), torch.cat(rls)
+        loss, rc, rr = dpo_loss(pc, pr, rl[:, 0], rl[:, 1], beta, label_smoothing, loss_type)
+        out.update({"val_loss": float(loss), "val_accuracy": float((rc > rr).float().mean()),
+                    "val_margin": float((rc - rr).mean()), "val_rewards_chosen": float(rc.mean()),
+                    "val_rewards_rejected": float(rr.mean()),
+                    "val_logp_accuracy": float((pc > pr).float().mean())})
+        return out
+
+    T = _LoRATrainer if lora else Trainer
+    groups = None if lora else model.configure_optimizer_groups(cfg.weight_decay)
+    trainer = T(model, cfg, loss_fn, get_batch, int(cfg.max_steps), evaluate=evaluate, tokenizer=tok,
+                param_groups=groups)
+    start = trainer.run_eval() if val else {}
+    window.clear()
+    history = trainer.fit()
+    final = trainer.run_eval() if val else {}
+    summary = {"out_dir": cfg.out_dir, "model": str(Path(cfg.out_dir) / "last"), "steps": trainer.step,
+               "train_pairs": len(train), "val_pairs": len(val), "beta": beta,
+               "start_val_logp_accuracy": start.get("val_logp_accuracy"),
+               "val_accuracy": final.get("val_accuracy"), "val_margin": final.get("val_margin"),
+               "val_logp_accuracy": final.get("val_logp_accuracy"), "val_loss": final.get("val_loss")}
+    if history:
+        summary["train_loss"] = history[-1]["train_loss"]
+    with open(Path(cfg.out_dir) / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": trainer.step, **{"final_" + k: v for k, v in final.items()}}) + "\n")
+    return summary
+
+
+def cmd_dpo(a) -> None:
+    cfg = finetune_config(a.out, {"lr": 5e-5, "eval_interval": 25},
+                          {"lr": a.lr, "max_steps": a.steps, "batch_size": a.batch_size,
+                           "eval_interval": a.eval_interval, "seed": a.seed, "device": a.device,
+                           "progress": False if a.no_progress else None}, a.set)
+    s = train_dpo(a.model, a.data, cfg, beta=a.beta, label_smoothing=a.label_smoothing, loss_type=a.loss,
+                  lora=a.lora, ref=a.ref, ref_model=a.ref_model, val_fraction=a.val_fraction,
+                  max_length=a.max_length)
+    if s["val_accuracy"] is not None:
+        print(f"held-out preference accuracy (implicit reward chosen > rejected): {s['val_accuracy']:.3f}, "
+              f"margin {s['val_margin']:.3f}; log p(chosen) > log p(rejected): "
+              f"{s['start_val_logp_accuracy']:.3f} -> {s['val_logp_accuracy']:.3f}")
+    print(f"policy -> {s['model']}")
+    print(json.dumps(s))

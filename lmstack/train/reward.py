@@ -1,0 +1,285 @@
+"""Reward model: a Transformer backbone plus a scalar head on the last real token, trained with the Bradley-Terry
+loss -log sigmoid(r(chosen) - r(rejected)) on preference pairs, through the one Trainer core.
+
+On disk a reward model is a standard checkpoint directory (the backbone: config.json, model.safetensors,
+tokenizer.json, so `lmstack.load` still opens it as an LM) plus `reward_head.safetensors` and a marker file
+`reward_config.json` ({"kind": "reward_model", ...}).
+
+Also here: the pieces the other preference objectives (DPO, PPO) share — a backbone+head module and a Trainer
+subclass that saves it in that layout, and the TrainConfig defaults for fine-tuning.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoint import load_model, load_train_state, resolve_checkpoint, save_checkpoint
+from ..data.prefs import collate, encode_pair, load_prefs, split_prefs
+from ..errors import LMStackError
+from .config import TrainConfig, _merge, parse_set
+from .trainer import Trainer, resolve_device
+
+REWARD_MARKER = "reward_config.json"
+
+
+# ---- shared pieces -------------------------------------------------------------------------------------------
+class HeadModel(nn.Module):
+    """A Transformer backbone plus a linear head on its final hidden states (reward head, value head).
+    Saved as the backbone's standard checkpoint + `<head_name>.safetensors`."""
+
+    def __init__(self, backbone: nn.Module, out_features: int = 1, head_name: str = "reward_head"):
+        super().__init__()
+        self.backbone = backbone
+        self.head_name = head_name
+        d = backbone.config.n_embd
+        self.head = nn.Linear(d, out_features)
+        nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(d + 1))
+        nn.init.zeros_(self.head.bias)
+        self.head.to(next(backbone.parameters()).device)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def hidden(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B, T, n_embd) of a right-padded batch. A causal backbone needs no padding mask (pads
+        come after every real token, so no real token attends to one): SDPA keeps its fast causal path."""
+        pm = None if getattr(self.backbone.config, "causal", True) else attn
+        return self.backbone(ids, padding_mask=pm, return_hidden=True)
+
+
+def save_head_model(path: str | Path, model: HeadModel, tokenizer=None, train_state: dict | None = None,
+                    marker: dict | None = None) -> Path:
+    """Standard checkpoint of the backbone, then the head and the marker, each written atomically (temp + rename).
+    A crash between the two leaves a loadable backbone with the previous (or no) head."""
+    from safetensors.torch import save_file
+    path = save_checkpoint(path, model.backbone, tokenizer, train_state)
+    head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
+    tmp = path / f".{model.head_name}.tmp"
+    save_file(head, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / f"{model.head_name}.safetensors")
+    if marker is not None:
+        tmp = path / f".{REWARD_MARKER}.tmp"
+        tmp.write_text(json.dumps(marker, indent=2))
+        os.replace(tmp, path / REWARD_MARKER)
+    return path
+
+
+def load_head(model: HeadModel, path: str | Path) -> None:
+    from safetensors.torch import load_file
+    f = Path(path) / f"{model.head_name}.safetensors"
+    if not f.exists():
+        raise LMStackError(f"{path} has no {f.name}")
+    model.head.load_state_dict(load_file(str(f)))
+
+
+class HeadTrainer(Trainer):
+    """The Trainer core for a HeadModel: checkpoints in the backbone+head layout, resume restores both.
+    `extra_state()` (optional callable) adds JSON-able objective state (e.g. PPO's KL coefficient) to train_state."""
+
+    marker: dict | None = None
+    extra_state: Callable[[], dict] | None = None
+    load_extra: Callable[[dict], None] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        st = super().state_dict()
+        if self.extra_state is not None:
+            st["objective"] = json.dumps(self.extra_state())
+        return st
+
+    def save(self, name: str) -> None:
+        save_head_model(self.out_dir / name, self.model, self.tokenizer, self.state_dict(), self.marker)
+
+    def load_state(self, ckpt_dir: Path) -> None:
+        from safetensors.torch import load_file
+        ckpt_dir = resolve_checkpoint(ckpt_dir)
+        st = load_train_state(ckpt_dir)
+        self.model.backbone.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")), strict=False)
+        load_head(self.model, ckpt_dir)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.step, self.best_val, self.elapsed_before = int(st["step"]), float(st["best_val"]), float(st["elapsed_s"])
+        torch.set_rng_state(st["torch_rng"])
+        if st.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        if self.load_extra is not None and st.get("objective"):
+            self.load_extra(json.loads(st["objective"]))
+
+
+def finetune_config(out_dir: str, defaults: dict | None = None, overrides: dict | None = None,
+                    set_items: list[str] | None = None) -> TrainConfig:
+    """TrainConfig for a fine-tuning objective: small constant-ish LR, no weight decay, short warmup; then the
+    objective's `defaults`, explicit `overrides` (CLI flags that were given) and `--set key=value` items."""
+    d: dict[str, Any] = dict(out_dir=str(out_dir), lr=1e-4, min_lr=1e-5, warmup_steps=10, weight_decay=0.0,
+                             batch_size=8, max_steps=200, eval_interval=50, log_interval=1, final_eval_windows=0,
+                             sample_tokens=0, keep_best=False)
+    d.update(defaults or {})
+    d.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    _merge(d, parse_set(set_items or []))
+    if "min_lr" not in (overrides or {}) and d["min_lr"] > d["lr"]:
+        d["min_lr"] = d["lr"] * 0.1
+    return TrainConfig.from_dict(d)
+
+
+# ---- the reward model ----------------------------------------------------------------------------------------
+class RewardModel(HeadModel):
+    """Transformer backbone + scalar head read at the last non-pad token of each sequence."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__(backbone, 1, "reward_head")
+
+    def forward(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(ids, attn)
+        last = attn.long().sum(1).clamp(min=1) - 1
+        return self.head(h[torch.arange(ids.shape[0], device=ids.device), last]).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score_pairs(self, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16,
+                    chat: bool = False) -> list[float]:
+        """Reward of each (prompt, completion), encoded exactly as in training (prompt + completion + end)."""
+        was = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        seqs = [encode_pair(tokenizer, p, c, self.config.block_size, chat) for p, c in zip(prompts, completions)]
+        out: list[float] = []
+        try:
+            for i in range(0, len(seqs), batch_size):
+                ids, attn, _ = collate(seqs[i:i + batch_size], device=device)
+                out.extend(self(ids, attn).tolist())
+        finally:
+            self.train(was)
+        return out
+
+    def score(self, tokenizer, texts: list[str], batch_size: int = 16) -> list[float]:
+        """Reward of whole texts (no prompt)."""
+        return self.score_pairs(tokenizer, [""] * len(texts), texts, batch_size)
+
+
+def bt_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Bradley-Terry: mean of -log sigmoid(r_chosen - r_rejected)."""
+    return -F.logsigmoid(r_chosen - r_rejected).mean()
+
+
+def save_reward_model(path: str | Path, rm: RewardModel, tokenizer=None, train_state: dict | None = None) -> Path:
+    return save_head_model(path, rm, tokenizer, train_state, {"kind": "reward_model", "head": "reward_head.safetensors",
+                                                              "pooling": "last_token"})
+
+
+def is_reward_model(path: str | Path) -> bool:
+    return (Path(path) / REWARD_MARKER).exists()
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(RewardModel, tokenizer) from a directory written by `lmstack reward train`."""
+    path = resolve_checkpoint(path)
+    if not is_reward_model(path):
+        raise LMStackError(f"{path} is not a reward model (no {REWARD_MARKER}); train one with `lmstack reward train`")
+    backbone, tok = load_model(path, device=device)
+    rm = RewardModel(backbone)
+    load_head(rm, path)
+    rm.to(device).eval()
+    return rm, tok
+
+
+def pair_batch(tokenizer, examples, max_length: int, device) -> tuple[torch.Tensor, ...]:
+    """Chosen rows then rejected rows in one right-padded batch: (ids, attn, completion_mask), 2B rows."""
+    seqs = [encode_pair(tokenizer, e.prompt, e.chosen, max_length, e.chat) for e in examples]
+    seqs += [encode_pair(tokenizer, e.prompt, e.rejected, max_length, e.chat) for e in examples]
+    return collate(seqs, device=device)
+
+
+def sample_indices(n: int, bs: int, seed: int, g: int) -> np.ndarray:
+    """Indices of micro-batch number g (step * grad_accum + micro): a pure function of (seed, g) walking an
+    epoch-wise permutation, so every example is seen once per epoch and a resumed run repeats the same batches."""
+    start = g * bs
+    out = []
+    while len(out) < bs:
+        epoch, off = divmod(start + len(out), n)
+        perm = np.random.default_rng([seed, epoch]).permutation(n)
+        out.extend(perm[off:off + bs - len(out)].tolist())
+    return np.array(out)
+
+
+def train_reward(model_path: str, data: str, cfg: TrainConfig, val_fraction: float = 0.1,
+                 max_length: int | None = None, log=print) -> dict[str, Any]:
+    """Train a reward model on preference pairs; returns a summary with held-out pairwise accuracy."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    backbone, tok = load_model(model_path, device=device)
+    if tok is None:
+        raise LMStackError(f"{model_path} has no tokenizer.json")
+    examples = load_prefs(data, tok)
+    train, val = split_prefs(examples, val_fraction, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    rm = RewardModel(backbone).to(device)
+    L = max_length or backbone.config.block_size
+    log(f"reward model on {model_path}: {len(train)} train / {len(val)} held-out pairs, {cfg.max_steps} steps")
+    bs = cfg.batch_size
+
+    def get_batch(step: int, micro: int):
+        idx = sample_indices(len(train), bs, cfg.seed, step * cfg.grad_accum + micro)
+        return pair_batch(tok, [train[i] for i in idx], L, device)
+
+    def loss_fn(model, batch):
+        ids, attn, _ = batch
+        r = model(ids, attn)
+        n = r.shape[0] // 2
+        return bt_loss(r[:n], r[n:])
+
+    def evaluate(model) -> dict[str, Any]:
+        if not val:
+            return {}
+        rc, rr = [], []
+        for i in range(0, len(val), bs):
+            ids, attn, _ = pair_batch(tok, val[i:i + bs], L, device)
+            r = model(ids, attn)
+            n = r.shape[0] // 2
+            rc.append(r[:n])
+            rr.append(r[n:])
+        rc, rr = torch.cat(rc), torch.cat(rr)
+        return {"val_loss": float(bt_loss(rc, rr)), "val_accuracy": float((rc > rr).float().mean()),
+                "val_margin": float((rc - rr).mean())}
+
+    trainer = HeadTrainer(rm, cfg, loss_fn, get_batch, int(cfg.max_steps), evaluate=evaluate, tokenizer=tok)
+    trainer.marker = {"kind": "reward_model", "head": "reward_head.safetensors", "pooling": "last_token",
+                      "base_model": str(model_path)}
+    start = trainer.run_eval() if val else {}
+    history = trainer.fit()
+    final = trainer.run_eval() if val else {}
+    summary = {"out_dir": cfg.out_dir, "model": str(Path(cfg.out_dir) / "last"), "steps": trainer.step,
+               "train_pairs": len(train), "val_pairs": len(val),
+               "start_val_accuracy": start.get("val_accuracy"), "val_accuracy": final.get("val_accuracy"),
+               "val_loss": final.get("val_loss")}
+    if history:
+        summary["train_loss"] = history[-1]["train_loss"]
+    return summary
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------
+def cmd_reward_train(a) -> None:
+    cfg = finetune_config(a.out, {"lr": 1e-4}, {"lr": a.lr, "max_steps": a.steps, "batch_size": a.batch_size,
+                                               "eval_interval": a.eval_interval, "seed": a.seed, "device": a.device,
+                                               "progress": False if a.no_progress else None}, a.set)
+    s = train_reward(a.model, a.data, cfg, val_fraction=a.val_fraction, max_length=a.max_length)
+    if s["val_accuracy"] is not None:
+        print(f"held-out pairwise accuracy: {s['start_val_accuracy']:.3f} -> {s['val_accuracy']:.3f} "
+              f"({s['val_pairs']} pairs)")
+    print(f"reward model -> {s['model']}")
+    print(json.dumps(s))
+
+
+def cmd_reward_score(a) -> None:
+    import sys
+    rm, tok = load_reward_model(a.model)
+    texts = a.texts or [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
+    prompts = [a.prompt or ""] * len(texts)
+    for t, s in zip(texts, rm.score_pairs(tok, prompts, texts)):
+        print(json.dumps({"text": t, "score": round(s, 6)}))
