@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,21 @@ def start_server(app):
         time.sleep(0.02)
     assert server.started
     return server, th, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Path of Debian's Chromium, installed with apt-get when missing (root only); skips when that can't be done."""
+    path = shutil.which("chromium")
+    if path is None:
+        if os.name != "posix" or os.geteuid() != 0 or shutil.which("apt-get") is None:
+            pytest.skip("chromium is not installed and can't be apt-get installed here (needs root + apt-get)")
+        try:
+            r = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True,
+                               timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        except subprocess.TimeoutExpired:
+            pytest.skip("apt-get install chromium timed out")
+        path = shutil.which("chromium")
+        if r.returncode != 0 or path is None:
+            pytest.skip(f"apt-get install chromium failed: {(r.stderr or r.stdout)[-300:]}")
+    return path

@@ -4,7 +4,6 @@ headless-Chromium run (Playwright) shows two completions, votes (with an edit an
 lines on disk."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -217,24 +216,6 @@ def test_export(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["feedback", "--help"])
     assert e.value.code == 0 and "--no-browser" in capsys.readouterr().out
-
-
-@pytest.fixture(scope="session")
-def chromium():
-    """Path of Debian's Chromium, installed with apt-get when missing (root only); skips when that can't be done."""
-    path = shutil.which("chromium")
-    if path is None:
-        if os.name != "posix" or os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("chromium is not installed and can't be apt-get installed here (needs root + apt-get)")
-        try:
-            r = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True,
-                               timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        except subprocess.TimeoutExpired:
-            pytest.skip("apt-get install chromium timed out")
-        path = shutil.which("chromium")
-        if r.returncode != 0 or path is None:
-            pytest.skip(f"apt-get install chromium failed: {(r.stderr or r.stdout)[-300:]}")
-    return path
 
 
 def test_feedback_page_in_chromium(chat_lm, tmp_path, chromium):

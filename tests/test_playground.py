@@ -1,8 +1,5 @@
 """The web playground at `/`: static files over plain HTTP, and a headless-Chromium run (Playwright) that moves a
 slider, sets a seed, generates with streaming and checks the coloured token view."""
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -27,24 +24,6 @@ def server(tiny_run):
     yield url
     srv.should_exit = True
     th.join(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def chromium():
-    """Path of Debian's Chromium, installed with apt-get when missing (root only); skips when that can't be done."""
-    path = shutil.which("chromium")
-    if path is None:
-        if os.name != "posix" or os.geteuid() != 0 or shutil.which("apt-get") is None:
-            pytest.skip("chromium is not installed and can't be apt-get installed here (needs root + apt-get)")
-        try:
-            r = subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, text=True,
-                               timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        except subprocess.TimeoutExpired:
-            pytest.skip("apt-get install chromium timed out")
-        path = shutil.which("chromium")
-        if r.returncode != 0 or path is None:
-            pytest.skip(f"apt-get install chromium failed: {(r.stderr or r.stdout)[-300:]}")
-    return path
 
 
 def test_static_files(server):

@@ -110,7 +110,8 @@ class ContinuousBatcher:
     def step(self) -> None:
         """Admit waiting requests into free rows, then one decode step for all active rows."""
         was_training = self.model.training
-        self.model.eval()
+        if was_training:  # (walking the module tree every step costs ~1 ms on a 30-layer model: only when needed)
+            self.model.eval()
         try:
             self._drop_cancelled()
             while len(self.rows) < self.max_batch:
@@ -125,7 +126,8 @@ class ContinuousBatcher:
             if self.rows:
                 self._decode()
         finally:
-            self.model.train(was_training)
+            if was_training:
+                self.model.train(True)
 
     def fail_all(self, error: BaseException) -> None:
         """End every active and waiting request with `error` and reset the batch (after an unexpected failure)."""

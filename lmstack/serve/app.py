@@ -608,6 +608,13 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
             return a
 
         prompt_tokens = sum(len(ids) for ids, _ in prompts) * 1
+        def completion_body(choices: list, completion_tokens: int) -> dict:
+            metrics.tokens(prompt_tokens, completion_tokens)
+            return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
+                    "choices": choices, "usage": {"prompt_tokens": prompt_tokens,
+                                                  "completion_tokens": completion_tokens,
+                                                  "total_tokens": prompt_tokens + completion_tokens}}
+
         num_beams = _field(body, "num_beams", "int", 1, lo=1, hi=16)
         if num_beams > 1:
             if stream:
@@ -635,12 +642,7 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                 return choices, completion_tokens
 
             with Admit():
-                choices, completion_tokens = await on_worker(beams)
-            metrics.tokens(prompt_tokens, completion_tokens)
-            return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                    "choices": choices, "usage": {"prompt_tokens": prompt_tokens,
-                                                  "completion_tokens": completion_tokens,
-                                                  "total_tokens": prompt_tokens + completion_tokens}}
+                return completion_body(*await on_worker(beams))
 
         async def echo_lps() -> list:
             if not (echo and want_lp):
@@ -675,12 +677,7 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                 return choices, completion_tokens
 
             with Admit():
-                choices, completion_tokens = await on_consumer(work)
-            metrics.tokens(prompt_tokens, completion_tokens)
-            return {"id": rid, "object": "text_completion", "created": now, "model": model_name,
-                    "choices": choices, "usage": {"prompt_tokens": prompt_tokens,
-                                                  "completion_tokens": completion_tokens,
-                                                  "total_tokens": prompt_tokens + completion_tokens}}
+                return completion_body(*await on_consumer(work))
 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage")) \
             if isinstance(body.get("stream_options"), dict) else False
