@@ -140,3 +140,36 @@ def test_mmlu_dev_questions_built_from_lm_eval(tmp_path):
     assert len(tasks) >= 50 and sum(len(t.docs) for t in tasks) >= 250
     doc = next(t for t in tasks if t.name == "mmlu_astronomy").docs[0]
     assert doc.context.startswith("Where do most short-period comets come from") and doc.gold == 0
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_against_lmstack_serve(hf_dir, tmp_path):
+    """lm-eval's `local-completions` model (the OpenAI completions client it uses for any server) against a live
+    `lmstack serve` of the same weights: the same accuracies and log-likelihoods as lmstack's own evaluation."""
+    pytest.importorskip("uvicorn")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from conftest import start_server
+    from lmstack.serve import create_app
+    inc = _write_data(tmp_path)
+    lm = lmstack.load(hf_dir)
+    srv, th, url = start_server(create_app(lm, "tiny-llama", max_batch=8))
+    try:
+        names = ["lmstack_mmlu_astronomy", "lmstack_hellaswag"]
+        ref = simple_evaluate(model="local-completions", tasks=names, task_manager=TaskManager(include_path=str(inc)),
+                              model_args=f"model=tiny-llama,base_url={url}/v1/completions,tokenizer={hf_dir},"
+                                         "tokenizer_backend=huggingface,num_concurrent=4,max_retries=1",
+                              log_samples=True)
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+    ours = evaluate(lm, f"mmlu_astronomy={FIX / 'mmlu'}", shots=1, log_samples=True)
+    ours0 = evaluate(lm, "hellaswag", data_dir=FIX, shots=0, log_samples=True)
+    for ref_name, res, name in [("lmstack_mmlu_astronomy", ours, "mmlu_astronomy"), ("lmstack_hellaswag", ours0,
+                                                                                      "hellaswag")]:
+        r, got = ref["results"][ref_name], res["results"][name]["metrics"]
+        assert got["acc"]["value"] == r["acc,none"] and got["acc_norm"]["value"] == r["acc_norm,none"], name
+        ref_samples = sorted(ref["samples"][ref_name], key=lambda x: x["doc_id"])
+        for s_ref, s in zip(ref_samples, res["samples"][name]):
+            assert s["loglikelihoods"] == pytest.approx([float(x[0][0]) for x in s_ref["resps"]], abs=1e-4), name
