@@ -1,0 +1,234 @@
+"""Supervised fine-tuning (full or LoRA) on the one Trainer core.
+
+    finetune(model, data, out_dir, lora="r=16,alpha=32,dropout=0.05,targets=q,k,v,o")
+
+loads any model `lmstack.load` reads (checkpoint dir, HF dir, GGUF), renders the data with its chat template
+(lmstack.data.sft), masks the prompt, and trains with the Trainer (schedule, accumulation, clipping, metrics.jsonl,
+progress, best/last checkpoints, exact resume). Output directory:
+
+    <out>/last, <out>/best  Trainer checkpoints (resume with resume=True). Full fine-tuning: plain checkpoints that
+                            lmstack.load reads. LoRA: base + adapter tensors (+ adapter files), for resuming.
+    <out>/adapter/          LoRA only: adapter_model.safetensors + adapter_config.json (PEFT names/fields)
+    <out>/merged/           LoRA only (merge=True): a plain checkpoint with the adapters folded in
+    <out>/metrics.jsonl     train_loss / lr / tokens_per_sec / val_loss per step
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..checkpoint import save_checkpoint
+from ..data.sft import SFTDataset, batch_indices, build_dataset, collate, load_records, split_records
+from ..errors import ConfigError, LMStackError
+from ..models.lora import (LoRAConfig, apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter,
+                           trainable_summary)
+from .config import TrainConfig
+from .losses import labelled_logits, sft_loss
+from .trainer import Trainer, resolve_device
+
+# SFT defaults on top of TrainConfig's (pretraining) defaults; --set / explicit arguments override them
+SFT_DEFAULTS: dict[str, Any] = {"batch_size": 8, "max_steps": None, "epochs": 1.0, "warmup_steps": 10,
+                                "lr_schedule": "cosine", "weight_decay": 0.0, "eval_interval": 50,
+                                "log_interval": 1, "keep_best": False, "grad_clip": 1.0}
+LORA_LR, FULL_LR = 2e-4, 2e-5
+
+
+def sft_config(out_dir: str | Path, lora: bool, overrides: list[str] | None = None,
+               recipe: str | Path | None = None, **fields) -> TrainConfig:
+    """TrainConfig for SFT: SFT_DEFAULTS (lr 2e-4 LoRA / 2e-5 full, min_lr = lr / 10), then a YAML recipe of
+    TrainConfig keys, then `fields`, then `--set key=value` overrides."""
+    from .config import _merge, _yaml_load, parse_set
+    lr = LORA_LR if lora else FULL_LR
+    data: dict[str, Any] = {**SFT_DEFAULTS, "lr": lr, "min_lr": lr / 10, "out_dir": str(out_dir)}
+    if recipe is not None:
+        p = Path(recipe)
+        if not p.is_file():
+            raise ConfigError(f"recipe {p} does not exist")
+        rec = _yaml_load(p.read_text()) or {}
+        if not isinstance(rec, dict):
+            raise ConfigError(f"recipe {p} must be a YAML mapping of TrainConfig keys")
+        data.update(rec)
+    else:
+        rec = {}
+    sets = parse_set(overrides or [])
+    if fields.get("max_steps") is not None and "epochs" not in fields:
+        fields["epochs"] = None  # a step count replaces the default of one epoch
+    data.update(fields)
+    _merge(data, sets)
+    if not any("min_lr" in d for d in (rec, fields, sets)):
+        data["min_lr"] = data["lr"] / 10  # the schedule decays to a tenth of whatever lr was chosen
+    return TrainConfig.from_dict(data)
+
+
+def make_sft_evaluator(ds: SFTDataset, batch_size: int, pad_id: int) -> Callable:
+    """evaluate(model) -> {val_loss: mean NLL per trained token over the whole validation set, val_tokens}."""
+    batches = [collate(ds.rows[i:i + batch_size], pad_id) for i in range(0, len(ds.rows), batch_size)]
+
+    @torch.no_grad()
+    def evaluate(model, **_) -> dict:
+        device = next(model.parameters()).device
+        nll, n = 0.0, 0
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            logits, mask = labelled_logits(model, x, y)
+            nll += float(torch.nn.functional.cross_entropy(logits.float(), y[mask], reduction="sum"))
+            n += int(mask.sum())
+        return {"val_loss": nll / max(n, 1), "val_tokens": n}
+    return evaluate
+
+
+class SFTTrainer(Trainer):
+    """The Trainer, plus: a LoRA run's checkpoints also carry the adapter files (so `merge-lora` reads them)."""
+
+    lora_cfg: LoRAConfig | None = None
+    base_name: str | None = None
+
+    def save(self, name: str) -> None:
+        super().save(name)
+        if self.lora_cfg is not None:
+            save_adapter(self.model, self.out_dir / name, self.lora_cfg, self.base_name)
+
+
+def finetune(model: str | Path, data: str | Path, out_dir: str | Path | None = None,
+             lora: LoRAConfig | str | None = None, cfg: TrainConfig | None = None, seq_len: int | None = None,
+             pack: bool = False, val_data: str | Path | None = None, val_fraction: float = 0.1,
+             merge: bool = True, max_records: int | None = None, log: Callable = print) -> dict[str, Any]:
+    """Fine-tune `model` on `data` (see lmstack.data.sft for the formats); full fine-tuning unless `lora` is
+    given (a LoRAConfig or its 'r=16,alpha=32,...' string). `cfg`: a TrainConfig (default `sft_config`), whose
+    out_dir is used unless `out_dir` is given. Returns a summary: trainable parameters, initial/final
+    validation loss, paths."""
+    from .. import load as load_lm
+    lora_cfg = LoRAConfig.parse(lora) if isinstance(lora, str) else lora
+    if cfg is None:
+        cfg = sft_config(out_dir or "runs/sft", lora_cfg is not None)
+    elif out_dir is not None:
+        cfg.out_dir = str(out_dir)
+    out = Path(cfg.out_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+
+    lm = load_lm(model)
+    net, tok = lm.model, lm.tokenizer
+    if cfg.dtype == "float32" and next(net.parameters()).dtype != torch.float32:
+        net = net.float()  # train in float32 (bfloat16 training: dtype=bfloat16 autocast over float32 weights)
+    net.to(device)
+    seq_len = int(seq_len or min(512, net.config.block_size))
+    if seq_len > net.config.block_size and net.config.pos_emb == "learned":
+        raise LMStackError(f"seq_len {seq_len} does not fit the model's context window ({net.config.block_size})")
+
+    records = load_records(data)
+    if max_records:
+        records = records[:max_records]
+    if val_data is not None:
+        train_recs, val_recs = records, load_records(val_data)
+    else:
+        train_recs, val_recs = split_records(records, val_fraction, cfg.seed)
+    train_ds = build_dataset(tok, train_recs, seq_len, pack=pack)
+    val_ds = build_dataset(tok, val_recs, seq_len, pack=False) if val_recs else None
+    if not train_ds.rows:
+        raise LMStackError(f"{data}: no training example has a response token within seq_len={seq_len}")
+    pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    log(f"data: {train_ds.stats['examples']} train examples -> {len(train_ds)} rows of <= {seq_len} tokens "
+        f"({train_ds.num_trained_tokens:,} trained tokens; {train_ds.stats['truncated']} truncated, "
+        f"{train_ds.stats['dropped']} dropped)" + (f", {len(val_ds)} validation examples" if val_ds else ""))
+
+    torch.manual_seed(cfg.seed)
+    if lora_cfg is not None:
+        apply_lora(net, lora_cfg)
+        groups = [{"params": lora_parameters(net), "weight_decay": cfg.weight_decay}]
+    else:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        groups = net.configure_optimizer_groups(cfg.weight_decay)
+    counts = trainable_summary(net)
+    log(f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable ({counts['percent']:.3f}%)"
+        + (f", LoRA r={lora_cfg.r} alpha={lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}" if lora_cfg else
+           ", full fine-tuning"))
+
+    bs = cfg.batch_size
+    steps_per_epoch = math.ceil(len(train_ds) / (bs * cfg.grad_accum))
+    max_steps = (max(1, math.ceil(cfg.epochs * steps_per_epoch)) if cfg.epochs is not None else int(cfg.max_steps))
+
+    def get_batch(step: int, micro: int):
+        idx = batch_indices(len(train_ds), bs, cfg.seed, step * cfg.grad_accum + micro)
+        x, y = collate([train_ds.rows[i] for i in idx], pad_id)
+        return x.to(device), y.to(device)
+
+    evaluator = make_sft_evaluator(val_ds, bs, pad_id) if val_ds and val_ds.rows else None
+    trainer = SFTTrainer(net, cfg, sft_loss, get_batch, max_steps, evaluate=evaluator, tokenizer=tok,
+                         param_groups=groups)
+    trainer.lora_cfg, trainer.base_name = lora_cfg, str(model)
+    summary: dict[str, Any] = {"out_dir": str(out), "steps": max_steps, "trainable_params": counts["trainable"],
+                               "total_params": counts["total"], "trainable_percent": counts["percent"],
+                               "train_rows": len(train_ds), "seq_len": seq_len, **({"lora": lora_cfg.to_dict()}
+                                                                                    if lora_cfg else {})}
+    if evaluator is not None and not cfg.resume:
+        summary["initial_val_loss"] = trainer.run_eval()["val_loss"]
+        log(f"initial validation loss {summary['initial_val_loss']:.4f}")
+    history = trainer.fit()
+    if history:
+        summary.update({k: v for k, v in history[-1].items() if k in ("train_loss", "val_loss", "elapsed_s")})
+        tps = [h["tokens_per_sec"] for h in history if "tokens_per_sec" in h]
+        if tps:
+            summary["tokens_per_sec"] = sum(tps) / len(tps)
+    if lora_cfg is not None:
+        save_adapter(net, out / "adapter", lora_cfg, str(model))
+        summary["adapter_dir"] = str(out / "adapter")
+        if merge:
+            net.eval()
+            merge_lora(net)
+            save_checkpoint(out / "merged", net, tok)
+            summary["model_dir"] = str(out / "merged")
+    else:
+        summary["model_dir"] = str(out / "last")
+    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, check: bool = True) -> dict[str, Any]:
+    """Base model + LoRA adapter directory -> a plain checkpoint at `out` (adapters folded into the weights).
+    check=True compares the logits of the adapter model and the merged model on a short input."""
+    from .. import load as load_lm
+    lm = load_lm(model)
+    net = lm.model.float()
+    load_adapter(net, adapter)
+    res: dict[str, Any] = {"out": str(out)}
+    x = None
+    if check:
+        ids = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog.")[: net.config.block_size] or [0]
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            before = net(x)
+    merge_lora(net)
+    if check:
+        with torch.no_grad():
+            res["max_logit_diff"] = float((net(x) - before).abs().max())
+    save_checkpoint(out, net, lm.tokenizer)
+    return res
+
+
+# ---- CLI (thin; the arguments are declared in lmstack/cli.py) ----------------------------------------
+def cli_finetune(a) -> None:
+    fields: dict[str, Any] = {}
+    for k in ("epochs", "max_steps", "lr", "batch_size", "grad_accum"):
+        if getattr(a, k) is not None:
+            fields[k] = getattr(a, k)
+    if a.resume:
+        fields["resume"] = True
+    if a.no_progress:
+        fields["progress"] = False
+    cfg = sft_config(a.out, a.lora is not None, a.set, a.recipe, **fields)
+    summary = finetune(a.model, a.data, lora=a.lora, cfg=cfg, seq_len=a.seq_len, pack=a.pack,
+                       val_data=a.val_data, val_fraction=a.val_fraction, merge=not a.no_merge,
+                       max_records=a.max_records)
+    print(json.dumps(summary, indent=2))
+
+
+def cli_merge_lora(a) -> None:
+    res = merge_adapter(a.model, a.adapter, a.out, check=not a.no_check)
+    print(json.dumps(res, indent=2))
