@@ -149,6 +149,10 @@ def test_background_batcher_threads_cancel_and_run():
         hook = m.register_forward_pre_hook(lambda *a: time.sleep(0.02))  # a slow model: the request is mid-way
         s = eng.submit(PROMPTS[0], long)
         next(s)
+        for _ in range(50):  # the first token is handed out just before the row joins the batch
+            if eng.active == 1:
+                break
+            time.sleep(0.002)
         assert eng.active == 1
         s.cancel()
         assert len(list(s)) < 5
