@@ -155,7 +155,7 @@ def cmd_download(a) -> None:
 def cmd_serve(a) -> None:
     from .serve import serve
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, model_name=a.model_name,
-          dtype=_dtype(a.dtype), quantize=a.quantize)
+          threads=a.threads, dtype=_dtype(a.dtype), quantize=a.quantize)
 
 
 def cmd_chat(a) -> None:
@@ -348,10 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     t.add_argument("--port", type=int, default=8000)
     t.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
-    t.add_argument("--max-batch", type=int, default=16, help="requests generating at once (+64 queued, then 429)")
+    t.add_argument("--max-batch", type=int, default=16, help="generations decoding at once in the continuous batch (+64 requests queued, then 429)")
     t.add_argument("--model-name", default=None, help="name clients pass as `model` (default: the --model value)")
     t.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     t.add_argument("--quantize", choices=["int8"], help="int8 weight-only linears (fast CPU decoding)")
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model (default: PyTorch's); "
+                   "on a small CPU box shared with clients, one fewer than the cores lowers single-stream latency")
     t.set_defaults(fn=cmd_serve)
 
     t = sub.add_parser("embed", help="mean-pooled, normalised sentence embeddings (one JSON line per text)")
@@ -386,7 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="benchmark data root (default $LMSTACK_EVAL_DATA or ~/.cache/lmstack/eval)")
     t.add_argument("--shots", type=int, default=0, help="few-shot examples from the train/dev split (first n)")
     t.add_argument("--limit", type=int, help="evaluate only the first N examples (documents for perplexity)")
-    t.add_argument("--batch-size", type=int, default=8, help="generation prompts per batch")
+    t.add_argument("--batch-size", type=int, default=8,
+                   help="questions (multiple choice) or prompts (generation) per forward pass")
     t.add_argument("--stride", type=int, help="perplexity: sliding-window stride in tokens (default: the window)")
     t.add_argument("--max-length", type=int, help="window / context length (default: the model's)")
     t.add_argument("--max-new-tokens", type=int, help="generation tasks: override the task's limit")

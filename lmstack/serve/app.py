@@ -870,9 +870,12 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
-          model_name: str | None = None, **load_kw) -> None:
-    """Load `model` and serve it with uvicorn until interrupted (`lmstack serve`)."""
+          model_name: str | None = None, threads: int = 0, **load_kw) -> None:
+    """Load `model` and serve it with uvicorn until interrupted (`lmstack serve`). threads > 0: torch CPU threads."""
+    import torch
     import uvicorn
+    if threads:
+        torch.set_num_threads(threads)
 
     from ..lm import load
     lm = load(model, **load_kw)
