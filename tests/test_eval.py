@@ -403,3 +403,21 @@ def test_smollm2_shared_prefix_exact_and_mmlu_runs():
         assert ll == pytest.approx(want[0], abs=1e-3) and greedy == want[1]
     res = evaluate(lm, "mmlu_astronomy", data_dir=FIX, shots=1)
     assert res["results"]["mmlu_astronomy"]["metrics"]["acc"]["n"] == 4
+
+
+def test_bigbench_task_with_subtasks_is_a_group(tiny_lm, tmp_path):
+    """BIG-bench tasks like logical_deduction keep their examples in subtask folders: one task per subtask, plus the
+    group's macro-average."""
+    import json as _json
+    import shutil
+    root = tmp_path / "bigbench" / "deduction"
+    for sub in ("three_objects", "five_objects"):
+        (root / sub).mkdir(parents=True)
+        shutil.copy(FIX / "bigbench" / "tiny_mc" / "task.json", root / sub / "task.json")
+    (root / "task.json").write_text(_json.dumps({"name": "deduction", "description": "group", "keywords": []}))
+    tasks = resolve_tasks("bigbench_deduction", tmp_path)
+    assert [t.name for t in tasks] == ["bigbench_deduction:five_objects", "bigbench_deduction:three_objects"]
+    assert all(t.group == "bigbench_deduction" and t.kind == "mc" for t in tasks)
+    res = evaluate(tiny_lm, "bigbench_deduction", data_dir=tmp_path)
+    accs = [res["results"][t.name]["metrics"]["acc"]["value"] for t in tasks]
+    assert res["groups"]["bigbench_deduction"]["acc"]["value"] == pytest.approx(sum(accs) / 2)

@@ -57,6 +57,21 @@ class Task:
         return self.description + ex + doc.context
 
 
+def _has_examples(task_json: Path) -> bool:
+    if not task_json.exists():
+        return False
+    data = F.read_json(task_json)
+    return isinstance(data, dict) and "examples" in data
+
+
+def _bigbench_task(name: str, p: Path, group: str | None = None) -> list[Task]:
+    docs, kind, desc = F.load_bigbench(p)
+    # BIG-bench's own format: examples joined by newlines, prompts "Q: ...\nA:" answered " <target>"
+    return [Task(name, kind, docs, docs, description=desc.strip() + "\n" if desc.strip() else "",
+                 fewshot_delimiter="\n", until=["\n"], max_new_tokens=64, source=str(p), group=group,
+                 version=VERSION["bigbench"])]
+
+
 def default_data_dir() -> Path:
     if os.environ.get("LMSTACK_EVAL_DATA"):
         return Path(os.environ["LMSTACK_EVAL_DATA"])
@@ -172,13 +187,13 @@ def load_tasks(spec: str, data_dir: str | Path | None = None) -> list[Task]:
     if name.startswith("bigbench"):
         sub = name[len("bigbench_"):] if name.startswith("bigbench_") else ""
         p = given or base / "bigbench" / sub
+        subtasks = sorted(d for d in p.iterdir() if (d / "task.json").exists()) if p.is_dir() else []
+        if subtasks and not _has_examples(p / "task.json"):
+            # a task made of subtasks (e.g. logical_deduction/{three,five,seven}_objects): one task each, grouped
+            return [t for d in subtasks for t in _bigbench_task(f"{name}:{d.name}", d, group=name)]
         if not (p / "task.json" if p.is_dir() else p).exists():
             raise _missing(name, p)
-        docs, kind, desc = F.load_bigbench(p)
-        # BIG-bench's own format: examples joined by newlines, prompts "Q: ...\nA:" answered " <target>"
-        return [Task(name, kind, docs, docs, description=desc.strip() + "\n" if desc.strip() else "",
-                     fewshot_delimiter="\n", until=["\n"], max_new_tokens=64, source=str(p),
-                     version=VERSION["bigbench"])]
+        return _bigbench_task(name, p)
 
     if name in ("perplexity", "ppl"):
         if not path:
