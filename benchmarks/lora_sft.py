@@ -3,6 +3,7 @@
     python benchmarks/lora_sft.py                 # demo + speed, SmolLM2 GGUF from $LMSTACK_GGUF or ../shared/models
     python benchmarks/lora_sft.py --quick         # short settings (a smoke run: ~2-3 minutes on 2 cores)
     python benchmarks/lora_sft.py --only speed    # or --only demo
+    python benchmarks/lora_sft.py --only peer     # transformers + PEFT on the same model and setting (pip install peft)
 
 demo:  a generated instruction set in a checkable format (arithmetic, upper-casing, first letters, word counts;
        200 train + 40 held-out examples, fixed seed), `lmstack finetune --lora r=16,alpha=32,dropout=0.05,
@@ -10,6 +11,9 @@ demo:  a generated instruction set in a checkable format (arithmetic, upper-casi
        of greedy chat replies on held-out prompts for the base and the merged model.
 speed: the same LoRA setting on packed rows of 256 tokens (batch 4): steady-state tokens/s (median over steps,
        first step excluded) and peak RSS of the training process (its own rusage; each run is a fresh process).
+peer:  transformers (the same GGUF, dequantised by transformers) + PEFT LoRA with the same r/alpha/dropout/targets,
+       AdamW, batch 4 x 256 tokens of the same packed training text, full causal-LM loss, in its own process:
+       tokens/s (median, first step excluded) and peak RSS, and the ratio lmstack / peer when both ran.
 Results go to stdout as JSON and to <out>/results.json.
 """
 from __future__ import annotations
@@ -94,12 +98,16 @@ def main() -> None:
     ap.add_argument("--model", default=os.environ.get("LMSTACK_GGUF", str(DEFAULT_GGUF)))
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_lora_sft"))
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--only", choices=["demo", "speed"])
+    ap.add_argument("--only", help="comma-separated subset of demo,speed,peer (default: all)")
+    ap.add_argument("--peer-worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="short settings: a smoke test of the script")
     ap.add_argument("--epochs", type=float, default=2.0, help="demo epochs over the 200 training examples")
     ap.add_argument("--speed-steps", type=int, default=12)
     ap.add_argument("--gen", type=int, default=20, help="held-out prompts for the exact-match check (0 = skip)")
     a = ap.parse_args()
+    only = set((a.only or "demo,speed,peer").split(","))
+    if a.peer_worker:
+        return peer_worker(a.model, Path(a.peer_worker), a.speed_steps, a.threads)
     if not Path(a.model).exists():
         raise SystemExit(f"model not found at {a.model} (set LMSTACK_GGUF or pass --model)")
     out = Path(a.out)
@@ -111,7 +119,7 @@ def main() -> None:
     import torch
     res["torch"] = torch.__version__
 
-    if a.only in (None, "demo"):
+    if "demo" in only:
         epochs = 0.5 if a.quick else a.epochs
         s, wall, rss = run_finetune(["--model", a.model, "--data", str(train), "--val-data", str(heldout),
                                      "--lora", LORA, "--epochs", str(epochs), "--batch-size", "8", "--lr", "1e-3",
@@ -127,7 +135,7 @@ def main() -> None:
             res["demo"]["exact_match_prompts"] = n_gen
         print(json.dumps(res["demo"], indent=2), flush=True)
 
-    if a.only in (None, "speed"):
+    if "speed" in only:
         steps = 3 if a.quick else a.speed_steps
         s, wall, rss = run_finetune(["--model", a.model, "--data", str(train), "--val-fraction", "0", "--pack",
                                      "--lora", LORA, "--max-steps", str(steps), "--batch-size", "4",
@@ -138,8 +146,61 @@ def main() -> None:
                         "ms_per_step": 1000 * 4 * 256 / statistics.median(tps), "peak_rss_mb": rss,
                         "wall_s": wall, "trainable_params": s["trainable_params"]}
         print(json.dumps(res["speed"], indent=2), flush=True)
+    if "peer" in only:
+        steps = 3 if a.quick else a.speed_steps
+        t0 = time.perf_counter()
+        r = subprocess.run([sys.executable, __file__, "--peer-worker", str(train), "--model", a.model,
+                            "--speed-steps", str(steps), "--threads", str(a.threads)], capture_output=True, text=True)
+        if r.returncode != 0:
+            res["peer"] = {"error": r.stderr[-800:]}
+        else:
+            res["peer"] = json.loads(r.stdout.strip().splitlines()[-1])
+            res["peer"]["wall_s"] = time.perf_counter() - t0
+            if "speed" in res:
+                res["peer"]["lmstack_over_peer_tokens_per_sec"] = res["speed"]["tokens_per_sec"] / \
+                    res["peer"]["tokens_per_sec"]
+        print(json.dumps(res["peer"], indent=2), flush=True)
     (out / "results.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
+
+
+def peer_worker(model: str, train: Path, steps: int, threads: int) -> None:
+    """transformers + PEFT LoRA training steps at batch 4 x 256 (prints one JSON line)."""
+    import resource
+
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    p = Path(model)
+    tok = transformers.AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    net = transformers.AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                            torch_dtype=torch.float32)
+    net = get_peft_model(net, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    trainable = sum(x.numel() for x in net.parameters() if x.requires_grad)
+    text = "\n".join(json.loads(line)["output"] + " " + json.loads(line)["instruction"]
+                     for line in train.read_text().splitlines() if line.strip())
+    ids = tok(text, return_tensors="pt").input_ids[0]
+    opt = torch.optim.AdamW([x for x in net.parameters() if x.requires_grad], lr=1e-3)
+    net.train()
+    tps = []
+    for step in range(steps):
+        i = (step * 4 * 256) % max(1, len(ids) - 4 * 256 - 1)
+        x = ids[i:i + 4 * 256].view(4, 256)
+        t = time.perf_counter()
+        loss = net(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([q for q in net.parameters() if q.requires_grad], 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tps.append(4 * 256 / (time.perf_counter() - t))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    import peft
+    print(json.dumps({"engine": f"transformers {transformers.__version__} + peft {peft.__version__}",
+                      "tokens_per_sec": statistics.median(tps[1:] or tps), "peak_rss_mb": rss,
+                      "trainable_params": trainable, "steps": steps}))
 
 
 if __name__ == "__main__":
