@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint import load_model
 from .errors import LMStackError
-from .generate import (SamplingParams, TokenStep, apply_stop_strings, beam_search, generate_batch, score,
+from .generate import (SamplingParams, TokenStep, apply_stop_strings, beam_search, score,
                        stream_steps, stream_tokens)
 
 
@@ -75,19 +75,38 @@ class LM:
         yield from stream_steps(self.model, self._prompt_ids(prompt), sp, eos_id=stops, truncate=truncate,
                                 top_logprobs=top_logprobs)
 
-    def generate_batch(self, prompts: list[str], truncate: str | None = None, **params) -> list[str]:
-        """Generate for several prompts in one batched forward pass per step (greedy: the same text as
-        `generate` on each prompt alone)."""
+    def generate_batch(self, prompts: list[str], truncate: str | None = None, max_batch: int | None = None,
+                       **params) -> list[str]:
+        """Generate for several prompts with continuous batching (one forward pass per step for all unfinished
+        rows; with more prompts than `max_batch`, later ones take the rows earlier ones free). A row ends at EOS, at
+        max_new_tokens, or as soon as its text contains a stop string (`stop=`), so stop strings cost no extra
+        steps. Greedy: the same text as `generate` on each prompt alone; sampling with seed s: prompt i uses seed
+        s + i."""
+        from .generate.batching import ContinuousBatcher, Request
+        from .generate.engine import _generator, fit_context
         sp = SamplingParams(**params)
         eos = {self.tokenizer.eos_id} - {None}
-        rows = generate_batch(self.model, [self._prompt_ids(p) for p in prompts], sp, eos_id=eos, truncate=truncate)
-        texts = []
-        for steps in rows:
-            ids = [s.token for s in steps]
-            if sp.stop_at_eos:
-                ids = list(itertools.takewhile(lambda t: t not in eos, ids))
-            texts.append("".join(apply_stop_strings(decode_stream(self.tokenizer, ids), sp.stop)))
-        return texts
+        block = self.config.block_size
+        batcher = ContinuousBatcher(self.model, max_batch or max(1, len(prompts)))
+        texts, ended = [""] * len(prompts), [False] * len(prompts)
+        decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
+        for i, prompt in enumerate(prompts):
+            ids = fit_context(self._prompt_ids(prompt), sp.max_new_tokens, block, truncate)
+            req = Request(ids, sp, eos, generator=_generator(None if sp.seed is None else sp.seed + i))
+
+            def on_step(step, i=i, req=req):
+                if ended[i] or (sp.stop_at_eos and step.token in eos):
+                    ended[i] = True
+                    return
+                texts[i] += decoders[i].decode(self.tokenizer.token_bytes(step.token))
+                if sp.stop and any(s in texts[i] for s in sp.stop):
+                    ended[i] = req.cancelled = True  # the row leaves the batch at once
+            req.on_step = on_step
+            batcher.add(req)
+        while batcher.has_work():
+            batcher.step()
+        return ["".join(apply_stop_strings([t + d.decode(b"", final=True)], sp.stop))
+                for t, d in zip(texts, decoders)]
 
     def beam_search(self, prompt: str, num_beams: int = 4, length_penalty: float = 1.0,
                     early_stopping: bool | str = False, num_return_sequences: int = 1, truncate: str | None = None,

@@ -230,14 +230,11 @@ class LocalBackend:
 
     def generate(self, prompts: list[str], until: list[str], max_new_tokens: int, batch_size: int = 1
                  ) -> list[str]:
-        """Greedy continuations cut at the first stop string. With stop strings each prompt streams on its own and
-        stops as soon as one appears (the batched engine only stops rows at EOS, so a batch would run to
-        max_new_tokens); without, prompts run `batch_size` at a time. Both give the same text (greedy)."""
-        if until:
-            return [self.lm.generate(p, truncate="left", max_new_tokens=max_new_tokens, temperature=0, stop=until)
-                    for p in prompts]
+        """Greedy continuations cut at the first stop string, `batch_size` prompts decoding together (continuous
+        batching: a row leaves the batch at EOS or as soon as its text contains a stop string). The same text as
+        generating each prompt alone (greedy)."""
         outs = []
         for i in range(0, len(prompts), max(1, batch_size)):
             outs += self.lm.generate_batch(prompts[i:i + max(1, batch_size)], truncate="left",
-                                           max_new_tokens=max_new_tokens, temperature=0)
+                                           max_new_tokens=max_new_tokens, temperature=0, stop=until or None)
         return outs
