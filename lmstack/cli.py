@@ -449,8 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
             return getattr(importlib.import_module(f"lmstack.train.{mod}"), name)(a)
         return run
 
-    def _ft_flags(t: argparse.ArgumentParser, lr_help: str) -> None:
-        t.add_argument("--out", required=True, help="output run directory (checkpoints last/, metrics.jsonl)")
+    def _ft_flags(t: argparse.ArgumentParser, lr_help: str, out: str) -> None:
+        t.add_argument("--out", default=out, help=f"output run directory (checkpoints last/, metrics.jsonl; "
+                                                  f"default {out})")
         t.add_argument("--lr", type=float, help=lr_help)
         t.add_argument("--seed", type=int)
         t.add_argument("--device", help="auto | cpu | cuda")
@@ -467,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-interval", type=int)
     t.add_argument("--val-fraction", type=float, default=0.1, help="held-out pairs for pairwise accuracy")
     t.add_argument("--max-length", type=int, help="tokens per sequence (default: the context window)")
-    _ft_flags(t, "learning rate (default 1e-4)")
+    _ft_flags(t, "learning rate (default 1e-4)", "runs/reward")
     t.set_defaults(fn=_rlhf("reward", "cmd_reward_train"))
     t = rws.add_parser("score", help="score texts with a reward model (one JSON line per text)")
     t.add_argument("--model", required=True, help="reward model directory (from `lmstack reward train`)")
@@ -491,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-interval", type=int)
     t.add_argument("--val-fraction", type=float, default=0.1)
     t.add_argument("--max-length", type=int)
-    _ft_flags(t, "learning rate (default 5e-5)")
+    _ft_flags(t, "learning rate (default 5e-5)", "runs/dpo")
     t.set_defaults(fn=_rlhf("dpo", "cmd_dpo"))
 
     t = sub.add_parser("ppo", help="RLHF with PPO: value head, frozen reference, adaptive KL penalty, GAE")
@@ -515,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cliprange-value", type=float, default=0.2)
     t.add_argument("--vf-coef", type=float, default=0.1)
     t.add_argument("--ent-coef", type=float, default=0.0)
-    _ft_flags(t, "learning rate (default 1e-5)")
+    _ft_flags(t, "learning rate (default 1e-5)", "runs/ppo")
     t.set_defaults(fn=_rlhf("ppo", "cmd_ppo"))
     # --- end rlhf verbs ---
 
