@@ -98,7 +98,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
     path = resolve_checkpoint(path)
     cfg = ModelConfig.load(path / "config.json")
-    model = build_model(cfg, load_file(str(path / "model.safetensors")), f"{path}/model.safetensors")
+    state = load_file(str(path / "model.safetensors"))
+    lora_keys = [k for k in state if ".lora_" in k]
+    if lora_keys and (path / "adapter_config.json").exists():
+        # a LoRA training checkpoint (base + adapter tensors, for resuming): load it as the merged model
+        from .models.lora import load_adapter, merge_lora
+        model = build_model(cfg, {k: v for k, v in state.items() if k not in set(lora_keys)},
+                            f"{path}/model.safetensors")
+        merge_lora(load_adapter(model, path))
+    else:
+        model = build_model(cfg, state, f"{path}/model.safetensors")
     if dtype is not None:
         model.to(dtype)
     model.to(device).eval()

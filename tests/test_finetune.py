@@ -233,6 +233,10 @@ def test_cli_finetune_lora_then_merge(chat_ckpt, tmp_path, capsys):
     assert json.loads(r.stdout)["max_logit_diff"] < 1e-5
     lm = lmstack.load(tmp_path / "merged")
     assert lm.tokenizer.chat_template == CHAT_TEMPLATE
+    # the LoRA run's training checkpoint (base + adapter tensors) also loads, as the merged model
+    x = torch.randint(0, lm.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        assert torch.allclose(lmstack.load(out / "last").model(x), lm.model(x), atol=1e-5)
     from lmstack.cli import main
     assert main(["finetune", "--model", str(chat_ckpt), "--data", str(tmp_path / "missing.jsonl"), "--out",
                  str(out), "--lora"]) == 2
