@@ -144,12 +144,12 @@ def test_load_prefs_formats_and_errors(tmp_path, tiny_run):
     ex = load_prefs(p, tok)
     assert [(e.chosen, e.rejected, e.chat) for e in ex] == [("good", "bad", False), ("yes", "no", True)]
     assert ex[1].prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    for line, needle in (('{"prompt": "x", "chosen": "y"', "not valid JSON"),
+    for line, needle in (('{"prompt": "x", "chosen": "y"', "invalid JSON"),
                          ('{"prompt": "x", "chosen": "y"}', "'rejected'"),
                          ('["x"]', "JSON object"),
                          ('{"prompt": 3, "chosen": "y", "rejected": "z"}', "'prompt'")):
         p.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n" + line + "\n")
-        with pytest.raises(LMStackError, match=f"p.jsonl, line 2.*{needle}"):
+        with pytest.raises(LMStackError, match=f"p.jsonl:2: .*{needle}"):
             load_prefs(p, tok)
     with pytest.raises(LMStackError, match="no data file"):
         load_prefs(tmp_path / "missing.jsonl")
@@ -158,7 +158,7 @@ def test_load_prefs_formats_and_errors(tmp_path, tiny_run):
     q.write_text('{"prompt": "Once"}\n{"messages": [{"role": "user", "content": "Hi"}]}\n')
     assert load_prompts(q, tok) == ["Once", "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
     q.write_text('{"prompt": "Once"}\n{"text": "x"}\n')
-    with pytest.raises(LMStackError, match="q.jsonl, line 2"):
+    with pytest.raises(LMStackError, match="q.jsonl:2: "):
         load_prompts(q, tok)
     t = tmp_path / "q.txt"
     t.write_text("a\n\nb\\nc\n")

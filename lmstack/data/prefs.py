@@ -14,7 +14,6 @@ from the left first, then completion tokens from the right.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import LMStackError
+from .jsonl import read_jsonl
 
 
 @dataclass
@@ -56,18 +56,8 @@ def _completion_text(value: Any, key: str, where: str) -> str:
 def _jsonl_rows(path: Path):
     if not path.exists():
         raise LMStackError(f"no data file at {path}; pass a JSONL file of prompt/chosen/rejected objects")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LMStackError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise LMStackError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            yield where, row
+    for lineno, row in read_jsonl(path):
+        yield f"{path}:{lineno}", row
 
 
 def load_prefs(path: str | Path, tokenizer=None) -> list[PrefExample]:

@@ -28,6 +28,7 @@ from typing import Any, Iterable
 import torch
 
 from ..errors import LMStackError
+from .jsonl import read_jsonl
 from ..tokenizer import END_OF_TURN
 
 IGNORE_INDEX = -100
@@ -108,15 +109,7 @@ def load_records(path: str | Path) -> list[Record]:
             raise LMStackError(f"{p}: expected a JSON array of records")
         recs = [_record_from_obj(o, f"{p}: record {i}") for i, o in enumerate(data)]
     elif suffix == ".jsonl":
-        recs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LMStackError(f"{p}:{n}: invalid JSON ({e.msg} at column {e.colno})") from None
-            recs.append(_record_from_obj(obj, f"{p}:{n}"))
+        recs = [_record_from_obj(obj, f"{p}:{n}") for n, obj in read_jsonl(p)]
     else:
         docs = [d.strip("\n") for d in text.replace("\r\n", "\n").split("\n\n")]
         recs = [Record(text=d, where=f"{p}: document {i}") for i, d in enumerate(docs) if d.strip()]

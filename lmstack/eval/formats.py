@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..data.jsonl import read_jsonl as _read_jsonl
 from ..errors import LMStackError
 
 
@@ -51,18 +52,7 @@ def _check_file(path: Path) -> Path:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line."""
-    path = _check_file(path)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _err(path, n, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise _err(path, n, "expected a JSON object on each line")
-            yield n, rec
+    yield from _read_jsonl(_check_file(path))
 
 
 def read_json(path: Path) -> Any:

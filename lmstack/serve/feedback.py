@@ -37,6 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..data.jsonl import read_jsonl
 from ..errors import LMStackError
 from ..generate.sampling import SamplingParams
 
@@ -62,15 +63,7 @@ def load_prompts(path: str | Path) -> list[dict]:
     items: list[dict] = []
     text = path.read_text(encoding="utf-8")
     if path.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LMStackError(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(obj, dict):
-                raise LMStackError(f"{path}:{n}: expected a JSON object with \"prompt\" or \"messages\"")
+        for n, obj in read_jsonl(path):
             if isinstance(obj.get("messages"), list) and obj["messages"]:
                 msgs = obj["messages"]
                 if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
