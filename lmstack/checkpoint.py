@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -42,18 +42,25 @@ def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer | None = None,
-                    train_state: dict[str, Any] | None = None) -> Path:
+                    train_state: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None,
+                    extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a checkpoint directory atomically (temp dir + fsync + rename). weights: the tensors to store in
+    model.safetensors (default: all of the model's); extra(dir): writes more files (an adapter, a reward head)
+    into the temp dir, so they land in the same atomic swap."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     model.config.save(tmp / "config.json")
-    save_file(model_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    save_file(model_state_dict(model) if weights is None else weights, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save(tmp)
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
+    if extra is not None:
+        extra(tmp)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
@@ -101,10 +108,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     state = load_file(str(path / "model.safetensors"))
     lora_keys = [k for k in state if ".lora_" in k]
     if lora_keys and (path / "adapter_config.json").exists():
-        # a LoRA training checkpoint (base + adapter tensors, for resuming): load it as the merged model
+        # a LoRA training checkpoint (adapter tensors, for resuming; older ones also hold the base weights): load it
+        # as the merged model, the base weights coming from the base model the adapter names
         from .models.lora import load_adapter, merge_lora
-        model = build_model(cfg, {k: v for k, v in state.items() if k not in set(lora_keys)},
-                            f"{path}/model.safetensors")
+        base_state = {k: v for k, v in state.items() if k not in set(lora_keys)}
+        if base_state:
+            model = build_model(cfg, base_state, f"{path}/model.safetensors")
+        else:
+            model = _adapter_base(path)
         merge_lora(load_adapter(model, path))
     else:
         model = build_model(cfg, state, f"{path}/model.safetensors")
@@ -113,6 +124,18 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     model.to(device).eval()
     tok = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
     return model, tok
+
+
+def _adapter_base(path: Path) -> Transformer:
+    """The base model of an adapter-only checkpoint, from its adapter_config.json's base_model_name_or_path."""
+    import json
+    base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise LMStackError(f"{path} holds a LoRA adapter (no base weights) and its base model {base!r} is not "
+                           "there; merge it onto the base with `lmstack merge-lora --model BASE --adapter "
+                           f"{path} --out DIR`")
+    from .lm import load
+    return load(base).model.float()
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:

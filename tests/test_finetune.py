@@ -233,7 +233,11 @@ def test_cli_finetune_lora_then_merge(chat_ckpt, tmp_path, capsys):
     assert json.loads(r.stdout)["max_logit_diff"] < 1e-5
     lm = lmstack.load(tmp_path / "merged")
     assert lm.tokenizer.chat_template == CHAT_TEMPLATE
-    # the LoRA run's training checkpoint (base + adapter tensors) also loads, as the merged model
+    # the LoRA run's training checkpoint holds only the adapter tensors (the frozen base is never rewritten) ...
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "last" / "model.safetensors"))
+    assert saved and all(".lora_" in k for k in saved)
+    # ... and still loads with lmstack.load, as the merged model (the base comes from the adapter's base path)
     x = torch.randint(0, lm.config.vocab_size, (1, 12))
     with torch.no_grad():
         assert torch.allclose(lmstack.load(out / "last").model(x), lm.model(x), atol=1e-5)

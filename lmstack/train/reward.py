@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,19 +57,15 @@ class HeadModel(nn.Module):
 
 def save_head_model(path: str | Path, model: HeadModel, tokenizer=None, train_state: dict | None = None,
                     marker: dict | None = None) -> Path:
-    """Standard checkpoint of the backbone, then the head and the marker, each written atomically (temp + rename).
-    A crash between the two leaves a loadable backbone with the previous (or no) head."""
+    """Standard checkpoint of the backbone with the head (and the marker) in the same atomic write."""
     from safetensors.torch import save_file
-    path = save_checkpoint(path, model.backbone, tokenizer, train_state)
-    head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-    tmp = path / f".{model.head_name}.tmp"
-    save_file(head, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / f"{model.head_name}.safetensors")
-    if marker is not None:
-        tmp = path / f".{REWARD_MARKER}.tmp"
-        tmp.write_text(json.dumps(marker, indent=2))
-        os.replace(tmp, path / REWARD_MARKER)
-    return path
+
+    def extra(d: Path) -> None:
+        head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
+        save_file(head, str(d / f"{model.head_name}.safetensors"), metadata={"format": "pt"})
+        if marker is not None:
+            (d / REWARD_MARKER).write_text(json.dumps(marker, indent=2))
+    return save_checkpoint(path, model.backbone, tokenizer, train_state, extra=extra)
 
 
 def load_head(model: HeadModel, path: str | Path) -> None:

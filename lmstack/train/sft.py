@@ -88,9 +88,13 @@ class SFTTrainer(Trainer):
     base_name: str | None = None
 
     def save(self, name: str) -> None:
-        super().save(name)
-        if self.lora_cfg is not None:
-            save_adapter(self.model, self.out_dir / name, self.lora_cfg, self.base_name)
+        if self.lora_cfg is None:
+            return super().save(name)
+        # adapter-only checkpoint: the frozen base is never rewritten (resume rebuilds it from the base model);
+        # the adapter files land in the same atomic swap
+        weights = {k: v.detach().contiguous() for k, v in self.model.state_dict().items() if ".lora_" in k}
+        save_checkpoint(self.out_dir / name, self.model, self.tokenizer, self.state_dict(), weights=weights,
+                        extra=lambda d: save_adapter(self.model, d, self.lora_cfg, self.base_name))
 
 
 def finetune(model: str | Path, data: str | Path, out_dir: str | Path | None = None,
@@ -162,7 +166,8 @@ def finetune(model: str | Path, data: str | Path, out_dir: str | Path | None = N
     evaluator = make_sft_evaluator(val_ds, bs, pad_id) if val_ds and val_ds.rows else None
     trainer = SFTTrainer(net, cfg, sft_loss, get_batch, max_steps, evaluate=evaluator, tokenizer=tok,
                          param_groups=groups)
-    trainer.lora_cfg, trainer.base_name = lora_cfg, str(model)
+    trainer.lora_cfg = lora_cfg
+    trainer.base_name = str(Path(model).resolve()) if Path(model).exists() else str(model)
     summary: dict[str, Any] = {"out_dir": str(out), "steps": max_steps, "trainable_params": counts["trainable"],
                                "total_params": counts["total"], "trainable_percent": counts["percent"],
                                "train_rows": len(train_ds), "seq_len": seq_len, **({"lora": lora_cfg.to_dict()}
