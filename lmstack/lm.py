@@ -82,12 +82,12 @@ class LM:
         max_new_tokens, or as soon as its text contains a stop string (`stop=`), so stop strings cost no extra
         steps. Greedy: the same text as `generate` on each prompt alone; sampling with seed s: prompt i uses seed
         s + i."""
-        from .generate.batching import ContinuousBatcher, Request
+        from .generate.batching import PREFILL_BATCH_TOKENS, ContinuousBatcher, Request
         from .generate.engine import _generator, fit_context
         sp = SamplingParams(**params)
         eos = {self.tokenizer.eos_id} - {None}
         block = self.config.block_size
-        batcher = ContinuousBatcher(self.model, max_batch or max(1, len(prompts)))
+        batcher = ContinuousBatcher(self.model, max_batch or max(1, len(prompts)), prefill_tokens=PREFILL_BATCH_TOKENS)
         texts, ended = [""] * len(prompts), [False] * len(prompts)
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
         for i, prompt in enumerate(prompts):

@@ -38,11 +38,13 @@ PROMPTS = [[5, 9, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [33], [7, 7, 8, 4
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("max_batch", [1, 2, 3, 8])
-def test_rows_joining_and_leaving_decode_as_alone(family, max_batch):
-    """More prompts than rows: later prompts join as rows free up (different lengths -> shifts, swap-removes)."""
+@pytest.mark.parametrize("prefill_tokens", [0, 40, 4096])
+def test_rows_joining_and_leaving_decode_as_alone(family, max_batch, prefill_tokens):
+    """More prompts than rows: later prompts join as rows free up (different lengths -> shifts, swap-removes);
+    joiners prefilled one by one, a few at a time, or all together (left-padded)."""
     m = model(family)
     out = {}
-    b = ContinuousBatcher(m, max_batch=max_batch)
+    b = ContinuousBatcher(m, max_batch=max_batch, prefill_tokens=prefill_tokens)
     sps = [SamplingParams(max_new_tokens=3 + (5 * i) % 11, temperature=0, stop_at_eos=False)
            for i in range(len(PROMPTS))]
     for i, (p, sp) in enumerate(zip(PROMPTS, sps)):

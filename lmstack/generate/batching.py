@@ -56,6 +56,9 @@ class Request:
             self.on_done(error)
 
 
+PREFILL_BATCH_TOKENS = 4096  # offline batches (all prompts known at once): prefill them together, for throughput
+
+
 def _simple_greedy(p: SamplingParams) -> bool:
     return p.greedy and not p.needs_history and not p.logit_bias
 
@@ -63,7 +66,7 @@ def _simple_greedy(p: SamplingParams) -> bool:
 class ContinuousBatcher:
     """Step-driven continuous batching over `model` with at most `max_batch` rows decoding at once."""
 
-    def __init__(self, model, max_batch: int = 16):
+    def __init__(self, model, max_batch: int = 16, prefill_tokens: int | None = None):
         if max_batch < 1:
             raise LMStackError(f"max_batch must be >= 1, got {max_batch}")
         self.model, self.max_batch = model, max_batch
@@ -80,6 +83,11 @@ class ContinuousBatcher:
         self.starts: list[int] = []
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()  # guards `waiting` (add may come from other threads)
+        # joiners prefilled in one forward pass: rows x longest prompt at most this (one request always fits). On a GPU
+        # a batched prefill costs about what one does (launch-bound); on a CPU the rows' compute adds up and every
+        # joiner would wait for the whole batch (measured: higher time to first token), so one at a time there.
+        self.prefill_tokens = prefill_tokens if prefill_tokens is not None else (
+            4096 if self.device.type == "cuda" else 0)
         self.steps_run = 0
 
     # ---- public -----------------------------------------------------------------------------------
@@ -115,14 +123,21 @@ class ContinuousBatcher:
         try:
             self._drop_cancelled()
             while len(self.rows) < self.max_batch:
-                with self.lock:
-                    if not self.waiting:
-                        break
-                    req = self.waiting.popleft()
-                if req.cancelled:
-                    req._finish()
-                    continue
-                self._admit(req)
+                joining = []
+                with self.lock:  # as many waiting requests as there are free rows, within the prefill budget
+                    while self.waiting and len(self.rows) + len(joining) < self.max_batch:
+                        req = self.waiting[0]
+                        longest = max([len(req.prompt)] + [len(r.prompt) for r in joining])
+                        if joining and longest * (len(joining) + 1) > self.prefill_tokens:
+                            break
+                        self.waiting.popleft()
+                        if req.cancelled:
+                            req._finish()
+                            continue
+                        joining.append(req)
+                if not joining:
+                    break
+                self._admit(joining)
             if self.rows:
                 self._decode()
         finally:
@@ -175,30 +190,49 @@ class ContinuousBatcher:
         for i, r in enumerate(reqs):
             self._emit(r, raw[i], toks[i], logp[i])
 
-    def _admit(self, req: Request) -> None:
-        """Prefill one request alone, sample its first token, and give it a row in the batch."""
-        req.history = list(req.prompt)
-        if req.params.max_new_tokens == 0:
-            req._finish()
+    def _admit(self, reqs: list[Request]) -> None:
+        """Prefill the joining requests together (left-padded: a padding mask hides the pads and every row has its
+        own positions), sample each one's first token, and give each a row in the batch."""
+        for r in reqs:
+            r.history = list(r.prompt)
+            if r.params.max_new_tokens == 0:
+                r._finish()
+        reqs = [r for r in reqs if not r.finished]
+        if not reqs:
             return
-        L = len(req.prompt)
-        cache = KVCache.for_model(self.model, 1, L)
-        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=cache, pos=0)[:, -1]
-        self._sample([req], logits.float().cpu())
-        if req.finished or req.cancelled:
-            req._finish()
+        lens = [len(r.prompt) for r in reqs]
+        B, Lm = len(reqs), max(lens)
+        cache = KVCache.for_model(self.model, B, Lm)
+        ids = torch.zeros(B, Lm, dtype=torch.long)
+        for b, r in enumerate(reqs):
+            ids[b, Lm - lens[b]:] = torch.tensor(r.prompt)
+        ids = ids.to(self.device)
+        if B == 1:
+            logits = self.model(ids, cache=cache, pos=0)[:, -1]
+        else:
+            pads = torch.tensor([Lm - n for n in lens], device=self.device)
+            mask = torch.arange(Lm, device=self.device)[None, :] >= pads[:, None]
+            positions = (torch.arange(Lm, device=self.device)[None, :] - pads[:, None]).clamp(min=0)
+            logits = self.model(ids, cache=cache, pos=0, padding_mask=mask, positions=positions)[:, -1]
+        self._sample(reqs, logits.float().cpu())
+        keep = [b for b, r in enumerate(reqs) if not (r.finished or r.cancelled)]
+        for b, r in enumerate(reqs):
+            if b not in keep:
+                r._finish()
+        if not keep:
             return
         if not self.rows:
             self.pos = 0
-        if L > self.pos:  # not enough slots before `pos`: shift the batch right (room for the next write too)
-            self._relayout(L - self.pos, max(self.cap, L + 1))
-        r, s = len(self.rows), self.pos - L
-        for layer in range(self.shape[0]):
-            self.k[layer][r, :, s:self.pos] = cache.k[layer][0]
-            self.v[layer][r, :, s:self.pos] = cache.v[layer][0]
-        self.rows.append(req)
-        self.starts.append(s)
+        need = max(lens[b] for b in keep)
+        if need > self.pos:  # not enough slots before `pos`: shift the batch right (room for the next write too)
+            self._relayout(need - self.pos, max(self.cap, need + 1))
+        for b in keep:
+            row, s = len(self.rows), self.pos - lens[b]
+            for layer in range(self.shape[0]):
+                self.k[layer][row, :, s:self.pos] = cache.k[layer][b, :, Lm - lens[b]:]
+                self.v[layer][row, :, s:self.pos] = cache.v[layer][b, :, Lm - lens[b]:]
+            self.rows.append(reqs[b])
+            self.starts.append(s)
 
     def _relayout(self, delta: int, cap: int) -> None:
         """Move every active row's slots by `delta` into a cache of `cap` slots (allocated anew)."""
@@ -279,7 +313,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams, eos_
     fitted = [fit_context(list(p), params.max_new_tokens, model.config.block_size, truncate) for p in prompts]
     out: list[list[TokenStep]] = [[] for _ in prompts]
     errors: list[BaseException] = []
-    batcher = ContinuousBatcher(model, max_batch or len(prompts))
+    batcher = ContinuousBatcher(model, max_batch or len(prompts), prefill_tokens=PREFILL_BATCH_TOKENS)
     for i, p in enumerate(fitted):
         seed = None if params.seed is None else params.seed + i
         batcher.add(Request(p, params, stop_ids, top_logprobs, on_step=out[i].append,
