@@ -87,7 +87,8 @@ class LM:
         sp = SamplingParams(**params)
         eos = {self.tokenizer.eos_id} - {None}
         block = self.config.block_size
-        batcher = ContinuousBatcher(self.model, max_batch or max(1, len(prompts)), prefill_tokens=PREFILL_BATCH_TOKENS)
+        batcher = ContinuousBatcher(self.model, max_batch or max(1, len(prompts)),
+                                    prefill_tokens=PREFILL_BATCH_TOKENS)
         texts, ended = [""] * len(prompts), [False] * len(prompts)
         decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in prompts]
         for i, prompt in enumerate(prompts):
