@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import urllib.request
 from pathlib import Path
@@ -98,18 +97,11 @@ def _iter_text_file(path: Path) -> Iterator[str]:
 
 
 def _iter_jsonl(path: Path, field: str = "text") -> Iterator[str]:
-    with open(path, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LMStackError(f"{path}:{lineno}: invalid JSON ({e.msg}); each line must be an object with a "
-                                   f"{field!r} field") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get(field), str):
-                raise LMStackError(f"{path}:{lineno}: expected an object with a string {field!r} field")
-            yield rec[field]
+    from .jsonl import read_jsonl
+    for lineno, rec in read_jsonl(path):
+        if not isinstance(rec.get(field), str):
+            raise LMStackError(f"{path}:{lineno}: expected an object with a string {field!r} field")
+        yield rec[field]
 
 
 def iter_corpus(spec: str, data_path: str | None = None) -> Iterator[tuple[str, bool]]:

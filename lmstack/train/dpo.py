@@ -33,8 +33,8 @@ from ..errors import LMStackError
 from .config import TrainConfig
 from .losses import IGNORE_INDEX
 from .losses import sequence_logprobs as labelled_sequence_logprobs
-from .reward import finetune_config, pair_batch, sample_indices
-from .trainer import Trainer, resolve_device
+from .reward import finetune_config, load_for_training, pair_batch, sample_indices
+from .trainer import Trainer
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -97,12 +97,7 @@ def train_dpo(model_path: str, data: str, cfg: TrainConfig, beta: float = 0.1, l
     """DPO fine-tuning of `model_path` on prompt/chosen/rejected pairs; returns a summary with held-out accuracy."""
     if ref not in ("precompute", "live"):
         raise LMStackError(f"ref must be 'precompute' or 'live', got {ref!r}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    model, tok = load_model(model_path, device=device)
-    if tok is None:
-        raise LMStackError(f"{model_path} has no tokenizer.json")
+    model, tok, device = load_for_training(model_path, cfg)
     examples = load_prefs(data, tok)
     train, val = split_prefs(examples, val_fraction, cfg.seed)
     L = max_length or model.config.block_size

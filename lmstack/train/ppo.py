@@ -34,13 +34,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..checkpoint import load_model
 from ..data.prefs import collate, end_token, load_prompts
 from ..errors import LMStackError
 from ..generate import SamplingParams, generate_batch
 from .config import TrainConfig
-from .reward import HeadModel, HeadTrainer, finetune_config, is_reward_model, load_reward_model
-from .trainer import resolve_device
+from .reward import (HeadModel, HeadTrainer, finetune_config, is_reward_model, load_for_training,
+                     load_reward_model)
 
 
 @dataclass
@@ -191,12 +190,7 @@ def train_ppo(model_path: str, reward: str | Callable, prompts: str | list[str],
               ppo: PPOConfig | None = None, rollouts: int = 50, log=print) -> dict[str, Any]:
     """PPO on `model_path` for `rollouts` rollouts; returns a summary (reward and KL at start and end)."""
     ppo = ppo or PPOConfig()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    backbone, tok = load_model(model_path, device=device)
-    if tok is None:
-        raise LMStackError(f"{model_path} has no tokenizer.json")
+    backbone, tok, device = load_for_training(model_path, cfg)
     prompt_texts = load_prompts(prompts, tok) if isinstance(prompts, (str, Path)) else list(prompts)
     reward_fn = load_reward_fn(reward, device)
     if ppo.max_new_tokens >= backbone.config.block_size:

@@ -108,6 +108,17 @@ class HeadTrainer(Trainer):
             self.load_extra(json.loads(st["objective"]))
 
 
+def load_for_training(model_path: str, cfg: TrainConfig):
+    """(model, tokenizer, device) for a reward / DPO / PPO run: threads set, model on the run's device."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    model, tok = load_model(model_path, device=device)
+    if tok is None:
+        raise LMStackError(f"{model_path} has no tokenizer.json")
+    return model, tok, device
+
+
 def finetune_config(out_dir: str, defaults: dict | None = None, overrides: dict | None = None,
                     set_items: list[str] | None = None) -> TrainConfig:
     """TrainConfig for a fine-tuning objective: small constant-ish LR, no weight decay, short warmup; then the
@@ -205,12 +216,7 @@ def sample_indices(n: int, bs: int, seed: int, g: int) -> np.ndarray:
 def train_reward(model_path: str, data: str, cfg: TrainConfig, val_fraction: float = 0.1,
                  max_length: int | None = None, log=print) -> dict[str, Any]:
     """Train a reward model on preference pairs; returns a summary with held-out pairwise accuracy."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    backbone, tok = load_model(model_path, device=device)
-    if tok is None:
-        raise LMStackError(f"{model_path} has no tokenizer.json")
+    backbone, tok, device = load_for_training(model_path, cfg)
     examples = load_prefs(data, tok)
     train, val = split_prefs(examples, val_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
