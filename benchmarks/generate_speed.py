@@ -54,12 +54,13 @@ def perplexity(model, ids: list[int], chunk: int = 512) -> float:
 def run_engine(a) -> dict:
     import torch
     torch.set_num_threads(a.threads)
-    from lmstack.generate.bench import DEFAULT_PROMPT, bench_generate, load_for_bench, peak_rss_mb
+    import lmstack
+    from lmstack.generate.bench import DEFAULT_PROMPT, bench_generate, peak_rss_mb
     t0 = time.perf_counter()
     if a.engine == "transformers-f32":
         return run_transformers(a)
     quantize, dtype, comp = ENGINES[a.engine]
-    lm = load_for_bench(a.model, quantize=quantize, dtype=dtype, compile=comp)
+    lm = lmstack.load(a.model, quantize=quantize, dtype=dtype, compile=comp)
     load_s = time.perf_counter() - t0
     ids = lm.tokenizer.encode(DEFAULT_PROMPT)
     r1 = bench_generate(lm.model, ids, a.new_tokens, batch=1, warmup=1)

@@ -144,6 +144,32 @@ class ModelConfig:
         return 2 * self.n_layer * batch * T * self.kv_heads * self.head_dim * bytes_per_elem
 
 
+def human_bytes(n: float, unit: str = "B") -> str:
+    """1536 -> '1.5 KB' (binary prefixes)."""
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1024 or prefix == "T":
+            return f"{n:,.1f} {prefix}{unit}" if prefix else f"{n:,.0f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def describe(cfg: ModelConfig, seq_len: int | None = None) -> list[tuple[str, str]]:
+    """(label, value) rows: architecture, parameters, FLOPs per token, weight and KV-cache memory (`lmstack info`)."""
+    T = seq_len or cfg.block_size
+    n = cfg.num_params()
+    kv32, kv16 = cfg.kv_cache_bytes(T), cfg.kv_cache_bytes(T, bytes_per_elem=2)
+    return [
+        ("architecture", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), {cfg.n_embd} wide, "
+                         f"ffn {cfg.ffn_size}, {cfg.pos_emb}/{cfg.norm}/{cfg.mlp}"),
+        ("vocab / context", f"{cfg.vocab_size:,} / {cfg.block_size:,}"),
+        ("parameters", f"{n:,} ({cfg.num_params(include_embeddings=False):,} non-embedding)"),
+        ("training FLOPs/token", f"{cfg.flops_per_token(T):,} (~6N + 6·L·T·d at T={T})"),
+        ("inference FLOPs/token", f"{cfg.flops_per_token(T) // 3:,}"),
+        ("weights fp32 / bf16", f"{human_bytes(4 * n)} / {human_bytes(2 * n)}"),
+        (f"KV cache @ {T} tokens", f"{human_bytes(kv32)} fp32, {human_bytes(kv16)} bf16"),
+    ]
+
+
 def _divisors_near(n: int, target: int) -> str:
     divs = [k for k in range(1, n + 1) if n % k == 0]
     divs.sort(key=lambda k: abs(k - target))

@@ -51,6 +51,21 @@ class Tokenizer:
         return self.token_id(self.pad_token)
 
     @property
+    def start_id(self) -> int | None:
+        """The token a generation starts from when the prompt is empty: BOS, else EOS (the GPT-2 convention)."""
+        return self.bos_id if self.bos_id is not None else self.eos_id
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a generation / scoring prompt; an empty prompt becomes [start_id]."""
+        ids = self.encode(text)
+        if not ids:
+            if self.start_id is None:
+                raise LMStackError("the prompt is empty and the tokenizer has no BOS/EOS token to start from; "
+                                   "give a non-empty prompt")
+            ids = [self.start_id]
+        return ids
+
+    @property
     def end_of_turn_ids(self) -> set[int]:
         """EOS plus the end-of-turn tokens chat models use (<|im_end|>, <|eot_id|>, ...) that this vocabulary has."""
         ids = {self.token_id(t) for t in END_OF_TURN} | {self.eos_id}

@@ -9,7 +9,7 @@ from conftest import llama_cfg_dict, tiny_cfg_dict
 from lmstack.config import ModelConfig
 from lmstack.errors import ContextLengthError, LMStackError
 from lmstack.generate import (SamplingParams, generate, generate_batch, generate_text, score, stream_steps,
-                              stream_tokens, token_logprobs)
+                              stream_tokens, continuation_logprobs)
 from lmstack.models import Transformer
 
 
@@ -118,7 +118,7 @@ def test_score(family):
     other = cont[:3] + [(cont[3] + 1) % 64] + cont[4:]
     total2, greedy2 = score(m, ctx, other)
     assert not greedy2 and total2 < total
-    lp, is_max = token_logprobs(m, ctx, other)
+    lp, is_max = continuation_logprobs(m, ctx, other)
     assert lp.shape == (7,) and is_max.tolist() == [True, True, True, False] + is_max.tolist()[4:]
     assert score(m, ctx, []) == (0.0, True)
     with pytest.raises(LMStackError, match="context"):

@@ -112,7 +112,8 @@ def test_crash_between_renames_is_recovered(tmp_path, tok, monkeypatch):
         if len(calls) == 2:
             raise KeyboardInterrupt("killed mid-swap (simulated)")
         return real_replace(src, dst)
-    monkeypatch.setattr(ckpt.os, "replace", replace)
+    import lmstack.atomic
+    monkeypatch.setattr(lmstack.atomic.os, "replace", replace)  # the one atomic-write helper does the swap
     with pytest.raises(KeyboardInterrupt):
         ckpt.save_checkpoint(path, new, tok)
     monkeypatch.undo()

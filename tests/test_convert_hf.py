@@ -15,8 +15,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 
 from lmstack.config import ModelConfig  # noqa: E402
-from lmstack.convert.hf import embed, export_hf, hf_config_to_model_config, is_hf_dir, load_hf  # noqa: E402
+from lmstack.convert.hf import export_hf, hf_config_to_model_config, load_hf  # noqa: E402
+from lmstack.convert.load import resolve_source  # noqa: E402
 from lmstack.errors import LMStackError  # noqa: E402
+from lmstack.generate import embed  # noqa: E402
+
+
+def is_hf_dir(path) -> bool:
+    return resolve_source(path) == "hf"
 from lmstack.models.transformer import Transformer  # noqa: E402
 from lmstack.tokenizer import Tokenizer, train_bpe  # noqa: E402
 
@@ -296,7 +302,9 @@ def test_hf_config_mapping():
 def test_is_hf_dir_distinguishes_lmstack_checkpoint(tmp_path, tiny_cfg):
     from lmstack.checkpoint import save_checkpoint
     save_checkpoint(tmp_path / "ck", Transformer(tiny_cfg))
-    assert not is_hf_dir(tmp_path / "ck") and not is_hf_dir(tmp_path / "missing")
+    assert not is_hf_dir(tmp_path / "ck") and resolve_source(tmp_path / "ck") == "lmstack"
+    with pytest.raises(LMStackError, match="no model at"):
+        resolve_source(tmp_path / "missing")
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert is_hf_dir(tmp_path / "hf")

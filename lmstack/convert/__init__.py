@@ -1,1 +1,5 @@
-"""Models made elsewhere in and out: Hugging Face directories (hf.py) and GGUF files (gguf.py)."""
+"""Models made elsewhere in and out: Hugging Face directories (hf.py), GGUF files (gguf.py), and the one loader of
+every source (load.py)."""
+from .load import load_any, resolve_source
+
+__all__ = ["load_any", "resolve_source"]

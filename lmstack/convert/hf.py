@@ -5,7 +5,6 @@ In:  `load_hf(dir)` reads config.json + weights (*.safetensors, sharded or not, 
      directory's tokenizer.json into a lmstack Tokenizer.
 Out: `export_hf(model, tokenizer, dir)` writes a directory that `transformers.AutoModelForCausalLM` and
      `AutoTokenizer` load (LlamaForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel).
-Plus `embed()`: sentence embeddings (mean pooling, L2 norm — the sentence-transformers convention) for encoders.
 
 Weight layouts. lmstack fuses attention q/k/v into `attn.qkv` (rows [q; k; v]) and the SwiGLU gate/up into
 `mlp.fc` (rows [gate; up]); GPT-2's Conv1D stores weights as (in, out), so they are transposed both ways.
@@ -18,12 +17,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tokenizers import Tokenizer as HFTokenizer
 
+from ..atomic import atomic_dir
 from ..config import ModelConfig
-from ..checkpoint import build_model
 from ..errors import LMStackError
 from ..models.transformer import Transformer, rope_original_length, rope_scaling_type
+from ..models.utils import build_model
 from ..tokenizer import Tokenizer
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert")
@@ -43,18 +42,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise LMStackError(f"cannot read {path}: {e}") from e
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    """A Hugging Face model directory: config.json with `model_type` (an lmstack config.json never has one)."""
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        return False
-    try:
-        cfg = json.loads(f.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and isinstance(cfg.get("model_type"), str)  # GPT-2 configs have n_layer too
 
 
 # ---- config -------------------------------------------------------------------------------------------------
@@ -496,12 +483,18 @@ def _export_config(cfg: ModelConfig, kind: str, ids: dict, dtype: torch.dtype) -
 
 
 def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Path) -> Path:
-    """Write `model` (+ tokenizer) as a Hugging Face directory loadable by AutoModelForCausalLM / AutoTokenizer."""
-    from safetensors.torch import save_file
+    """Write `model` (+ tokenizer) as a Hugging Face directory loadable by AutoModelForCausalLM / AutoTokenizer.
+    Atomic: the files are written to a temp directory and swapped in (other files already in `out_dir` stay)."""
     cfg = model.config
     kind = _export_kind(cfg, tokenizer)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out, keep_others=True) as tmp:  # a crash never leaves a half-exported directory
+        _write_hf_files(tmp, model, tokenizer, cfg, kind)
+    return out
+
+
+def _write_hf_files(out: Path, model: Transformer, tokenizer: Tokenizer | None, cfg: ModelConfig, kind: str) -> None:
+    from safetensors.torch import save_file
     ids = _special_ids(cfg, tokenizer)
     dtype = next(model.parameters()).dtype
     (out / "config.json").write_text(json.dumps(_export_config(cfg, kind, ids, dtype), indent=2) + "\n")
@@ -520,37 +513,3 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out_dir: str | Pa
         (out / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n")
         smap = {k: v for k, v in meta.items() if k in ("bos_token", "eos_token", "pad_token")}
         (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2) + "\n")
-    return out
-
-
-# ---- sentence embeddings ------------------------------------------------------------------------------------
-@torch.no_grad()
-def embed(model: Transformer, tokenizer: Tokenizer, texts: list[str] | str, normalize: bool = True,
-          batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
-    """Sentence embeddings (N, n_embd): mean of the last hidden states over real (non-padding) tokens, then L2
-    normalised — the sentence-transformers convention (e.g. all-MiniLM-L6-v2). Inputs get the tokenizer's
-    special tokens ([CLS] ... [SEP]) and are truncated to max_length (default: tokenizer.model_max_length, at
-    most the model's block_size)."""
-    if isinstance(texts, str):
-        texts = [texts]
-    limit = min(x for x in (max_length, tokenizer.model_max_length, model.config.block_size) if x)
-    hf = HFTokenizer.from_str(tokenizer.hf.to_str())  # a copy: truncation/padding settings stay local
-    hf.no_padding()
-    hf.enable_truncation(limit)  # truncates the text, keeps the special tokens
-    seqs = [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=True)]
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    outs = []
-    for i in range(0, len(seqs), batch_size):
-        chunk = seqs[i:i + batch_size]
-        T = max(len(s) for s in chunk)
-        ids = torch.full((len(chunk), T), pad, dtype=torch.long, device=device)
-        mask = torch.zeros(len(chunk), T, dtype=torch.bool, device=device)
-        for j, s in enumerate(chunk):
-            ids[j, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[j, :len(s)] = True
-        h = model(ids, return_hidden=True, padding_mask=mask).float()
-        m = mask.unsqueeze(-1).float()
-        e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
-        outs.append(torch.nn.functional.normalize(e, p=2, dim=-1) if normalize else e)
-    return torch.cat(outs) if outs else torch.zeros(0, model.config.n_embd)

@@ -1,11 +1,17 @@
+"""The inference engine: sampling, the KV-cached decode loop, continuous batching, beam search, speculative
+decoding, scoring, embeddings, and the one token-ids -> text stream (text.py)."""
 from .beam import BeamHypothesis, beam_search
-from .engine import TokenStep, generate, generate_text, stream_steps, stream_tokens
-from .batching import BackgroundBatcher, ContinuousBatcher, StepStream, generate_batch
-from .sampling import SamplingParams, process_logits, sample_next
-from .score import score, token_logprobs, token_logprobs_top
+from .engine import TokenStep, fit_context, generate, generate_text, make_generator, stop_set, stream_steps, stream_tokens
+from .batching import PREFILL_BATCH_TOKENS, BackgroundBatcher, ContinuousBatcher, Request, StepStream, generate_batch
+from .embed import embed
+from .sampling import SamplingParams, parse_logit_bias, process_logits, sample_next
+from .score import continuation_logprobs, continuation_logprobs_top, score
 from .speculative import SpeculativeResult, speculative_generate
 from .stops import apply_stop_strings
+from .text import Piece, TextStream, decode_text, token_text
 
-__all__ = ["SamplingParams", "process_logits", "sample_next", "generate", "generate_text", "generate_batch",
-           "stream_tokens", "stream_steps", "TokenStep", "beam_search", "BeamHypothesis", "score", "token_logprobs", "token_logprobs_top",
-           "apply_stop_strings", "ContinuousBatcher", "BackgroundBatcher", "StepStream", "speculative_generate", "SpeculativeResult"]
+__all__ = ["SamplingParams", "parse_logit_bias", "process_logits", "sample_next", "generate", "generate_text",
+           "generate_batch", "stream_tokens", "stream_steps", "TokenStep", "fit_context", "make_generator", "stop_set",
+           "beam_search", "BeamHypothesis", "score", "continuation_logprobs", "continuation_logprobs_top", "embed",
+           "apply_stop_strings", "TextStream", "Piece", "decode_text", "token_text", "ContinuousBatcher",
+           "BackgroundBatcher", "Request", "StepStream", "PREFILL_BATCH_TOKENS", "speculative_generate", "SpeculativeResult"]

@@ -27,7 +27,8 @@ import torch
 
 from ..errors import LMStackError
 from ..models.kv_cache import KVCache
-from .engine import TokenStep, _generator, _stop_set, fit_context
+from ..models.utils import eval_mode
+from .engine import TokenStep, fit_context, make_generator, stop_set
 from .sampling import SamplingParams, sample_next
 
 
@@ -98,7 +99,7 @@ class ContinuousBatcher:
             raise LMStackError(f"prompt of {len(req.prompt)} tokens + max_new_tokens={req.params.max_new_tokens} "
                                f"exceeds the context window of {self.block} tokens (fit it with fit_context first)")
         if req.generator is None:
-            req.generator = _generator(req.params.seed)
+            req.generator = make_generator(req.params.seed)
         with self.lock:
             self.waiting.append(req)
         return req
@@ -117,10 +118,7 @@ class ContinuousBatcher:
     @torch.inference_mode()
     def step(self) -> None:
         """Admit waiting requests into free rows, then one decode step for all active rows."""
-        was_training = self.model.training
-        if was_training:  # (walking the module tree every step costs ~1 ms on a 30-layer model: only when needed)
-            self.model.eval()
-        try:
+        with eval_mode(self.model):
             self._drop_cancelled()
             while len(self.rows) < self.max_batch:
                 joining = []
@@ -140,9 +138,6 @@ class ContinuousBatcher:
                 self._admit(joining)
             if self.rows:
                 self._decode()
-        finally:
-            if was_training:
-                self.model.train(True)
 
     def fail_all(self, error: BaseException) -> None:
         """End every active and waiting request with `error` and reset the batch (after an unexpected failure)."""
@@ -305,7 +300,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams, eos_
     Returns, per prompt, the list of TokenSteps."""
     if not prompts:
         return []
-    stop_ids = _stop_set(eos_id)
+    stop_ids = stop_set(eos_id)
     if any(not p for p in prompts):
         raise LMStackError("a prompt is empty; give at least one token (e.g. the BOS/EOS token) per prompt")
     if top_logprobs < 0:
@@ -317,7 +312,7 @@ def generate_batch(model, prompts: list[list[int]], params: SamplingParams, eos_
     for i, p in enumerate(fitted):
         seed = None if params.seed is None else params.seed + i
         batcher.add(Request(p, params, stop_ids, top_logprobs, on_step=out[i].append,
-                            on_done=lambda e: e is not None and errors.append(e), generator=_generator(seed)))
+                            on_done=lambda e: e is not None and errors.append(e), generator=make_generator(seed)))
     while batcher.has_work():
         batcher.step()
     if errors:
@@ -383,7 +378,7 @@ class BackgroundBatcher:
         if top_logprobs < 0:
             raise LMStackError(f"top_logprobs must be >= 0, got {top_logprobs}")
         prompt = fit_context(list(prompt), params.max_new_tokens, self.core.block, truncate)
-        req = Request(prompt, params, _stop_set(eos_id), top_logprobs)
+        req = Request(prompt, params, stop_set(eos_id), top_logprobs)
         stream = StepStream(req, self._wake)
         self.core.add(req)
         self._wake()

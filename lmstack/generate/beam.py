@@ -21,7 +21,8 @@ import torch
 
 from ..errors import LMStackError
 from ..models.kv_cache import KVCache
-from .engine import _stop_set, fit_context
+from ..models.utils import eval_mode
+from .engine import fit_context, stop_set
 from .sampling import SamplingParams, process_logits
 
 NEG = -1.0e9
@@ -51,7 +52,7 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
         raise LMStackError(f"max_new_tokens must be >= 1 for beam search, got {max_new_tokens}")
     if not prompt:
         raise LMStackError("the prompt is empty; give at least one token (e.g. the BOS/EOS token)")
-    stop_ids = _stop_set(eos_id)
+    stop_ids = stop_set(eos_id)
     prompt = fit_context(list(prompt), max_new_tokens, model.config.block_size, truncate)
     device = next(model.parameters()).device
     K, P = num_beams, len(prompt)
@@ -66,9 +67,7 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
     fin_done = torch.zeros(K, dtype=torch.bool)
     improvable = True
 
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         cache = KVCache.for_model(model, K, P + max_new_tokens)
         ids = torch.tensor([prompt] * K, dtype=torch.long, device=device)
         logits = model(ids, cache=cache, pos=0)[:, -1]
@@ -115,8 +114,6 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
                 break
             cache_reorder(cache, run_beam.to(device), P + t)
             logits = model(run_seqs[:, -1:].to(device), cache=cache, pos=P + t)[:, -1]
-    finally:
-        model.train(was_training)
     return [BeamHypothesis(fin_seqs[i], float(fin_scores[i])) for i in range(num_return_sequences)]
 
 

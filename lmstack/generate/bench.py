@@ -81,17 +81,3 @@ def bench_generate(model, prompt_ids: list[int], new_tokens: int = 128, batch: i
         toks = [s.token for s in rows[0]]
         decode = batch * (len(toks) - 1) / max(total - ttft, 1e-9)
     return GenBench(len(prompt_ids), len(toks), batch, prefill, decode, ttft, peak_rss_mb(), toks)
-
-
-def load_for_bench(path: str, quantize: str | None = None, dtype: str | None = None, compile: bool = False,
-                   threads: int | None = None):
-    """lmstack.load with the bench flags; returns the LM."""
-    import lmstack
-    if threads:
-        torch.set_num_threads(threads)
-    dt = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    lm = lmstack.load(path, dtype=dt, quantize=quantize)
-    if compile:
-        from .compiled import compile_decode
-        compile_decode(lm.model)
-    return lm

@@ -9,7 +9,9 @@ import torch
 
 from ..errors import ContextLengthError, LMStackError
 from ..models.kv_cache import KVCache
+from ..models.utils import eval_mode
 from .sampling import SamplingParams, sample_next
+from .text import TextStream
 
 
 @dataclass
@@ -37,11 +39,13 @@ def fit_context(prompt: list[int], max_new_tokens: int, block_size: int, truncat
         f"{block_size} tokens; shorten the prompt, lower max_new_tokens, or pass truncate='left' (--truncate left)")
 
 
-def _stop_set(eos_id: int | Iterable[int] | None) -> set[int]:
+def stop_set(eos_id: int | Iterable[int] | None) -> set[int]:
+    """One stop token id, several, or None -> a set of ids."""
     return set() if eos_id is None else ({eos_id} if isinstance(eos_id, int) else set(eos_id))
 
 
-def _generator(seed: int | None) -> torch.Generator:
+def make_generator(seed: int | None) -> torch.Generator:
+    """The CPU random generator sampling draws from: seeded when `seed` is given, else from fresh entropy."""
     gen = torch.Generator(device="cpu")
     if seed is not None:
         gen.manual_seed(seed)
@@ -67,7 +71,7 @@ def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int |
                  use_cache: bool = True, truncate: str | None = None, top_logprobs: int = 0) -> Iterator[TokenStep]:
     """Yield TokenSteps (id, logprob, top alternatives) one at a time. `eos_id`: one id or several (e.g. a chat
     model's end-of-turn tokens); generation stops after yielding one of them."""
-    stop_ids = _stop_set(eos_id)
+    stop_ids = stop_set(eos_id)
     if not prompt:
         raise LMStackError("the prompt is empty; give at least one token (e.g. the BOS/EOS token)")
     if top_logprobs < 0:
@@ -75,11 +79,9 @@ def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int |
     cfg = model.config
     prompt = fit_context(list(prompt), params.max_new_tokens, cfg.block_size, truncate)
     device = next(model.parameters()).device
-    gen = _generator(params.seed)
+    gen = make_generator(params.seed)
     history = list(prompt)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
         cache = KVCache.for_model(model, 1, len(prompt) + params.max_new_tokens) if use_cache else None
         logits = model(ids, cache=cache, pos=0)[:, -1]
@@ -99,8 +101,6 @@ def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int |
                 ids = torch.cat([ids, nxt], dim=1)
                 logits = model(ids)[:, -1]
             pos += 1
-    finally:
-        model.train(was_training)
 
 
 def stream_tokens(model, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
@@ -121,10 +121,7 @@ def generate(model, prompt: list[int], params: SamplingParams, eos_id: int | Ite
 
 
 def generate_text(model, tokenizer, prompt: str, params: SamplingParams, truncate: str | None = None) -> str:
-    ids = tokenizer.encode(prompt) or ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-    from ..lm import decode_stream
-    from .stops import apply_stop_strings
-    toks = generate(model, ids, params, eos_id=tokenizer.eos_id, truncate=truncate)
-    if params.stop_at_eos and tokenizer.eos_id in toks:
-        toks = toks[:toks.index(tokenizer.eos_id)]
-    return "".join(apply_stop_strings(decode_stream(tokenizer, toks), params.stop))
+    """Text in, text out (the stop token and stop strings end it), without an `LM` around the model."""
+    eos = stop_set(tokenizer.eos_id)
+    ts = TextStream(tokenizer, eos, params.stop, params.stop_at_eos)
+    return ts.decode(stream_tokens(model, tokenizer.encode_prompt(prompt), params, eos_id=eos, truncate=truncate))

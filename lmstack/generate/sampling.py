@@ -64,13 +64,7 @@ class SamplingParams:
             bad(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.min_new_tokens is None or self.min_new_tokens < 0:
             bad(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
-        if self.logit_bias is not None:
-            try:
-                self.logit_bias = {int(k): float(v) for k, v in dict(self.logit_bias).items()}
-            except (TypeError, ValueError):
-                bad(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
-            if any(k < 0 for k in self.logit_bias):
-                bad(f"logit_bias token ids must be >= 0, got {sorted(self.logit_bias)}")
+        self.logit_bias = parse_logit_bias(self.logit_bias)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
@@ -89,6 +83,35 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def parse_logit_bias(value, vocab_size: int | None = None, clamp: float | None = None) -> dict[int, float] | None:
+    """The one reading of a logit bias: a {token id: bias} mapping (ids may be strings, as in JSON) or a list of
+    'ID=BIAS' strings (the CLI's --logit-bias) -> {int: float}, or None when empty. Ids must be >= 0 (and below
+    `vocab_size` when given), biases finite; `clamp` limits each bias to [-clamp, clamp] (OpenAI's 100)."""
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        bias = {}
+        for item in value:
+            try:
+                k, v = str(item).split("=", 1)
+                bias[int(k)] = float(v)
+            except ValueError:
+                raise LMStackError(f"logit bias expects TOKEN_ID=BIAS (e.g. 50256=-100), got {item!r}") from None
+    else:
+        try:
+            bias = {int(k): float(v) for k, v in dict(value).items()}
+        except (TypeError, ValueError):
+            raise LMStackError(f"logit_bias must map token ids to numbers, got {value!r}") from None
+    if any(k < 0 or (vocab_size is not None and k >= vocab_size) for k in bias):
+        limit = f"in [0, {vocab_size})" if vocab_size is not None else ">= 0"
+        raise LMStackError(f"logit_bias token ids must be {limit}, got {sorted(bias)[:8]}")
+    if any(v != v or v in (float("inf"), float("-inf")) for v in bias.values()):
+        raise LMStackError("logit_bias values must be finite numbers (-100 bans a token, 100 forces it)")
+    if clamp is not None:
+        bias = {k: max(-clamp, min(clamp, v)) for k, v in bias.items()}
+    return bias or None
 
 
 def _rows(ids, B: int) -> list[torch.Tensor]:

@@ -7,19 +7,20 @@ from typing import Sequence
 import torch
 
 from ..errors import ContextLengthError, LMStackError
+from ..models.utils import eval_mode
 
 
-def token_logprobs(model, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> tuple[torch.Tensor,
-                                                                                                torch.Tensor]:
+def continuation_logprobs(model, context_ids: Sequence[int], continuation_ids: Sequence[int]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token (logprob, is_argmax) of `continuation_ids` given `context_ids`, from one forward pass."""
-    lp, greedy, _ = token_logprobs_top(model, context_ids, continuation_ids)
+    lp, greedy, _ = continuation_logprobs_top(model, context_ids, continuation_ids)
     return lp, greedy
 
 
 @torch.inference_mode()
-def token_logprobs_top(model, context_ids: Sequence[int], continuation_ids: Sequence[int], top_n: int = 0
+def continuation_logprobs_top(model, context_ids: Sequence[int], continuation_ids: Sequence[int], top_n: int = 0
                        ) -> tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, float]]]]:
-    """`token_logprobs` plus, per continuation token, the `top_n` most likely (id, logprob) at that position (the
+    """`continuation_logprobs` plus, per continuation token, the `top_n` most likely (id, logprob) at that position (the
     server's `echo` + `logprobs`)."""
     ctx, cont = list(context_ids), list(continuation_ids)
     if not ctx:
@@ -31,13 +32,9 @@ def token_logprobs_top(model, context_ids: Sequence[int], continuation_ids: Sequ
         raise ContextLengthError(f"context ({len(ctx)} tokens) + continuation ({len(cont)} tokens) exceeds the "
                                  f"model's context window of {model.config.block_size} tokens; shorten the context")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         ids = torch.tensor([(ctx + cont)[:n]], dtype=torch.long, device=device)
         logits = model(ids)[0, len(ctx) - 1:].float()
-    finally:
-        model.train(was_training)
     logp = torch.log_softmax(logits, dim=-1)
     target = torch.tensor(cont, device=logp.device)
     lp = logp.gather(-1, target[:, None]).squeeze(-1)
@@ -51,5 +48,5 @@ def token_logprobs_top(model, context_ids: Sequence[int], continuation_ids: Sequ
 def score(model, context_ids: Sequence[int], continuation_ids: Sequence[int]) -> tuple[float, bool]:
     """(sum of log P(continuation | context), whether greedy decoding from the context would produce exactly the
     continuation): lm-evaluation-harness's `loglikelihood` request."""
-    lp, greedy = token_logprobs(model, context_ids, continuation_ids)
+    lp, greedy = continuation_logprobs(model, context_ids, continuation_ids)
     return float(lp.double().sum()), bool(greedy.all())

@@ -25,7 +25,8 @@ import torch
 
 from ..errors import LMStackError
 from ..models.kv_cache import KVCache
-from .engine import _generator, _stop_set, fit_context
+from ..models.utils import eval_mode
+from .engine import fit_context, make_generator, stop_set
 from .sampling import SamplingParams, process_logits
 
 
@@ -69,17 +70,15 @@ def speculative_generate(target, draft, prompt_ids: list[int], params: SamplingP
     if draft.config.vocab_size != V:
         raise LMStackError(f"the draft model's vocabulary ({draft.config.vocab_size} ids) differs from the target's "
                            f"({V}); speculative decoding needs a draft that shares the target's tokenizer")
-    stop_ids = _stop_set(eos_id)
+    stop_ids = stop_set(eos_id)
     block = min(target.config.block_size, draft.config.block_size)
     prompt = fit_context(list(prompt_ids), params.max_new_tokens, block, truncate)
-    gen = generator if generator is not None else _generator(params.seed)
+    gen = generator if generator is not None else make_generator(params.seed)
     out = SpeculativeResult()
     history, P = list(prompt), len(prompt)
     total = P + params.max_new_tokens
     t_dev, d_dev = next(target.parameters()).device, next(draft.parameters()).device
-    modes = (target.training, draft.training)
-    target.eval(), draft.eval()
-    try:
+    with eval_mode(target, draft):
         t_cache, d_cache = KVCache.for_model(target, 1, total), KVCache.for_model(draft, 1, total)
         # invariant: the target cache holds every history token but the last (the "pending" one)
         t_n = d_n = len(history) - 1
@@ -130,7 +129,4 @@ def speculative_generate(target, draft, prompt_ids: list[int], params: SamplingP
             d_n = min(d_n, t_n)
             if params.stop_at_eos and new[-1] in stop_ids:
                 break
-    finally:
-        target.train(modes[0])
-        draft.train(modes[1])
     return out

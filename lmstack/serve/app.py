@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import codecs
 import hmac
 import json
 import math
@@ -34,7 +33,8 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ContextLengthError, LMStackError
-from ..generate import BackgroundBatcher, SamplingParams, apply_stop_strings, beam_search, token_logprobs_top
+from ..generate import (BackgroundBatcher, SamplingParams, TextStream, beam_search, continuation_logprobs_top,
+                        parse_logit_bias, token_text)
 
 _DONE = object()
 STATIC_DIR = Path(__file__).parent / "static"  # the web playground served at /
@@ -107,16 +107,10 @@ def _stop_field(body: dict) -> list[str] | None:
 def _sampling(body: dict, max_tokens: int, vocab_size: int) -> dict:
     """SamplingParams keyword arguments from the OpenAI fields (+ the top_k / min_p / repetition_penalty
     extensions); SamplingParams itself validates the ranges."""
-    bias = _field(body, "logit_bias", "dict")
-    if bias is not None:
-        try:
-            bias = {int(k): float(v) for k, v in bias.items()}
-        except (TypeError, ValueError):
-            raise APIError(400, "'logit_bias' must map token ids to numbers", param="logit_bias") from None
-        if any(not 0 <= k < vocab_size for k in bias) or any(not math.isfinite(v) for v in bias.values()):
-            raise APIError(400, f"'logit_bias' token ids must be in [0, {vocab_size}) and biases finite",
-                           param="logit_bias")
-        bias = {k: max(-100.0, min(100.0, v)) for k, v in bias.items()}
+    try:
+        bias = parse_logit_bias(_field(body, "logit_bias", "dict"), vocab_size, clamp=100.0)
+    except LMStackError as e:
+        raise APIError(400, str(e), param="logit_bias") from None
     seed = _field(body, "seed", "int")
     return dict(max_new_tokens=max_tokens, temperature=_field(body, "temperature", "float", 1.0),
                 top_p=_field(body, "top_p", "float", 1.0), top_k=_field(body, "top_k", "int", 0),
@@ -129,67 +123,12 @@ def _sampling(body: dict, max_tokens: int, vocab_size: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- generation
-@dataclass
-class ChoiceState:
-    """What one generated choice ended with."""
-    tokens: int = 0          # sampled tokens, the end token included (the usage count)
-    hit_end: bool = False    # an EOS / end-of-turn token ended it
-    exhausted: bool = False  # the token stream ended by itself (not cut by a stop string)
-    finish_reason: str | None = None
-
-
-@dataclass
-class Piece:
-    text: str
-    steps: list = field(default_factory=list)  # TokenSteps whose text is (at least partly) in `text`
-
-
-def generate_pieces(lm, steps, sp: SamplingParams, stop_ids: set[int], state: ChoiceState) -> Iterator[Piece]:
-    """Text pieces of one choice (from `steps`, its engine token stream) with the TokenSteps behind them, stop strings
-    applied the way `LM.stream` does (so the joined text equals `LM.generate`'s). Closing `steps` (at a stop string)
-    ends the generation. Fills `state` when done."""
-    pending: list = []
-
-    def pieces():
-        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        try:
-            for st in steps:
-                state.tokens += 1
-                if sp.stop_at_eos and st.token in stop_ids:
-                    state.hit_end = True
-                    break
-                pending.append(st)
-                text = dec.decode(lm.tokenizer.token_bytes(st.token))
-                if text:
-                    yield text
-            tail = dec.decode(b"", final=True)
-            if tail:
-                yield tail
-            state.exhausted = True
-        finally:
-            steps.close()
-
-    src = pieces()
-    try:
-        for text in apply_stop_strings(src, sp.stop):
-            yield Piece(text, pending[:])
-            pending.clear()
-    finally:
-        src.close()
-    if state.hit_end or not state.exhausted:
-        state.finish_reason = "stop"
-    else:
-        state.finish_reason = "length" if state.tokens >= sp.max_new_tokens else "stop"
-
-
-def _decode(tokenizer, ids: list[int]) -> Iterator[str]:
-    from ..lm import decode_stream
-    return decode_stream(tokenizer, ids)
-
-
-def token_str(tokenizer, t: int) -> str:
-    b = tokenizer.token_bytes(t)
-    return b.decode("utf-8", errors="replace") if b else tokenizer.decode([t])
+def generate_pieces(lm, steps, sp: SamplingParams, stop_ids: set[int], ts: TextStream | None = None):
+    """Text pieces (with the TokenSteps behind them) of one choice from `steps`, its engine token stream, through
+    the one TextStream (so the joined text equals `LM.generate`'s). Closing `steps` (at a stop string) ends the
+    generation; `ts` is left with the token count and finish reason."""
+    ts = ts if ts is not None else TextStream(lm.tokenizer, stop_ids, sp.stop, sp.stop_at_eos)
+    yield from ts.pieces(steps)
 
 
 class _NoTokens:
@@ -522,7 +461,7 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
         for x in items:
             if isinstance(x, str):
                 try:
-                    out.append((lm._prompt_ids(x), x))
+                    out.append((lm.prompt_ids(x), x))
                 except LMStackError as e:
                     raise APIError(400, str(e), param="prompt") from None
             else:
@@ -562,35 +501,34 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
         def lp_block(steps, offset: int) -> dict:
             lpb = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             for s in steps:
-                t = token_str(tok, s.token)
+                t = token_text(tok, s.token)
                 lpb["tokens"].append(t)
                 lpb["token_logprobs"].append(s.logprob)
-                lpb["top_logprobs"].append({token_str(tok, i): v for i, v in s.top[:top_n]} if top_n else None)
+                lpb["top_logprobs"].append({token_text(tok, i): v for i, v in s.top[:top_n]} if top_n else None)
                 lpb["text_offset"].append(offset)
                 offset += len(t)
             return lpb
 
         def echo_block(ids: list[int]) -> dict:
-            lp, _, top = token_logprobs_top(lm.model, ids[:1], ids[1:], top_n or 0)
+            lp, _, top = continuation_logprobs_top(lm.model, ids[:1], ids[1:], top_n or 0)
             lpb = {"tokens": [], "token_logprobs": [None], "top_logprobs": [None], "text_offset": []}
             lpb["token_logprobs"] += lp.tolist()
-            lpb["top_logprobs"] += [{token_str(tok, i): v for i, v in row} if top_n else None for row in top]
+            lpb["top_logprobs"] += [{token_text(tok, i): v for i, v in row} if top_n else None for row in top]
             off = 0
             for t in ids:
-                s = token_str(tok, t)
+                s = token_text(tok, t)
                 lpb["tokens"].append(s)
                 lpb["text_offset"].append(off)
                 off += len(s)
             return lpb
 
-        def run_choice(ids, text, sp, steps, echo_lp) -> Iterator[tuple[str, dict | None, ChoiceState | None]]:
+        def run_choice(ids, text, sp, steps, echo_lp) -> Iterator[tuple[str, dict | None, TextStream | None]]:
             """(text delta, logprobs delta, final state) for one choice (`steps`: its engine stream), echo first."""
-            state = ChoiceState()
+            state = TextStream(tok, eos, sp.stop, sp.stop_at_eos)
             if echo:
                 yield text, echo_lp, None
             offset = len(text) if echo else 0
             if max_tokens == 0:
-                state.finish_reason = "length"
                 yield "", None, state
                 return
             for piece in generate_pieces(lm, steps, sp, eos, state):
@@ -635,7 +573,7 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                     for i, h in enumerate(hyps):
                         ended = bool(h.tokens) and h.tokens[-1] in eos
                         toks = h.tokens[:-1] if ended else h.tokens
-                        text = "".join(apply_stop_strings(_decode(tok, toks), sp.stop))
+                        text = TextStream(tok, eos, sp.stop).decode(toks)
                         completion_tokens += len(h.tokens)
                         choices.append({"index": pi * n + i, "text": text, "logprobs": None,
                                         "finish_reason": "stop" if ended or len(toks) < max_tokens else "length"})
@@ -670,7 +608,7 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                                 state = fin or state
                             completion_tokens += state.tokens
                             choices.append({"index": pi * n + i, "text": out, "logprobs": lps,
-                                            "finish_reason": state.finish_reason})
+                                            "finish_reason": state.finish_reason(max_tokens)})
                 finally:
                     for h in handles:
                         h.cancel()
@@ -695,7 +633,7 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                         if delta or lpb or fin:
                             yield {"id": rid, "object": "text_completion", "created": now, "model": model_name,
                                    "choices": [{"index": pi * n + i, "text": delta, "logprobs": lpb,
-                                                "finish_reason": fin.finish_reason if fin else None}]}
+                                                "finish_reason": fin.finish_reason(max_tokens) if fin else None}]}
             metrics.tokens(prompt_tokens, completion_tokens)
             if include_usage:
                 yield {"id": rid, "object": "text_completion", "created": now, "model": model_name, "choices": [],
@@ -729,7 +667,7 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
         except Exception as e:  # jinja template errors on odd input
             raise APIError(400, f"the chat template failed on these messages: {e}", param="messages") from None
         try:
-            ids = lm._prompt_ids(prompt)
+            ids = lm.prompt_ids(prompt)
         except LMStackError as e:
             raise APIError(400, str(e), param="messages") from None
         max_tokens = _field(body, "max_completion_tokens", "int", None, lo=0, alias="max_tokens")
@@ -756,16 +694,16 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
         def lp_content(steps) -> list[dict]:
             out = []
             for s in steps:
-                t = token_str(tok, s.token)
+                t = token_text(tok, s.token)
                 out.append({"token": t, "logprob": s.logprob, "bytes": list(t.encode()),
-                            "top_logprobs": [{"token": token_str(tok, i), "logprob": v,
-                                              "bytes": list(token_str(tok, i).encode())} for i, v in s.top[:top_n]]})
+                            "top_logprobs": [{"token": token_text(tok, i), "logprob": v,
+                                              "bytes": list(token_text(tok, i).encode())} for i, v in s.top[:top_n]]})
             return out
 
         specs = [(ids, sp, stop_ids, top_n if want_lp else 0, "left") for sp in params]
 
         def run_choice(sp, steps):
-            state = ChoiceState()
+            state = TextStream(tok, stop_ids, sp.stop, sp.stop_at_eos)
             for piece in generate_pieces(lm, steps, sp, stop_ids, state):
                 yield piece.text, (lp_content(piece.steps) if want_lp else None), None
             yield "", None, state
@@ -784,7 +722,7 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                         completion_tokens += state.tokens
                         choices.append({"index": i, "message": {"role": "assistant", "content": out},
                                         "logprobs": {"content": lps} if want_lp else None,
-                                        "finish_reason": state.finish_reason})
+                                        "finish_reason": state.finish_reason(max_tokens)})
                 finally:
                     for h in handles:
                         h.cancel()
@@ -817,7 +755,7 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
                     if fin is not None:
                         completion_tokens += fin.tokens
                         yield chunk([{"index": i, "delta": {}, "logprobs": None,
-                                      "finish_reason": fin.finish_reason}])
+                                      "finish_reason": fin.finish_reason(max_tokens)}])
                     elif delta or lpc:
                         yield chunk([{"index": i, "delta": {"content": delta},
                                       "logprobs": {"content": lpc} if want_lp else None, "finish_reason": None}])

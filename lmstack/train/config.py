@@ -23,7 +23,8 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               list("-+0123456789."))
 
 
-def _yaml_load(text: str) -> Any:
+def yaml_load(text: str) -> Any:
+    """YAML with 1e-3-style floats read as numbers (PyYAML's YAML 1.1 reads them as strings)."""
     return yaml.load(text, Loader=_Loader)
 
 
@@ -126,7 +127,7 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         try:
-            value = _yaml_load(raw) if raw != "" else None
+            value = yaml_load(raw) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         node = out
@@ -137,10 +138,11 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_dicts(base: dict, over: dict) -> dict:
+    """Merge `over` into `base` in place, nested dicts key by key (recipe overrides); returns base."""
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
+            merge_dicts(base[k], v)
         else:
             base[k] = v
     return base
@@ -153,14 +155,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not p.exists():
             raise ConfigError(f"recipe {p} does not exist; see recipes/ for examples")
         try:
-            data = _yaml_load(p.read_text()) or {}
+            data = yaml_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise ConfigError(f"recipe {p} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {p} must be a YAML mapping of config keys")
-    _merge(data, parse_set(overrides or []))
+    merge_dicts(data, parse_set(overrides or []))
     if "preset" in data and "model" not in data:
         data["model"] = {"preset": data.pop("preset")}
     return TrainConfig.from_dict(data)

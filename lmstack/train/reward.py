@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..checkpoint import load_model, load_train_state, resolve_checkpoint, save_checkpoint
 from ..data.prefs import collate, encode_pair, load_prefs, split_prefs
 from ..errors import LMStackError
-from .config import TrainConfig, _merge, parse_set
+from .config import TrainConfig, merge_dicts, parse_set
 from .trainer import Trainer, resolve_device
 
 REWARD_MARKER = "reward_config.json"
@@ -128,7 +128,7 @@ def finetune_config(out_dir: str, defaults: dict | None = None, overrides: dict 
                              sample_tokens=0, keep_best=False)
     d.update(defaults or {})
     d.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    _merge(d, parse_set(set_items or []))
+    merge_dicts(d, parse_set(set_items or []))
     if "min_lr" not in (overrides or {}) and d["min_lr"] > d["lr"]:
         d["min_lr"] = d["lr"] * 0.1
     return TrainConfig.from_dict(d)

@@ -41,14 +41,14 @@ def sft_config(out_dir: str | Path, lora: bool, overrides: list[str] | None = No
                recipe: str | Path | None = None, **fields) -> TrainConfig:
     """TrainConfig for SFT: SFT_DEFAULTS (lr 2e-4 LoRA / 2e-5 full, min_lr = lr / 10), then a YAML recipe of
     TrainConfig keys, then `fields`, then `--set key=value` overrides."""
-    from .config import _merge, _yaml_load, parse_set
+    from .config import merge_dicts, yaml_load, parse_set
     lr = LORA_LR if lora else FULL_LR
     data: dict[str, Any] = {**SFT_DEFAULTS, "lr": lr, "min_lr": lr / 10, "out_dir": str(out_dir)}
     if recipe is not None:
         p = Path(recipe)
         if not p.is_file():
             raise ConfigError(f"recipe {p} does not exist")
-        rec = _yaml_load(p.read_text()) or {}
+        rec = yaml_load(p.read_text()) or {}
         if not isinstance(rec, dict):
             raise ConfigError(f"recipe {p} must be a YAML mapping of TrainConfig keys")
         data.update(rec)
@@ -58,7 +58,7 @@ def sft_config(out_dir: str | Path, lora: bool, overrides: list[str] | None = No
     if fields.get("max_steps") is not None and "epochs" not in fields:
         fields["epochs"] = None  # a step count replaces the default of one epoch
     data.update(fields)
-    _merge(data, sets)
+    merge_dicts(data, sets)
     if not any("min_lr" in d for d in (rec, fields, sets)):
         data["min_lr"] = data["lr"] / 10  # the schedule decays to a tenth of whatever lr was chosen
     return TrainConfig.from_dict(data)

@@ -1,0 +1,35 @@
+"""`lmstack <verb>`: thin argument parsing over the library. Each verb group is one small module here that declares
+its flags (`register(sub)`) and calls one library function; user errors print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import evaluate, finetune, models, rlhf, run, serving, train
+
+GROUPS = (train, run, models, serving, evaluate, finetune, rlhf)  # the order of `lmstack --help`
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmstack", description="A hackable language-model stack.")
+    sub = p.add_subparsers(dest="verb", required=True)
+    for group in GROUPS:
+        group.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..errors import LMStackError
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except LMStackError as e:
+        print(f"lmstack: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"lmstack: error: {e.strerror}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lmstack: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,51 @@
+"""Flags and small conversions several verb groups share."""
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def dtype(name: str | None):
+    """A --dtype value -> torch dtype (None stays None)."""
+    import torch
+    return {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+
+
+def add_sampling_flags(t: argparse.ArgumentParser, max_new: int, temperature: float) -> None:
+    t.add_argument("--max-new-tokens", type=int, default=max_new)
+    t.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    t.add_argument("--top-k", type=int, default=0)
+    t.add_argument("--top-p", type=float, default=1.0)
+    t.add_argument("--min-p", type=float, default=0.0)
+    t.add_argument("--repetition-penalty", type=float, default=1.0, help="Hugging Face semantics; 1 = off")
+    t.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI semantics")
+    t.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI semantics")
+    t.add_argument("--logit-bias", action="append", metavar="ID=BIAS", help="add BIAS to token ID's logit (repeatable)")
+    t.add_argument("--min-new-tokens", type=int, default=0)
+    t.add_argument("--stop", action="append", metavar="STR", help="stop before this string (repeatable)")
+    t.add_argument("--seed", type=int)
+    t.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (bfloat16: half the bytes)")
+    t.add_argument("--quantize", choices=["int8"], help="int8 weight-only linears (fast CPU decoding)")
+
+
+def sampling(a) -> dict:
+    """SamplingParams fields from the shared decoding flags."""
+    from ..generate import parse_logit_bias
+    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                min_p=a.min_p, repetition_penalty=a.repetition_penalty, frequency_penalty=a.frequency_penalty,
+                presence_penalty=a.presence_penalty, logit_bias=parse_logit_bias(a.logit_bias),
+                min_new_tokens=a.min_new_tokens, stop=a.stop or None, seed=a.seed)
+
+
+def add_run_flags(t: argparse.ArgumentParser, lr_help: str, out: str) -> None:
+    """Flags of the fine-tuning objectives' runs (reward, DPO, PPO)."""
+    t.add_argument("--out", default=out, help=f"output run directory (checkpoints last/, metrics.jsonl; "
+                                              f"default {out})")
+    t.add_argument("--lr", type=float, help=lr_help)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--device", help="auto | cpu | cuda")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig key (repeatable)")
+    t.add_argument("--no-progress", action="store_true")

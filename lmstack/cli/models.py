@@ -1,0 +1,71 @@
+"""Verbs that move models around or describe them: convert, export, download, info."""
+from __future__ import annotations
+
+from .common import DTYPES, dtype
+
+
+def cmd_convert(a) -> None:
+    import lmstack
+    from ..checkpoint import save_checkpoint
+    lm = lmstack.load(a.src, dtype=dtype(a.dtype))
+    save_checkpoint(a.out, lm.model, lm.tokenizer)
+    print(f"converted {a.src} ({lm.model.num_params():,} parameters) -> {a.out}")
+
+
+def cmd_export(a) -> None:
+    import lmstack
+    from ..convert.hf import export_hf
+    lm = lmstack.load(a.model)
+    export_hf(lm.model, lm.tokenizer, a.out)
+    print(f"exported {a.model} as a Hugging Face model directory -> {a.out}")
+
+
+def cmd_download(a) -> None:
+    from ..convert.hub import download
+    print(download(a.repo_id, revision=a.revision, out=a.out, include=a.include))
+
+
+def cmd_info(a) -> None:
+    from ..config import ModelConfig, describe, preset
+    if a.preset:
+        cfg = preset(a.preset)
+    else:
+        from ..convert.load import resolve_source
+        if resolve_source(a.model) == "lmstack":  # the config alone: no weights loaded
+            from ..checkpoint import resolve_checkpoint
+            cfg = ModelConfig.load(resolve_checkpoint(a.model) / "config.json")
+        else:
+            import lmstack
+            cfg = lmstack.load(a.model).config
+    rows = describe(cfg, a.seq_len)
+    w = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+
+
+def register(sub) -> None:
+    t = sub.add_parser("convert", help="write an lmstack checkpoint from a Hugging Face directory or GGUF file")
+    t.add_argument("src")
+    t.add_argument("--out", required=True)
+    t.add_argument("--dtype", choices=DTYPES)
+    t.set_defaults(fn=cmd_convert)
+
+    t = sub.add_parser("export", help="write a model as a Hugging Face directory (transformers can load it)")
+    t.add_argument("model")
+    t.add_argument("--format", choices=["hf"], default="hf")
+    t.add_argument("--out", required=True)
+    t.set_defaults(fn=cmd_export)
+
+    t = sub.add_parser("download", help="download a model from the Hugging Face Hub (needs network)")
+    t.add_argument("repo_id")
+    t.add_argument("--revision")
+    t.add_argument("--out", help="target directory (default: the Hugging Face cache)")
+    t.add_argument("--include", action="append", help="only files matching this glob (repeatable)")
+    t.set_defaults(fn=cmd_download)
+
+    t = sub.add_parser("info", help="parameters, FLOPs per token, weight and KV-cache memory")
+    g = t.add_mutually_exclusive_group(required=True)
+    g.add_argument("--model")
+    g.add_argument("--preset")
+    t.add_argument("--seq-len", type=int)
+    t.set_defaults(fn=cmd_info)

@@ -1,0 +1,51 @@
+"""Verbs that serve pages and APIs: serve (OpenAI-compatible HTTP API), feedback (the voting page)."""
+from __future__ import annotations
+
+from .common import DTYPES, dtype
+
+
+def cmd_serve(a) -> None:
+    from ..serve import serve
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, model_name=a.model_name,
+          threads=a.threads, dtype=dtype(a.dtype), quantize=a.quantize)
+
+
+def cmd_feedback(a) -> None:
+    from ..serve.feedback import cmd_feedback as run
+    run(a)
+
+
+def register(sub) -> None:
+    t = sub.add_parser("serve", help="OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...)")
+    t.add_argument("--model", required=True, help="checkpoint dir, Hugging Face dir or GGUF file")
+    t.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    t.add_argument("--port", type=int, default=8000)
+    t.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    t.add_argument("--max-batch", type=int, default=16, help="generations decoding at once in the continuous batch (+64 requests queued, then 429)")
+    t.add_argument("--model-name", default=None, help="name clients pass as `model` (default: the --model value)")
+    t.add_argument("--dtype", choices=DTYPES)
+    t.add_argument("--quantize", choices=["int8"], help="int8 weight-only linears (fast CPU decoding)")
+    t.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model (default: PyTorch's); "
+                   "on a small CPU box shared with clients, one fewer than the cores lowers single-stream latency")
+    t.set_defaults(fn=cmd_serve)
+
+
+    t = sub.add_parser("feedback", help="web page to vote between two sampled completions (preference data)",
+                       description="Serve a local page that shows each prompt with two sampled completions; every "
+                                   "vote is appended (fsync) to --out at once. Restarting with the same --out "
+                                   "continues where it stopped. --export OUT writes prompt/chosen/rejected JSONL.")
+    t.add_argument("--model", help="checkpoint dir, Hugging Face dir or GGUF file")
+    t.add_argument("--prompts", help=".txt (one prompt per line) or .jsonl ({\"prompt\"} or {\"messages\"} per line)")
+    t.add_argument("--out", required=True, help="votes JSONL (appended to; already voted prompts are skipped)")
+    t.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    t.add_argument("--port", type=int, default=8008)
+    t.add_argument("--annotator", help="default annotator name (default: your user name)")
+    t.add_argument("--max-new-tokens", type=int, default=128)
+    t.add_argument("--temperature", type=float, default=1.0)
+    t.add_argument("--top-p", type=float, default=0.95)
+    t.add_argument("--seed", type=int, default=0, help="base seed; each prompt's two seeds derive from it")
+    t.add_argument("--chat", action="store_true", help="send plain prompts as a user turn (chat template)")
+    t.add_argument("--no-browser", action="store_true", help="don't open the page in a web browser")
+    t.add_argument("--export", metavar="OUT", help="write the votes in --out as prompt/chosen/rejected JSONL and exit")
+    t.add_argument("--no-edited", action="store_true", help="with --export: drop pairs whose chosen text was edited")
+    t.set_defaults(fn=cmd_feedback)

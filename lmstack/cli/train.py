@@ -1,0 +1,83 @@
+"""Verbs: tokenizer train, prepare, train (pretraining from a recipe), plot."""
+from __future__ import annotations
+
+import json
+
+
+def cmd_tokenizer_train(a) -> None:
+    from ..data.corpora import iter_texts
+    from ..tokenizer import train_bpe, train_char
+    texts = iter_texts(a.corpus, a.data_path)
+    specials = [t for t in (a.special_tokens or "").split(",") if t] or None
+    kw = dict(special_tokens=specials, bos_token=a.bos_token, pad_token=a.pad_token)
+    tok = train_char(texts, **kw) if a.type == "char" else train_bpe(texts, a.vocab_size, **kw)
+    tok.save(a.out)
+    print(f"trained {a.type} tokenizer with {tok.vocab_size} tokens -> {a.out}/tokenizer.json")
+
+
+def cmd_prepare(a) -> None:
+    from ..data.shards import TokenDataset, prepare_dataset
+    from ..tokenizer import Tokenizer
+    tok = Tokenizer.load(a.tokenizer)
+    prepare_dataset(a.corpus, tok, a.out, a.val_fraction, a.data_path)
+    ds = TokenDataset(a.out)
+    print(f"{ds.num_tokens('train'):,} train + {ds.num_tokens('val'):,} val tokens ({ds.meta['dtype']}) -> {a.out}")
+
+
+def cmd_train(a) -> None:
+    from ..train import load_recipe, pretrain
+    overrides = list(a.set or [])
+    if a.out_dir:
+        overrides.append(f"out_dir={a.out_dir}")
+    if a.resume:
+        overrides.append("resume=true")
+    if a.no_progress:
+        overrides.append("progress=false")
+    summary = pretrain(load_recipe(a.recipe, overrides))
+    sample = summary.pop("sample", None)
+    print(json.dumps(summary, indent=2))
+    if sample is not None:
+        print("---- sample ----")
+        print(sample)
+
+
+def cmd_plot(a) -> None:
+    from ..train.plot import plot_run
+    print(plot_run(a.run_dir, a.out))
+
+
+def register(sub) -> None:
+    tk = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="tverb", required=True)
+    t = tk.add_parser("train", help="train a byte-level BPE or char-level tokenizer")
+    t.add_argument("--corpus", default="pydocs", help="pydocs | shakespeare | file/dir/glob")
+    t.add_argument("--data-path", help="local file for a named corpus")
+    t.add_argument("--type", choices=["bpe", "char"], default="bpe")
+    t.add_argument("--vocab-size", type=int, default=2048)
+    t.add_argument("--special-tokens", default="<|endoftext|>",
+                   help="comma-separated special tokens; the first is EOS (default <|endoftext|>)")
+    t.add_argument("--bos-token", help="BOS token (added to the specials if missing)")
+    t.add_argument("--pad-token", help="padding token (added to the specials if missing)")
+    t.add_argument("--out", required=True, help="output directory (tokenizer.json)")
+    t.set_defaults(fn=cmd_tokenizer_train)
+
+    t = sub.add_parser("prepare", help="tokenize a corpus into memory-mapped shards with a train/val split")
+    t.add_argument("--corpus", default="pydocs")
+    t.add_argument("--data-path")
+    t.add_argument("--tokenizer", required=True, help="tokenizer.json or a directory holding it")
+    t.add_argument("--val-fraction", type=float, default=0.1)
+    t.add_argument("--out", required=True)
+    t.set_defaults(fn=cmd_prepare)
+
+    t = sub.add_parser("train", help="pretrain from a YAML recipe")
+    t.add_argument("recipe", help="recipes/*.yaml")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable; "
+                   "model.n_layer=6 for nested keys)")
+    t.add_argument("--out-dir")
+    t.add_argument("--resume", action="store_true", help="continue from <out_dir>/last")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_train)
+
+    t = sub.add_parser("plot", help="write the loss-curve PNG of a run")
+    t.add_argument("run_dir")
+    t.add_argument("--out")
+    t.set_defaults(fn=cmd_plot)
