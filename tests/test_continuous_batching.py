@@ -146,24 +146,26 @@ def test_background_batcher_threads_cancel_and_run():
             t.join(timeout=60)
         for i in range(6):
             assert results[i] == [s.token for s in alone(m, PROMPTS[i], sp)]
-        # a cancelled stream frees its row at once and ends its iteration
+        # a cancelled stream frees its row at once and ends its iteration. Event-driven: the model's forward pauses
+        # on `gate` at the first decode step that has the row in the batch, the test cancels while it is paused
         long = SamplingParams(max_new_tokens=28, temperature=0, stop_at_eos=False)
-        hook = m.register_forward_pre_hook(lambda *a: time.sleep(0.02))  # a slow model: the request is mid-way
+        in_batch, gate = threading.Event(), threading.Event()
+
+        def pause(*_):
+            if eng.active == 1 and not in_batch.is_set():
+                in_batch.set()
+                assert gate.wait(timeout=30)
+        hook = m.register_forward_pre_hook(pause)
         s = eng.submit(PROMPTS[0], long)
         next(s)
-        for _ in range(50):  # the first token is handed out just before the row joins the batch
-            if eng.active == 1:
-                break
-            time.sleep(0.002)
+        assert in_batch.wait(timeout=30)  # the row joined and a decode step with it is under way
         assert eng.active == 1
         s.cancel()
+        gate.set()
         assert len(list(s)) < 5
         hook.remove()
-        for _ in range(100):
-            if eng.active == 0:
-                break
-            time.sleep(0.01)
-        assert eng.active == 0
+        # engine calls run between decode steps: the step that was under way has dropped the cancelled row
+        assert eng.run(lambda: eng.active).result(timeout=30) == 0
         # other model work runs on the engine thread; its errors reach the caller
         assert eng.run(lambda: 41 + 1).result(timeout=10) == 42
         with pytest.raises(ZeroDivisionError):

@@ -30,7 +30,19 @@ def test_txt_file(tmp_path, char_tok, corpus_file, corpus_text):
     assert stream(ds) == char_tok.encode(corpus_text)
     assert ds.total == len(corpus_text) == ds.meta["total_tokens"]
     assert ds.tokenizer.encode(corpus_text) == char_tok.encode(corpus_text)
-    assert not (tmp_path / "d.tmp").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".d.")]  # no temp or old dir left beside it
+
+
+def test_prepare_failure_keeps_previous_data(tmp_path, char_tok, corpus_file):
+    """A prepare that fails midway (here: a corpus too small) leaves the previous data directory untouched."""
+    out = prepare_dataset(str(corpus_file), char_tok, tmp_path / "d", val_fraction=0.1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("ab")
+    with pytest.raises(LMStackError, match="too small"):
+        prepare_dataset(str(tiny), char_tok, tmp_path / "d", val_fraction=0.1)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".d.")]
 
 
 def test_md_file_and_bpe_tokenizer(tmp_path):

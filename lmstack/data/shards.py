@@ -9,13 +9,12 @@ The validation split is the last `val_fraction` of the token stream (the end of 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_dir, recover_dir
 from ..errors import LMStackError
 from ..tokenizer import Tokenizer
 from .corpora import iter_corpus
@@ -25,14 +24,26 @@ SHARD_TOKENS = 1 << 28  # 256M tokens per shard file
 
 def prepare_dataset(corpus: str, tokenizer: Tokenizer, out_dir: str | Path, val_fraction: float = 0.1,
                     data_path: str | None = None, shard_tokens: int = SHARD_TOKENS, progress=None) -> Path:
-    """Stream-tokenize `corpus` into shards under out_dir. Documents are separated by the EOS token."""
+    """Stream-tokenize `corpus` into shards under out_dir. Documents are separated by the EOS token. Written
+    atomically (lmstack.atomic.atomic_dir): a crash leaves the previous data directory, never a half-written one."""
     if not 0.0 < val_fraction < 1.0:
         raise LMStackError(f"val_fraction must be in (0, 1), got {val_fraction}")
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+    with atomic_dir(out) as tmp:
+        dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.uint32
+        shards, total = _write_shards(tmp, iter_corpus(corpus, data_path), tokenizer, dtype, shard_tokens, progress)
+        if total < 4:
+            raise LMStackError(f"corpus {corpus!r} produced only {total} tokens; it is empty or too small to train on")
+        meta = {"corpus": corpus, "data_path": data_path, "dtype": np.dtype(dtype).name, "shards": shards,
+                "total_tokens": total, "split": int(total * (1.0 - val_fraction)), "val_fraction": val_fraction,
+                "vocab_size": tokenizer.vocab_size}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        tokenizer.save(tmp)
+    return out
+
+
+def _write_shards(tmp: Path, docs, tokenizer: Tokenizer, dtype, shard_tokens: int, progress) -> tuple[list, int]:
+    """Tokenize (text, starts_a_document) pieces into tokens-NNNNN.bin files under tmp; returns (shards, total)."""
     eos = tokenizer.eos_id
     shards: list[dict] = []
     f, in_shard, total, first = None, 0, 0, True
@@ -68,36 +79,24 @@ def prepare_dataset(corpus: str, tokenizer: Tokenizer, out_dir: str | Path, val_
         batch.clear()
         starts.clear()
 
-    for text, new_doc in iter_corpus(corpus, data_path):
-        batch.append(text)
-        starts.append(new_doc)
-        if len(batch) >= 16:
-            flush()
-    flush()
-    if f is not None:
-        f.close()
-    if total < 4:
-        raise LMStackError(f"corpus {corpus!r} produced only {total} tokens; it is empty or too small to train on")
-    split = int(total * (1.0 - val_fraction))
-    meta = {"corpus": corpus, "data_path": data_path, "dtype": np.dtype(dtype).name, "shards": shards,
-            "total_tokens": total, "split": split, "val_fraction": val_fraction,
-            "vocab_size": tokenizer.vocab_size}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    tokenizer.save(tmp)
-    for p in tmp.iterdir():
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+    try:
+        for text, new_doc in docs:
+            batch.append(text)
+            starts.append(new_doc)
+            if len(batch) >= 16:
+                flush()
+        flush()
+    finally:
+        if f is not None:
+            f.close()
+    return shards, total
 
 
 class TokenDataset:
     """Memory-mapped token stream with train/val views, random-window batches and sequential eval windows."""
 
     def __init__(self, data_dir: str | Path):
-        d = Path(data_dir)
+        d = recover_dir(data_dir)  # a swap a crash interrupted is finished first
         meta_file = d / "meta.json"
         if not meta_file.exists():
             raise LMStackError(f"{d} is not a prepared data directory (no meta.json); run `lmstack prepare` first")

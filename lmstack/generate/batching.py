@@ -148,13 +148,9 @@ class ContinuousBatcher:
         self.rows, self.starts, self.pos = [], [], 0
 
     # ---- internals ----------------------------------------------------------------------------------
-    def _emit(self, req: Request, logits_row: torch.Tensor, token: int, logp_row: torch.Tensor) -> None:
+    def _emit(self, req: Request, token: int, logprob: float, top: list) -> None:
         """Record and hand out one sampled token; finish the request when it ends."""
-        top = []
-        if req.top_logprobs:
-            v, i = logp_row.topk(min(req.top_logprobs, logp_row.shape[-1]))
-            top = list(zip(i.tolist(), v.tolist()))
-        step = TokenStep(token, float(logp_row[token]), top)
+        step = TokenStep(token, logprob, top)
         req.history.append(token)
         req.generated += 1
         req.pending = token
@@ -168,22 +164,35 @@ class ContinuousBatcher:
         if (p.stop_at_eos and token in req.stop_ids) or req.generated >= p.max_new_tokens:
             req._finish()
 
-    def _sample(self, reqs: list[Request], raw: torch.Tensor) -> None:
-        """raw: (n, V) float32 logits on the CPU, one row per request."""
-        logp = torch.log_softmax(raw, dim=-1)
-        toks = [0] * len(reqs)
+    def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
+        """logits: (n, V) raw logits, one row per request, on the model's device. They stay there: greedy rows take
+        an argmax in place, sampled rows go through the sampling pipeline, and only the chosen ids, their logprobs
+        and any requested top-n alternatives are copied to the host."""
+        logits = logits.float()  # no copy when already float32
+        n = len(reqs)
         easy = [i for i, r in enumerate(reqs) if _simple_greedy(r.params)]
-        if easy:
-            am = raw[easy].argmax(-1).tolist()
-            for i, t in zip(easy, am):
-                toks[i] = t
+        if len(easy) == n:
+            toks = logits.argmax(-1)
+        else:
+            toks = torch.zeros(n, dtype=torch.long, device=logits.device)
+            if easy:
+                idx = torch.tensor(easy, device=logits.device)
+                toks[idx] = logits[idx].argmax(-1)
+            for i, r in enumerate(reqs):
+                if not _simple_greedy(r.params):
+                    toks[i] = sample_next(logits[i:i + 1], r.params, r.generator, ids=[r.history],
+                                          prompt_len=len(r.prompt), eos_ids=r.stop_ids)[0]
+        logp = torch.log_softmax(logits, dim=-1)
+        chosen = logp.gather(-1, toks.view(-1, 1)).squeeze(-1).tolist()
+        tok_list = toks.tolist()
+        tops: list[list] = [[] for _ in reqs]
+        k = max((r.top_logprobs for r in reqs), default=0)
+        if k:
+            v, ix = logp.topk(min(k, logp.shape[-1]), dim=-1)
+            v, ix = v.tolist(), ix.tolist()
+            tops = [list(zip(ix[i][:r.top_logprobs], v[i][:r.top_logprobs])) for i, r in enumerate(reqs)]
         for i, r in enumerate(reqs):
-            if i in easy:
-                continue
-            toks[i] = int(sample_next(raw[i:i + 1], r.params, r.generator, ids=[r.history],
-                                      prompt_len=len(r.prompt), eos_ids=r.stop_ids)[0])
-        for i, r in enumerate(reqs):
-            self._emit(r, raw[i], toks[i], logp[i])
+            self._emit(r, tok_list[i], chosen[i], tops[i])
 
     def _admit(self, reqs: list[Request]) -> None:
         """Prefill the joining requests together (left-padded: a padding mask hides the pads and every row has its
@@ -209,7 +218,7 @@ class ContinuousBatcher:
             mask = torch.arange(Lm, device=self.device)[None, :] >= pads[:, None]
             positions = (torch.arange(Lm, device=self.device)[None, :] - pads[:, None]).clamp(min=0)
             logits = self.model(ids, cache=cache, pos=0, padding_mask=mask, positions=positions)[:, -1]
-        self._sample(reqs, logits.float().cpu())
+        self._sample(reqs, logits)
         keep = [b for b, r in enumerate(reqs) if not (r.finished or r.cancelled)]
         for b, r in enumerate(reqs):
             if b not in keep:
@@ -284,7 +293,7 @@ class ContinuousBatcher:
         logits = self.model(toks, cache=view, pos=pos, padding_mask=mask, positions=(pos - starts)[:, None])[:, -1]
         self.pos += 1
         self.steps_run += 1
-        self._sample(list(self.rows), logits.float().cpu())
+        self._sample(list(self.rows), logits)
         self._drop_cancelled()
 
 

@@ -55,8 +55,10 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 
 def _steps(logits: torch.Tensor, toks: torch.Tensor, top_logprobs: int) -> list[TokenStep]:
-    """(B, V) raw logits and the (B,) chosen ids -> one TokenStep per row."""
+    """(B, V) raw logits and the (B,) chosen ids -> one TokenStep per row. Computed where the logits are; only the
+    (B,) chosen logprobs and the (B, top_logprobs) alternatives are copied to the host."""
     logp = torch.log_softmax(logits.float(), dim=-1)
+    toks = toks.to(logp.device)
     chosen = logp.gather(-1, toks.view(-1, 1)).squeeze(-1).tolist()
     if top_logprobs:
         vals, idx = logp.topk(min(top_logprobs, logp.shape[-1]), dim=-1)
@@ -87,9 +89,9 @@ def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int |
         logits = model(ids, cache=cache, pos=0)[:, -1]
         pos = ids.shape[1]
         for _ in range(params.max_new_tokens):
-            raw = logits.float().cpu()
-            nxt = sample_next(raw, params, gen, ids=[history], prompt_len=len(prompt), eos_ids=stop_ids)
-            step = _steps(raw, nxt, top_logprobs)[0]
+            # the logits stay where the model left them: only the chosen id, its logprob (and the top-n) move
+            nxt = sample_next(logits, params, gen, ids=[history], prompt_len=len(prompt), eos_ids=stop_ids)
+            step = _steps(logits, nxt, top_logprobs)[0]
             history.append(step.token)
             yield step
             if params.stop_at_eos and step.token in stop_ids:

@@ -183,7 +183,12 @@ def process_logits(logits: torch.Tensor, p: SamplingParams, ids: torch.Tensor | 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
                 ids=None, prompt_len: int | Sequence[int] = 0, eos_ids: Iterable[int] | None = None) -> torch.Tensor:
     """(B, V) raw logits -> (B,) next token ids (argmax of the processed logits when temperature=0)."""
+    if p.greedy and not p.needs_history and not p.logit_bias:
+        return logits.argmax(-1)  # nothing to process: no copy of the (B, V) logits
     processed = process_logits(logits, p, ids, prompt_len, eos_ids)
     if p.greedy:
         return processed.argmax(-1)
-    return torch.multinomial(processed.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = processed.softmax(-1)
+    if generator is not None and probs.device != generator.device:
+        probs = probs.to(generator.device)  # the seeded stream is the same on every device
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
