@@ -1,4 +1,4 @@
-"""Verbs: tokenizer train, prepare, train (pretraining from a recipe), plot."""
+"""Verbs: tokenizer train, prepare, train (pretraining from a recipe), demo-data, plot."""
 from __future__ import annotations
 
 import json
@@ -41,6 +41,13 @@ def cmd_train(a) -> None:
         print(sample)
 
 
+def cmd_demo_data(a) -> None:
+    from ..data.synthetic import write_tour_data
+    files = write_tour_data(a.out, n_sft=a.sft, n_prompts=a.prompts, n_votes=a.votes, seed=a.seed)
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+
+
 def cmd_plot(a) -> None:
     from ..train.plot import plot_run
     print(plot_run(a.run_dir, a.out))
@@ -76,6 +83,15 @@ def register(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue from <out_dir>/last")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_train)
+
+    t = sub.add_parser("demo-data", help="small generated data sets with checkable answers for the fine-tune -> "
+                                         "feedback -> reward -> DPO -> PPO tour (sft.jsonl, prompts.txt, votes.jsonl)")
+    t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--sft", type=int, default=200, help="instruction records in sft.jsonl")
+    t.add_argument("--prompts", type=int, default=32, help="prompts in prompts.txt")
+    t.add_argument("--votes", type=int, default=64, help="simulated votes in votes.jsonl (prefer 'cat')")
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_demo_data)
 
     t = sub.add_parser("plot", help="write the loss-curve PNG of a run")
     t.add_argument("run_dir")
