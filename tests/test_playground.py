@@ -39,6 +39,22 @@ def test_static_files(server):
     assert httpx.get(server + "/static/nope.js").status_code == 404
 
 
+def test_header_shows_the_model_name_not_its_path(tiny_run, monkeypatch):
+    """`serve(run/last)` without a name: the page's header (/playground/config) says '<run>/last', no path."""
+    out, _ = tiny_run
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    from lmstack.serve import serve
+    serve(str(out / "last"), port=0)
+    srv, th, url = start_server(apps[0])
+    try:
+        cfg = httpx.get(url + "/playground/config").json()
+        assert cfg["model"] == f"{out.name}/last" and str(out) not in cfg["model"]
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
+
+
 def test_playground_in_chromium(server, chromium):
     sync_api = pytest.importorskip("playwright.sync_api")
     ARTIFACTS.mkdir(exist_ok=True)

@@ -1,6 +1,8 @@
 """`lmstack serve`: a real uvicorn server on a loopback port, driven by the official openai SDK and raw httpx."""
+import base64
 import json
 import math
+import struct
 import time
 
 import pytest
@@ -12,6 +14,7 @@ uvicorn = pytest.importorskip("uvicorn")
 import lmstack  # noqa: E402
 from lmstack.generate import score  # noqa: E402
 from lmstack.serve import create_app  # noqa: E402
+from lmstack.serve.app import default_model_name  # noqa: E402
 from conftest import make_chat_checkpoint, start_server  # noqa: E402
 
 KEY = "sk-test-key"
@@ -50,6 +53,16 @@ def test_models_health_metrics(server, client):
     assert "lmstack_requests_total" in text and "lmstack_request_duration_seconds_bucket" in text
 
 
+def _greedy_finish(lm, prompt: str, max_tokens: int, stop_ids=None, truncate=None) -> tuple[int, str]:
+    """(tokens generated, OpenAI finish_reason) of a greedy generation, from the token stream itself: 'stop' when
+    it ended on a stop token before the budget ran out, else 'length'."""
+    stops = set(stop_ids) if stop_ids is not None else {lm.tokenizer.eos_id}
+    toks = [s.token for s in lm.stream_steps(prompt, max_new_tokens=max_tokens, temperature=0, stop_ids=stops,
+                                                 truncate=truncate)]
+    ended = bool(toks) and toks[-1] in stops
+    return len(toks), "stop" if ended or len(toks) < max_tokens else "length"
+
+
 def test_completion_matches_generate(server, client):
     lm, _ = server
     kw = dict(max_new_tokens=8, temperature=0)
@@ -57,7 +70,15 @@ def test_completion_matches_generate(server, client):
     assert r.choices[0].text == lm.generate("ROMEO:", **kw)
     assert r.usage.prompt_tokens == len(lm.tokenizer.encode("ROMEO:"))
     assert 0 < r.usage.completion_tokens <= 8
-    assert r.choices[0].finish_reason in ("stop", "length")
+    n_tokens, reason = _greedy_finish(lm, "ROMEO:", 8)
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (n_tokens, reason)
+    eos = lm.tokenizer.eos_id or 0  # no stop token possible: the budget always runs out
+    r = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=5, temperature=0,
+                                  logit_bias={str(eos): -100})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    r = client.completions.create(model=NAME, prompt="ROMEO:", max_tokens=5, temperature=0,
+                                  logit_bias={str(eos): 100})  # the first token is the stop token
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == "" and r.usage.completion_tokens == 1
     # list of prompts, n, stop, extensions, seeded sampling is reproducible
     r = client.completions.create(model=NAME, prompt=["a", "b"], max_tokens=4, temperature=0, n=2, stop=["\n"],
                                   extra_body={"top_k": 5, "repetition_penalty": 1.1})
@@ -101,6 +122,8 @@ def test_chat_matches_lm_chat(server, client):
     assert r.usage.prompt_tokens == len(lm.tokenizer.encode(lm.chat_prompt(msgs)))
     content = r.choices[0].logprobs.content
     assert content and all(len(c.top_logprobs) == 2 and c.logprob <= 0 for c in content)
+    n_tokens, reason = _greedy_finish(lm, lm.chat_prompt(msgs), 8, lm.tokenizer.end_of_turn_ids, "left")
+    assert (r.usage.completion_tokens, r.choices[0].finish_reason) == (n_tokens, reason)
 
 
 def test_embeddings(server, client):
@@ -111,6 +134,25 @@ def test_embeddings(server, client):
         assert math.isclose(math.sqrt(sum(x * x for x in d.embedding)), 1.0, rel_tol=1e-4)
     r = client.embeddings.create(model=NAME, input="one", encoding_format="float")
     assert len(r.data[0].embedding) == server[0].config.n_embd
+    full = r.data[0].embedding
+    # dimensions: the full vector's prefix, renormalised to unit length
+    for dims in (1, 5, server[0].config.n_embd // 2):
+        cut = client.embeddings.create(model=NAME, input="one", encoding_format="float", dimensions=dims)
+        v = cut.data[0].embedding
+        norm = math.sqrt(sum(x * x for x in full[:dims]))
+        assert len(v) == dims and math.isclose(math.sqrt(sum(x * x for x in v)), 1.0, rel_tol=1e-6)
+        assert all(math.isclose(a, b / norm, rel_tol=1e-6, abs_tol=1e-7) for a, b in zip(v, full[:dims]))
+    # base64: little-endian float32 bytes of the same numbers
+    for dims in (None, 5):
+        kw = {} if dims is None else {"dimensions": dims}
+        want = client.embeddings.create(model=NAME, input=["one", "two words"], encoding_format="float", **kw)
+        got = client.embeddings.create(model=NAME, input=["one", "two words"], encoding_format="base64", **kw)
+        for w, g in zip(want.data, got.data):
+            assert isinstance(g.embedding, str)
+            raw = base64.b64decode(g.embedding)
+            vals = struct.unpack(f"<{len(raw) // 4}f", raw)
+            assert len(vals) == len(w.embedding) == (dims or server[0].config.n_embd)
+            assert all(abs(a - b) <= 1e-6 for a, b in zip(vals, w.embedding))
 
 
 def test_echo_logprobs_scoring(server, client):
@@ -126,11 +168,20 @@ def test_echo_logprobs_scoring(server, client):
     want, _ = score(lm.model, ids[:n_ctx], ids[n_ctx:])
     assert math.isclose(sum(lp.token_logprobs[n_ctx:]), want, rel_tol=1e-5, abs_tol=1e-5)
     assert all(len(t) == 1 for t in lp.top_logprobs[1:])
+    assert r.choices[0].finish_reason == "length"  # max_tokens=0: the budget (none) ran out
     # token-id prompts (lm-evaluation-harness's tokenized requests), with one generated token after the echo
     r = client.completions.create(model=NAME, prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
     lp2 = r.choices[0].logprobs
     assert len(lp2.token_logprobs) == len(ids) + 1
     assert math.isclose(sum(lp2.token_logprobs[n_ctx:-1]), want, rel_tol=1e-5, abs_tol=1e-5)
+    # n > 1 with echo: each choice has the prompt's logprobs followed by its own tokens' only
+    eos = lm.tokenizer.eos_id or 0
+    r = client.completions.create(model=NAME, prompt=ctx + cont, max_tokens=3, echo=True, logprobs=1, n=2,
+                                  temperature=1.0, seed=3, logit_bias={str(eos): -100})
+    for c in r.choices:
+        assert len(c.logprobs.token_logprobs) == len(ids) + 3 and c.finish_reason == "length"
+        assert c.logprobs.token_logprobs[:len(ids)] == lp.token_logprobs
+        assert c.text.startswith(ctx + cont)
 
 
 def test_auth(server):
@@ -308,3 +359,31 @@ def test_num_beams_extension(server):
     r = httpx.post(url + "/v1/completions", headers=_h(), timeout=30,
                    json={"prompt": "ROMEO:", "max_tokens": 6, "num_beams": 2, "stream": True})
     _err(r, 400)
+
+
+def test_default_model_name_is_a_name_not_a_path(tmp_path):
+    assert default_model_name(tmp_path / "models" / "smollm2-135m") == "smollm2-135m"
+    assert default_model_name(str(tmp_path / "qwen.Q8_0.gguf")) == "qwen.Q8_0.gguf"
+    assert default_model_name(str(tmp_path / "runs" / "sft" / "last") + "/") == "sft/last"
+    assert default_model_name(tmp_path / "runs" / "dpo" / "best") == "dpo/best"
+    assert default_model_name("chat") == "chat"  # relative paths too
+    assert str(tmp_path) not in default_model_name(tmp_path / "x")
+
+
+def test_serve_default_name_hides_the_path(chat_lm, monkeypatch):
+    """`serve(model)` without model_name: /v1/models and the playground header show the directory's name."""
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    from lmstack.serve import serve
+    serve(chat_lm.path, port=0)
+    (app,) = apps
+    srv, th, url = start_server(app)
+    try:
+        assert [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]] == ["chat"]
+        cfg = httpx.get(url + "/playground/config").json()
+        assert cfg["model"] == "chat" and str(chat_lm.path) not in json.dumps(cfg)
+        r = httpx.post(url + "/v1/completions", json={"model": "chat", "prompt": "a", "max_tokens": 1}, timeout=30)
+        assert r.status_code == 200 and r.json()["model"] == "chat"
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)

@@ -1,0 +1,87 @@
+"""Prometheus metrics of the server (GET /metrics, text format 0.0.4) and the ASGI middleware that feeds them."""
+from __future__ import annotations
+
+import threading
+import time
+
+
+class Metrics:
+    """Request counts by route and status, token counts, a latency histogram; thread-safe."""
+    BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.hist = [0] * (len(self.BUCKETS) + 1)
+        self.lat_sum = 0.0
+        self.lat_count = 0
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[(route, status)] = self.requests.get((route, status), 0) + 1
+            i = next((i for i, b in enumerate(self.BUCKETS) if seconds <= b), len(self.BUCKETS))
+            self.hist[i] += 1
+            self.lat_sum += seconds
+            self.lat_count += 1
+
+    def tokens(self, prompt: int, completion: int) -> None:
+        with self.lock:
+            self.prompt_tokens += prompt
+            self.completion_tokens += completion
+
+    def render(self, active: int, queued: int = 0, batch: int = 0) -> str:
+        with self.lock:
+            out = ["# HELP lmstack_requests_total HTTP requests by route and status.",
+                   "# TYPE lmstack_requests_total counter"]
+            for (route, status), n in sorted(self.requests.items()):
+                out.append(f'lmstack_requests_total{{route="{route}",status="{status}"}} {n}')
+            out += ["# HELP lmstack_prompt_tokens_total Prompt tokens processed.",
+                    "# TYPE lmstack_prompt_tokens_total counter", f"lmstack_prompt_tokens_total {self.prompt_tokens}",
+                    "# HELP lmstack_completion_tokens_total Tokens generated.",
+                    "# TYPE lmstack_completion_tokens_total counter",
+                    f"lmstack_completion_tokens_total {self.completion_tokens}",
+                    "# HELP lmstack_requests_active Requests admitted and not finished.",
+                    "# TYPE lmstack_requests_active gauge", f"lmstack_requests_active {active}",
+                    "# HELP lmstack_queue_depth Generations waiting for a free row in the decode batch.",
+                    "# TYPE lmstack_queue_depth gauge", f"lmstack_queue_depth {queued}",
+                    "# HELP lmstack_batch_rows Generations decoding in the running batch.",
+                    "# TYPE lmstack_batch_rows gauge", f"lmstack_batch_rows {batch}",
+                    "# HELP lmstack_request_duration_seconds Request latency (to the last byte for streams).",
+                    "# TYPE lmstack_request_duration_seconds histogram"]
+            cum = 0
+            for b, n in zip(self.BUCKETS, self.hist):
+                cum += n
+                out.append(f'lmstack_request_duration_seconds_bucket{{le="{b}"}} {cum}')
+            out.append(f'lmstack_request_duration_seconds_bucket{{le="+Inf"}} {cum + self.hist[-1]}')
+            out.append(f"lmstack_request_duration_seconds_sum {self.lat_sum}")
+            out.append(f"lmstack_request_duration_seconds_count {self.lat_count}")
+        return "\n".join(out) + "\n"
+
+
+class Observe:
+    """Pure ASGI middleware (keeps streaming and disconnect detection intact): per-request status and latency, to
+    the last body byte, into `metrics`. /metrics itself is not counted. `app.add_middleware(Observe, metrics=m)`."""
+
+    def __init__(self, inner, metrics: Metrics):
+        self.inner = inner
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] == "/metrics":
+            return await self.inner(scope, receive, send)
+        t0, status, done = time.perf_counter(), [500], [False]
+
+        async def send_wrap(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            elif msg["type"] == "http.response.body" and not msg.get("more_body") and not done[0]:
+                done[0] = True
+                self.metrics.observe(scope["path"], status[0], time.perf_counter() - t0)
+            await send(msg)
+        try:
+            await self.inner(scope, receive, send_wrap)
+        finally:
+            if not done[0]:
+                self.metrics.observe(scope["path"], status[0], time.perf_counter() - t0)

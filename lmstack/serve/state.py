@@ -1,0 +1,129 @@
+"""ServerState: everything the routes share — the LM and its served name, the engine (one BackgroundBatcher decode
+loop), the pool of threads that consume its token streams, admission (requests in flight; 429 past the limit), the
+metrics and the request limits. Routes are plain functions of (state, request)."""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from fastapi import Request
+
+from ..errors import ContextLengthError, LMStackError
+from ..generate import BackgroundBatcher
+from .metrics import Metrics
+from .protocol import APIError, check_bearer, parse_body
+
+
+class NoTokens:
+    """The token stream of a max_tokens=0 choice."""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        raise StopIteration
+
+    def cancel(self) -> None:
+        pass
+
+    close = cancel
+
+
+class Admit:
+    """Count a request as active for its lifetime (`with state.admit():`); 429 when the server is full."""
+
+    def __init__(self, state: "ServerState"):
+        self.state = state
+
+    def __enter__(self):
+        s = self.state
+        if s.active >= s.max_batch + s.max_queue:
+            raise APIError(429, f"server busy: {s.active} requests in flight; retry later",
+                           "rate_limit_error", code="rate_limit_exceeded")
+        s.active += 1
+        return self
+
+    def __exit__(self, *exc):
+        self.state.active -= 1
+
+
+class ServerState:
+    """The shared state of one app (see the module docstring). api_key: required as `Authorization: Bearer KEY` on
+    every /v1 route. max_batch + max_queue: requests admitted at once; max_batch also caps the choices of one
+    request. max_body_bytes: larger bodies get 413. max_n: the largest `n`."""
+
+    def __init__(self, lm, model_name: str, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
+                 max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16):
+        self.lm, self.model_name, self.api_key = lm, model_name, api_key
+        self.max_batch, self.max_queue, self.max_body_bytes, self.max_n = max_batch, max_queue, max_body_bytes, max_n
+        self.tokenizer = lm.tokenizer
+        self.block = lm.config.block_size
+        self.vocab = lm.config.vocab_size
+        self.eos = {self.tokenizer.eos_id} - {None}
+        self.created = int(time.time())
+        self.metrics = Metrics()
+        self.active = 0  # requests admitted and not finished (changed on the event loop only)
+        self.engine = BackgroundBatcher(lm.model, max_batch=max_batch)
+        # threads that wait for tokens and turn them into text/SSE chunks (blocking waits, little CPU)
+        self.consumers = ThreadPoolExecutor(max_workers=max_batch + max_queue + 4, thread_name_prefix="lmstack-stream")
+
+    def close(self) -> None:
+        self.engine.close()
+        self.consumers.shutdown(wait=False, cancel_futures=True)
+
+    def admit(self) -> Admit:
+        return Admit(self)
+
+    # ---------------------------------------------------------------------------------------------- requests
+    def check_auth(self, request: Request) -> None:
+        check_bearer(request.headers.get("authorization", ""), self.api_key)
+
+    async def read_body(self, request: Request) -> dict:
+        """The authorised request's JSON body (413 past max_body_bytes, even while it streams in)."""
+        self.check_auth(request)
+        limit = self.max_body_bytes
+        n = request.headers.get("content-length")
+        if n is not None and n.isdigit() and int(n) > limit:
+            raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise APIError(413, f"request body over {limit} bytes", code="request_too_large")
+        return parse_body(bytes(raw), self.model_name)
+
+    # -------------------------------------------------------------------------------------------- model work
+    @staticmethod
+    async def _mapped(fut):
+        try:
+            return await fut
+        except ContextLengthError as e:
+            raise APIError(400, str(e), code="context_length_exceeded") from None
+        except LMStackError as e:
+            raise APIError(400, str(e)) from None
+
+    async def on_worker(self, fn: Callable, *args):
+        """Run model work on the engine thread (between decode steps)."""
+        return await self._mapped(asyncio.wrap_future(self.engine.run(fn, *args)))
+
+    async def on_consumer(self, fn: Callable, *args):
+        """Run a blocking consumer of engine streams on the stream thread pool."""
+        return await self._mapped(asyncio.get_running_loop().run_in_executor(self.consumers, fn, *args))
+
+    def submit_all(self, choices, handles: list) -> list:
+        """Submit every choice (.ids, .params, .stop_ids, .top_n, .truncate) now, so they decode together; each
+        stream is also put in `handles` (for cancelling on disconnect). All are cancelled if one submit fails."""
+        out = []
+        try:
+            for c in choices:
+                h = NoTokens() if c.params.max_new_tokens == 0 else \
+                    self.engine.submit(c.ids, c.params, c.stop_ids, c.truncate, c.top_n)
+                handles.append(h)
+                out.append(h)
+        except BaseException:
+            for h in handles:
+                h.cancel()
+            raise
+        return out
