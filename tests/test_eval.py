@@ -341,6 +341,56 @@ def test_interrupted_run_resumes(tiny_lm, tmp_path):
     assert json.loads(out.read_text())["results"]["arc_easy"]["metrics"] == clean["results"]["arc_easy"]["metrics"]
 
 
+def test_resume_cache_cuts_a_torn_line(tiny_lm, tmp_path):
+    """The partial log is a JsonlLog: a line cut by the interruption is skipped and cut off on reopening, so the
+    next answer starts on its own line."""
+    from lmstack.data.jsonl import read_log
+    from lmstack.eval.run import ResumeCache
+    path = tmp_path / "r.partial.jsonl"
+    c = ResumeCache(LocalBackend(tiny_lm), path)
+    first = c.loglikelihood_choices("Question: hi\nAnswer:", [" yes", " no"])
+    c.close()
+    with open(path, "ab") as f:
+        f.write(b'{"k": "torn", "v": [[')
+    c = ResumeCache(LocalBackend(tiny_lm), path)
+    assert c.loglikelihood_choices("Question: hi\nAnswer:", [" yes", " no"]) == first and c.hits == 1
+    c.loglikelihood_choices("Question: bye\nAnswer:", [" yes", " no"])
+    c.close()
+    assert [len(r["v"]) for r in read_log(path)] == [2, 2] and b"torn" not in path.read_bytes()
+
+
+def test_run_eval_from_config(tiny_lm, tmp_path):
+    """EvalConfig + run_eval (what `lmstack eval` builds) equals the keyword `evaluate`; a path loads with dtype; the
+    results JSON is written atomically (no temp file left beside it)."""
+    from lmstack.eval import EvalConfig, run_eval
+    out = tmp_path / "sub" / "res.json"
+    cfg = EvalConfig(model=tiny_lm.path, tasks="arc_easy,bigbench_tiny_mc", data_dir=str(FIX), limit=2, shots=1,
+                     dtype="float32", out=out)
+    res = run_eval(cfg)
+    want = evaluate(tiny_lm, "arc_easy,bigbench_tiny_mc", data_dir=str(FIX), limit=2, shots=1)
+    for name in ("arc_easy", "bigbench_tiny_mc"):
+        assert res["results"][name]["metrics"] == want["results"][name]["metrics"]
+    assert res["model"] == want["model"] and res["config"] == want["config"]
+    assert json.loads(out.read_text())["tasks"] == ["arc_easy", "bigbench_tiny_mc"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["res.json"]  # no .tmp, no .partial.jsonl
+
+
+def test_cli_eval_data_builds_offline_sets(tmp_path, capsys):
+    """`lmstack eval-data NAME --out DIR` (was `python -m lmstack.eval.download`): prints the folder it wrote."""
+    from lmstack.cli import main
+    from lmstack.eval.download import DOWNLOADERS
+    assert main(["eval-data", "arithmetic", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "bigbench")
+    assert resolve_tasks("bigbench_arithmetic_mc", tmp_path)[0].kind == "mc"
+    assert not list(tmp_path.rglob(".*"))  # atomic writes leave no temp files
+    assert main(["eval-data", "nosuch", "--out", str(tmp_path)]) == 2
+    assert "no downloader for 'nosuch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["eval-data", "--help"])
+    text = capsys.readouterr().out
+    assert all(name in text for name in DOWNLOADERS) and "bigbench:<task>" in text
+
+
 # ---- CLI -------------------------------------------------------------------------------------------------------
 def test_cli_eval_prints_table_and_writes_json(tiny_lm, tmp_path, capsys):
     from lmstack.cli import main

@@ -15,8 +15,8 @@ pytest.importorskip("fastapi")
 
 import lmstack  # noqa: E402
 from lmstack.errors import LMStackError  # noqa: E402
-from lmstack.serve.feedback import (append_jsonl, create_feedback_app, export_preferences, load_prompts,  # noqa: E402
-                                    read_votes)
+from lmstack.data.jsonl import JsonlLog, read_log  # noqa: E402
+from lmstack.serve.feedback import create_feedback_app, export_preferences, load_prompts  # noqa: E402
 from conftest import make_chat_checkpoint, read_jsonl, start_server  # noqa: E402
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -61,6 +61,81 @@ def test_load_prompts(tmp_path):
             load_prompts(j)
     with pytest.raises(LMStackError, match="not found"):
         load_prompts(tmp_path / "missing.txt")
+
+
+def test_txt_prompts_follow_the_one_rule(tmp_path):
+    """A .txt prompts file is read by lmstack.data.prefs.load_prompts (the rule PPO prompts use too): one prompt per
+    line, blank lines skipped, a literal \\n becomes a newline, trailing spaces kept."""
+    from lmstack.data.prefs import load_prompts as prefs_prompts
+    t = tmp_path / "p.txt"
+    t.write_text("Dear sir,\\nhello \n\n  \nThe king \n")
+    assert [i["prompt"] for i in load_prompts(t)] == prefs_prompts(t) == ["Dear sir,\nhello ", "The king "]
+
+
+def test_vote_log_fsyncs_and_cuts_a_torn_line(tmp_path, monkeypatch):
+    """Votes go through one JsonlLog(fsync=True): nothing is created before the first vote, every vote is fsync'ed
+    before append returns, a torn last line is skipped by read_log and cut when the log opens again, and a failed
+    write leaves the next vote on a line of its own."""
+    import lmstack.data.jsonl as J
+    from lmstack.serve.feedback_store import VoteLog
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(J.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    out = tmp_path / "votes.jsonl"
+    log = VoteLog(out)
+    assert log.ids() == set() and not out.exists()
+    log.append({"id": "1"})
+    assert out.read_text() == '{"id": "1"}\n' and synced  # on disk (fsync'ed) when append returns
+    n = len(synced)
+    log.append({"id": "2"})
+    assert len(synced) > n
+    log.close()
+    with open(out, "ab") as f:  # a crash in the middle of a write
+        f.write(b'{"id": "to')
+    assert [v["id"] for v in read_log(out)] == ["1", "2"]
+    log = VoteLog(out)
+    assert log.ids() == {"1", "2"}
+    log.append({"id": "3"})
+    assert out.read_text().splitlines() == ['{"id": "1"}', '{"id": "2"}', '{"id": "3"}']
+
+    def torn_write(text):  # the disk fills up half-way through a line
+        real_write(text[:5])
+        raise OSError(28, "No space left on device")
+    real_write = log._log._f.write
+    monkeypatch.setattr(log._log._f, "write", torn_write)
+    with pytest.raises(OSError):
+        log.append({"id": "4"})
+    log.append({"id": "5"})
+    log.close()
+    assert [v["id"] for v in read_log(out)] == ["1", "2", "3", "5"]
+
+
+def test_feedback_server_from_config(chat_lm, tmp_path, monkeypatch):
+    """FeedbackConfig -> feedback_server (what `lmstack feedback` builds): the page, its notes, and serve()."""
+    import uvicorn
+    import webbrowser
+    from lmstack.serve.feedback import FeedbackConfig, feedback_server
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("The king \n")
+    out = tmp_path / "votes.jsonl"
+    srv = feedback_server(FeedbackConfig(model=str(chat_lm.path), prompts=prompts, out=out, annotator="bob",
+                                         max_new_tokens=6, port=9123, open_browser=False))
+    assert srv.url == "http://localhost:9123/"
+    assert srv.notes() == [f"feedback: 0/1 prompts already voted in {out}; open {srv.url}  (Ctrl+C to stop)"]
+    c = client(srv.app)
+    nxt = c.get("/api/next").json()
+    assert nxt["sampling"]["max_new_tokens"] == 6 and nxt["model"] == str(chat_lm.path)
+    assert c.post("/api/vote", json={"id": nxt["id"], "choice": "a"}).json()["saved"]["annotator"] == "bob"
+    ran, opened = [], []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(kw))
+    monkeypatch.setattr(webbrowser, "open", opened.append)
+    srv.serve()
+    assert ran == [{"host": "127.0.0.1", "port": 9123, "log_level": "warning"}] and not opened
+    warm = feedback_server(FeedbackConfig(model=str(chat_lm.path), prompts=prompts, out=out, host="0.0.0.0",
+                                          temperature=0, chat=True))
+    notes = warm.notes()
+    assert notes[0].startswith("feedback: 1/1 prompts already voted") and "localhost:8008" in notes[0]
+    assert "no login" in notes[1] and "greedy" in notes[2]
 
 
 def test_vote_written_at_once_and_valid_jsonl(chat_lm, prompts_txt, tmp_path):
@@ -114,7 +189,7 @@ def test_resume_skips_voted(chat_lm, prompts_txt, tmp_path):
     nxt = c2.get("/api/next").json()
     assert nxt["id"] != first["id"] and nxt["prompt"] == PLAIN[1]
     assert c2.post("/api/vote", json={"id": nxt["id"], "choice": "both_bad"}).status_code == 200
-    assert [v["id"] for v in read_votes(out)] == [first["id"], nxt["id"]]  # the torn line is skipped, not fatal
+    assert [v["id"] for v in read_log(out)] == [first["id"], nxt["id"]]  # the torn line is skipped, not fatal
     assert out.read_text().splitlines()[-1].startswith('{"id"')  # the new record starts on its own line
     # the same prompt gets the same pair after a restart (seeds fixed by the prompt id)
     c3 = client(create_feedback_app(chat_lm, prompts_txt, tmp_path / "other.jsonl", sampling=SAMPLING))
@@ -192,12 +267,14 @@ def test_chat_prompts_use_template(chat_lm, tmp_path):
 def test_export(tmp_path, capsys):
     votes = tmp_path / "votes.jsonl"
     base = {"prompt": "P", "completion_a": "x", "completion_b": "y", "annotator": "ann"}
+    log = JsonlLog(votes, fsync=True)
     for rec in [{**base, "id": "1", "choice": "a", "chosen": "x", "rejected": "y", "edited": False},
                 {**base, "id": "2", "choice": "b", "chosen": "fixed", "rejected": "x", "edited": True},
                 {**base, "id": "3", "choice": "tie", "chosen": None, "rejected": None},
                 {**base, "id": "4", "choice": "both_bad", "chosen": None, "rejected": None},
                 {**base, "id": "1", "choice": "b", "chosen": "y", "rejected": "x", "edited": False}]:
-        append_jsonl(votes, rec)
+        log.append(rec)
+    log.close()
     pairs = tmp_path / "pairs.jsonl"
     counts = export_preferences(votes, pairs)
     assert counts == {"votes": 5, "written": 2, "tie": 1, "both_bad": 1, "edited": 1, "skipped_edited": 0,

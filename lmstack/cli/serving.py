@@ -11,8 +11,23 @@ def cmd_serve(a) -> None:
 
 
 def cmd_feedback(a) -> None:
-    from ..serve.feedback import cmd_feedback as run
-    run(a)
+    from ..errors import LMStackError
+    from ..serve.feedback import FeedbackConfig, export_preferences, feedback_server
+    if a.export:
+        counts = export_preferences(a.out, a.export, include_edited=not a.no_edited)
+        print(f"wrote {counts['written']} prompt/chosen/rejected pairs -> {a.export} "
+              f"(from {counts['votes']} votes: skipped {counts['tie']} tie, {counts['both_bad']} both bad, "
+              f"{counts['duplicates']} superseded, {counts['skipped_edited']} edited; {counts['edited']} edited kept)")
+        return
+    if not a.model or not a.prompts:
+        raise LMStackError("lmstack feedback needs --model and --prompts (or --export OUT to export the votes)")
+    server = feedback_server(FeedbackConfig(
+        model=a.model, prompts=a.prompts, out=a.out, host=a.host, port=a.port, annotator=a.annotator,
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed, chat=a.chat,
+        open_browser=not a.no_browser))
+    for line in server.notes():
+        print(line)
+    server.serve()
 
 
 def register(sub) -> None:
@@ -22,7 +37,9 @@ def register(sub) -> None:
     t.add_argument("--port", type=int, default=8000)
     t.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     t.add_argument("--max-batch", type=int, default=16, help="generations decoding at once in the continuous batch (+64 requests queued, then 429)")
-    t.add_argument("--model-name", default=None, help="name clients pass as `model` (default: the --model value)")
+    t.add_argument("--model-name", default=None, help="name clients pass as `model`, shown by /v1/models and the playground "
+                   "(default: the --model file or directory name, never its path; a run's last/best checkpoint "
+                   "keeps its run's name: runs/sft/last -> sft/last)")
     t.add_argument("--dtype", choices=DTYPES)
     t.add_argument("--quantize", choices=["int8"], help="int8 weight-only linears (fast CPU decoding)")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model (default: PyTorch's); "

@@ -4,8 +4,8 @@ from .backend import LocalBackend, score_batch, score_choices
 from .formats import Doc
 from .metrics import mc2_metric, mc_metrics
 from .perplexity import perplexity
-from .run import evaluate, markdown_table
+from .run import EvalConfig, evaluate, markdown_table, run_eval
 from .tasks import Task, load_tasks, resolve_tasks
 
 __all__ = ["LocalBackend", "score_batch", "score_choices", "Doc", "mc_metrics", "mc2_metric", "perplexity", "evaluate",
-           "markdown_table", "Task", "load_tasks", "resolve_tasks"]
+           "EvalConfig", "run_eval", "markdown_table", "Task", "load_tasks", "resolve_tasks"]

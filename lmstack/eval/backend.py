@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ContextLengthError, LMStackError
 from ..models.kv_cache import KVCache
+from ..models.utils import eval_mode
 
 
 def _gather(logits: torch.Tensor, targets: list[int]) -> tuple[float, bool]:
@@ -83,9 +84,7 @@ def score_batch(model, items: Sequence[tuple[Sequence[int], Sequence[Sequence[in
             for i, r in enumerate(score_batch(model, [items[q]])[0]):
                 out[q][i] = out[q][i] if out[q][i] is not None else r
         return out
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         device = next(model.parameters()).device
         B = len(qs)
         row_of = {q: b for b, q in enumerate(qs)}
@@ -125,8 +124,6 @@ def score_batch(model, items: Sequence[tuple[Sequence[int], Sequence[Sequence[in
             c = list(items[q][1][i])
             first = last[row_of[q]][None]
             out[q][i] = _gather(first if len(c) == 1 else torch.cat([first, rest[r, :len(c) - 1]], dim=0), c)
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -146,7 +143,7 @@ class LocalBackend:
 
     @property
     def prefix_id(self) -> int:
-        pid = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+        pid = self.tok.start_id
         if pid is None:
             raise LMStackError("the tokenizer has no BOS/EOS token to condition an empty context on")
         return pid
@@ -210,10 +207,8 @@ class LocalBackend:
         stride = stride or L
         if not 0 < stride <= L:
             raise LMStackError(f"stride must be in [1, {L}] (the window), got {stride}")
-        was_training = self.model.training
-        self.model.eval()
         out = []
-        try:
+        with eval_mode(self.model):
             prev_end, N = 1, len(ids)  # tokens [1, prev_end) are scored; token 0 is the prefix
             while prev_end < N:
                 end = min(L + 1 if prev_end == 1 else prev_end + stride, N)  # score tokens [prev_end, end)
@@ -224,8 +219,6 @@ class LocalBackend:
                 tgt = torch.tensor(ids[prev_end:end], device=logp.device)
                 out.append(logp.gather(-1, tgt[:, None]).squeeze(-1).cpu())
                 prev_end = end
-        finally:
-            self.model.train(was_training)
         return torch.cat(out) if out else torch.zeros(0)
 
     def generate(self, prompts: list[str], until: list[str], max_new_tokens: int, batch_size: int = 1

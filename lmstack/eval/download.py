@@ -1,23 +1,26 @@
 """Download helpers for online users: fetch the benchmarks' original files into the layout `lmstack.eval.tasks`
 reads (default root: $LMSTACK_EVAL_DATA, else ~/.cache/lmstack/eval). Never called by the tests or at import.
+Every file is written atomically (`lmstack.atomic`). The CLI is `lmstack eval-data`:
 
-    python -m lmstack.eval.download mmlu truthfulqa wic hellaswag arc gsm8k bigbench:arithmetic
-    python -m lmstack.eval.download arithmetic --out DIR     # build a BIG-bench-format arithmetic task offline
-    python -m lmstack.eval.download mmlu_lmeval_dev --out DIR  # ~270 MMLU dev questions bundled with lm-eval
+    lmstack eval-data mmlu truthfulqa wic hellaswag arc gsm8k bigbench:arithmetic
+    lmstack eval-data arithmetic --out DIR        # build a BIG-bench-format arithmetic task offline
+    lmstack eval-data mmlu_lmeval_dev --out DIR   # ~270 MMLU dev questions bundled with lm-eval
+
+    from lmstack.eval.download import download
+    download(["arithmetic"], "evaldata")          # [Path('evaldata/bigbench')]
 
 Every loader also takes a local path (TASK=PATH), so data fetched any other way works the same.
 """
 from __future__ import annotations
 
-import argparse
 import io
-import os
 import random
 import tarfile
 import urllib.request
 import zipfile
 from pathlib import Path
 
+from ..atomic import write_bytes, write_text
 from ..errors import LMStackError
 from .tasks import default_data_dir
 
@@ -43,14 +46,6 @@ def _fetch(url: str) -> bytes:
                            "pass it with TASK=PATH or --data-dir") from e
 
 
-def _write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return path
-
-
 def download_mmlu(root: Path) -> Path:
     dst = root / "mmlu"
     if (dst / "test").is_dir():
@@ -58,14 +53,14 @@ def download_mmlu(root: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(_fetch(MMLU_URL))) as tar:  # data/{dev,val,test}/*.csv
         for m in tar.getmembers():
             if m.isfile() and m.name.startswith("data/") and m.name.endswith(".csv"):
-                _write(dst / m.name[len("data/"):], tar.extractfile(m).read())
+                write_bytes(dst / m.name[len("data/"):], tar.extractfile(m).read())
     return dst
 
 
 def download_truthfulqa(root: Path) -> Path:
     for name, url in TRUTHFULQA_URLS.items():
         if not (root / "truthfulqa" / name).exists():
-            _write(root / "truthfulqa" / name, _fetch(url))
+            write_bytes(root / "truthfulqa" / name, _fetch(url))
     return root / "truthfulqa"
 
 
@@ -75,7 +70,7 @@ def _unzip(url: str, dst: Path, strip: str = "") -> None:
             if name.endswith("/") or "__MACOSX" in name:
                 continue
             rel = name[len(strip):] if strip and name.startswith(strip) else name
-            _write(dst / rel, z.read(name))
+            write_bytes(dst / rel, z.read(name))
 
 
 def download_wic(root: Path, superglue: bool = False) -> Path:
@@ -88,7 +83,7 @@ def download_wic(root: Path, superglue: bool = False) -> Path:
 def download_hellaswag(root: Path) -> Path:
     for name, url in HELLASWAG_URLS.items():
         if not (root / "hellaswag" / name).exists():
-            _write(root / "hellaswag" / name, _fetch(url))
+            write_bytes(root / "hellaswag" / name, _fetch(url))
     return root / "hellaswag"
 
 
@@ -99,21 +94,21 @@ def download_arc(root: Path) -> Path:
             for name in z.namelist():
                 parts = Path(name).parts  # ARC-V1-Feb2018-2/ARC-Easy/ARC-Easy-Test.jsonl
                 if name.endswith(".jsonl") and len(parts) >= 2 and parts[-2] in ("ARC-Easy", "ARC-Challenge"):
-                    _write(dst / parts[-2] / parts[-1], z.read(name))
+                    write_bytes(dst / parts[-2] / parts[-1], z.read(name))
     return dst
 
 
 def download_gsm8k(root: Path) -> Path:
     for name, url in GSM8K_URLS.items():
         if not (root / "gsm8k" / name).exists():
-            _write(root / "gsm8k" / name, _fetch(url))
+            write_bytes(root / "gsm8k" / name, _fetch(url))
     return root / "gsm8k"
 
 
 def download_bigbench(root: Path, name: str) -> Path:
     dst = root / "bigbench" / name / "task.json"
     if not dst.exists():
-        _write(dst, _fetch(BIGBENCH_URL.format(name=name)))
+        write_bytes(dst, _fetch(BIGBENCH_URL.format(name=name)))
     return dst.parent
 
 
@@ -141,7 +136,7 @@ def build_arithmetic(root: Path, n: int = 200, seed: int = 0) -> Path:
         task = {"name": name, "description": "Two-digit addition and subtraction (built by lmstack).",
                 "keywords": ["arithmetic"], "metrics": ["multiple_choice_grade" if name.endswith("mc") else
                                                         "exact_str_match"], "examples": ex}
-        _write(root / "bigbench" / name / "task.json", json.dumps(task, indent=1).encode())
+        write_bytes(root / "bigbench" / name / "task.json", json.dumps(task, indent=1).encode())
     return root / "bigbench"
 
 
@@ -172,8 +167,9 @@ def build_mmlu_from_lm_eval(root: Path) -> Path:
             if m and all("\n" not in m.group(k) for k in "abcd"):
                 rows.append([m.group("q").strip(), *(m.group(k).strip() for k in "abcd"), m.group("ans")])
         if rows:
-            with open(dst / f"{subject}_test.csv", "w", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerows(rows)
+            buf = io.StringIO(newline="")
+            csv.writer(buf).writerows(rows)
+            write_text(dst / f"{subject}_test.csv", buf.getvalue())
     return dst.parent
 
 
@@ -184,6 +180,8 @@ DOWNLOADERS = {"mmlu": download_mmlu, "truthfulqa": download_truthfulqa, "wic": 
 
 
 def download(names: list[str], root: str | Path | None = None) -> list[Path]:
+    """Fetch (or build) each named benchmark under `root` (default `default_data_dir()`); the folders written.
+    Names: the keys of DOWNLOADERS, or bigbench:<task>. Data already there is not fetched again."""
     root = Path(root).expanduser() if root else default_data_dir()
     out = []
     for n in names:
@@ -195,20 +193,3 @@ def download(names: list[str], root: str | Path | None = None) -> list[Path]:
             raise LMStackError(f"no downloader for {n!r}; choose from {', '.join(DOWNLOADERS)} or bigbench:<task>")
     return out
 
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("names", nargs="+", help=f"{', '.join(DOWNLOADERS)}, bigbench:<task>")
-    ap.add_argument("--out", help="data root (default $LMSTACK_EVAL_DATA or ~/.cache/lmstack/eval)")
-    a = ap.parse_args(argv)
-    try:
-        for p in download(a.names, a.out):
-            print(p)
-    except LMStackError as e:
-        print(f"lmstack: error: {e}")
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,6 +4,9 @@
     res = evaluate("model.gguf", ["mmlu", "truthfulqa_mc2"], data_dir="~/evaldata", shots=5, limit=100)
     print(res["table"])
 
+    from lmstack.eval import EvalConfig, run_eval       # the same run from one config (what `lmstack eval` builds)
+    res = run_eval(EvalConfig(model="model.gguf", tasks="mmlu", data_dir="~/evaldata", shots=5, out="res.json"))
+
 Aggregation: per task, the mean of the per-example metric with its sample standard error (stdev / sqrt(n), as
 lm-eval). Groups (MMLU): the macro-average over subjects, with stderr sqrt(sum of subject stderr^2) / k (subjects
 are independent samples); the micro-average over all questions is reported as `acc_micro`.
@@ -12,12 +15,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text
+from ..data.jsonl import JsonlLog
 from ..errors import LMStackError
 from . import metrics as M
 from .tasks import Task, resolve_tasks
@@ -112,23 +117,15 @@ def evaluate_task(backend, task: Task, shots: int = 0, limit: int | None = None,
 
 
 class ResumeCache:
-    """Wraps a backend and appends every answered request to a JSONL file (one flushed line per request), so an
+    """Wraps a backend and appends every answered request to a `JsonlLog` (one flushed line per request), so an
     interrupted run resumes where it stopped: `evaluate(..., out=F)` keeps `F.partial.jsonl` until the run
     finishes. Keys hash the model name with the full request."""
 
     def __init__(self, backend, path: Path):
         self.backend, self.path = backend, Path(path)
-        self.store: dict[str, Any] = {}
         self.hits = 0
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                    self.store[rec["k"]] = rec["v"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut by the interruption
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._log = JsonlLog(self.path)  # a line cut by the interruption is dropped on reopening
+        self.store: dict[str, Any] = {rec["k"]: rec["v"] for rec in self._log.records() if "k" in rec and "v" in rec}
 
     def __getattr__(self, name):  # everything else (name, tok, add_special_tokens, ...) from the wrapped backend
         if name == "backend":
@@ -145,8 +142,7 @@ class ResumeCache:
             return self.store[key]
         v = compute()
         self.store[key] = v
-        self._f.write(json.dumps({"k": key, "v": v}) + "\n")
-        self._f.flush()
+        self._log.append({"k": key, "v": v})
         return v
 
     def loglikelihood_choices(self, context: str, continuations: list[str]):
@@ -183,7 +179,7 @@ class ResumeCache:
         return torch.tensor(v, dtype=torch.float64)
 
     def close(self, remove: bool = False) -> None:
-        self._f.close()
+        self._log.close()
         if remove:
             self.path.unlink(missing_ok=True)
 
@@ -248,27 +244,59 @@ def make_backend(model, base_url: str | None = None, api_key: str | None = None,
     return LocalBackend(lm, add_special_tokens=add_special_tokens, max_length=max_length)
 
 
+@dataclass
+class EvalConfig:
+    """One evaluation run: what `lmstack eval` takes, flag for flag. model: a path (checkpoint dir, HF dir, GGUF
+    file), an `lmstack.LM`, a backend, or the model name on `base_url`; dtype: a torch dtype for loading a path."""
+    model: Any
+    tasks: str | list[str]
+    data_dir: str | None = None
+    shots: int = 0
+    limit: int | None = None
+    batch_size: int = 8
+    stride: int | None = None
+    max_length: int | None = None
+    max_new_tokens: int | None = None
+    seed: int = 1234
+    base_url: str | None = None
+    api_key: str | None = None
+    tokenizer: str | None = None
+    dtype: Any = None
+    log_samples: bool = False
+    progress: bool = False
+    out: str | Path | None = None
+
+
 def evaluate(model, tasks: str | list[str], data_dir: str | None = None, shots: int = 0, limit: int | None = None,
              batch_size: int = 8, stride: int | None = None, max_length: int | None = None,
              max_new_tokens: int | None = None, seed: int = 1234, base_url: str | None = None,
              api_key: str | None = None, tokenizer: str | None = None, log_samples: bool = False,
-             progress: bool = False, out: str | Path | None = None) -> dict:
+             progress: bool = False, out: str | Path | None = None, dtype=None) -> dict:
     """Evaluate `model` (a path, an `lmstack.LM`, or a model name on `base_url`) on `tasks`; returns the results
     dict (also written as JSON to `out`), with a markdown `table`. With `out`, answered requests are appended to
-    `<out>.partial.jsonl` as they come, so an interrupted run started again with the same arguments resumes."""
+    `<out>.partial.jsonl` as they come, so an interrupted run started again with the same arguments resumes.
+    The keyword form of `run_eval(EvalConfig(...))`."""
+    return run_eval(EvalConfig(model, tasks, data_dir=data_dir, shots=shots, limit=limit, batch_size=batch_size,
+                               stride=stride, max_length=max_length, max_new_tokens=max_new_tokens, seed=seed,
+                               base_url=base_url, api_key=api_key, tokenizer=tokenizer, dtype=dtype,
+                               log_samples=log_samples, progress=progress, out=out))
+
+
+def run_eval(cfg: EvalConfig) -> dict:
+    """Run the evaluation `cfg` describes (see `evaluate`); the results JSON is written atomically to `cfg.out`."""
     import random
 
     import torch
-    random.seed(seed)
-    torch.manual_seed(seed)
-    task_objs = resolve_tasks(tasks, data_dir)
-    backend = make_backend(model, base_url=base_url, api_key=api_key, tokenizer=tokenizer, max_length=max_length)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    task_objs = resolve_tasks(cfg.tasks, cfg.data_dir)
+    backend = make_backend(cfg.model, base_url=cfg.base_url, api_key=cfg.api_key, tokenizer=cfg.tokenizer,
+                           dtype=cfg.dtype, max_length=cfg.max_length)
     cache = None
-    if out:  # resumable: answered requests are kept next to the output until the run completes
-        cache = backend = ResumeCache(backend, Path(str(out) + ".partial.jsonl"))
+    if cfg.out:  # resumable: answered requests are kept next to the output until the run completes
+        cache = backend = ResumeCache(backend, Path(str(cfg.out) + ".partial.jsonl"))
     try:
-        res = _run(backend, model, tasks, task_objs, data_dir, shots, limit, batch_size, stride, max_length,
-                   max_new_tokens, seed, base_url, log_samples, progress)
+        res = _run(backend, cfg, task_objs)
     except BaseException:
         if cache is not None:
             cache.close()
@@ -276,26 +304,23 @@ def evaluate(model, tasks: str | list[str], data_dir: str | None = None, shots: 
     if cache is not None:
         res["resumed_requests"] = cache.hits
         cache.close(remove=True)
-    if out:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(res, indent=2, default=str) + "\n")
-        os.replace(tmp, out)
+    if cfg.out:
+        write_text(cfg.out, json.dumps(res, indent=2, default=str) + "\n")
     return res
 
 
-def _run(backend, model, tasks, task_objs, data_dir, shots, limit, batch_size, stride, max_length, max_new_tokens,
-         seed, base_url, log_samples, progress) -> dict:
+def _run(backend, cfg: EvalConfig, task_objs: list[Task]) -> dict:
     t0 = time.time()
     results: dict[str, dict] = {}
     configs: dict[str, dict] = {}
     samples: dict[str, list] = {}
+    shots, limit, stride, max_length, max_new_tokens = cfg.shots, cfg.limit, cfg.stride, cfg.max_length, \
+        cfg.max_new_tokens
     for task in task_objs:
         t1 = time.time()
-        r = evaluate_task(backend, task, shots=shots, limit=limit, batch_size=batch_size, stride=stride,
-                          max_length=max_length, max_new_tokens=max_new_tokens, log_samples=log_samples,
-                          progress=progress)
+        r = evaluate_task(backend, task, shots=shots, limit=limit, batch_size=cfg.batch_size, stride=stride,
+                          max_length=max_length, max_new_tokens=max_new_tokens, log_samples=cfg.log_samples,
+                          progress=cfg.progress)
         secs = time.time() - t1
         results[task.name] = {"metrics": r["metrics"], "seconds": round(secs, 3),
                               **({"totals": r["totals"]} if "totals" in r else {})}
@@ -306,49 +331,30 @@ def _run(backend, model, tasks, task_objs, data_dir, shots, limit, batch_size, s
                                                                  max_new_tokens or task.max_new_tokens}
                                                                 if task.kind == "gen" else {}),
                               **({"stride": stride, "max_length": max_length} if task.kind == "ppl" else {})}
-        if log_samples:
+        if cfg.log_samples:
             samples[task.name] = r["samples"]
     groups: dict[str, list[str]] = {}
     for task in task_objs:
         if task.group:
             groups.setdefault(task.group, []).append(task.name)
+    tasks = cfg.tasks
     res = {
-        "model": str(getattr(backend, "name", model)),
+        "model": str(getattr(backend, "name", cfg.model)),
         "backend": type(getattr(backend, "backend", backend)).__name__,
-        "base_url": base_url,
+        "base_url": cfg.base_url,
         "tasks": [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)],
-        "config": {"data_dir": str(data_dir) if data_dir else None, "shots": shots, "limit": limit,
-                   "batch_size": batch_size, "seed": seed, "stride": stride, "max_length": max_length,
+        "config": {"data_dir": str(cfg.data_dir) if cfg.data_dir else None, "shots": shots, "limit": limit,
+                   "batch_size": cfg.batch_size, "seed": cfg.seed, "stride": stride, "max_length": max_length,
                    "add_special_tokens": getattr(backend, "add_special_tokens", None)},
         "task_configs": configs,
         "versions": _versions(),
-        "seed": seed,
+        "seed": cfg.seed,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - t0, 3),
         "results": results,
         "groups": {g: _group_metrics(results, m) for g, m in groups.items() if len(m) > 1},
     }
-    if log_samples:
+    if cfg.log_samples:
         res["samples"] = samples
     res["table"] = markdown_table(res)
     return res
-
-
-def cli_main(a) -> None:
-    """`lmstack eval`: run the tasks, print the markdown table, write the JSON."""
-    dtype = None
-    if getattr(a, "dtype", None):
-        import torch
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[a.dtype]
-    model = a.model
-    if not a.base_url:
-        import lmstack
-        model = lmstack.load(a.model, dtype=dtype)
-    res = evaluate(model, a.tasks, data_dir=a.data_dir, shots=a.shots, limit=a.limit, batch_size=a.batch_size,
-                   stride=a.stride, max_length=a.max_length, max_new_tokens=a.max_new_tokens, seed=a.seed,
-                   base_url=a.base_url, api_key=a.api_key, tokenizer=a.tokenizer, log_samples=a.log_samples,
-                   progress=not a.no_progress, out=a.out)
-    print(f"model: {a.model}  tasks: {a.tasks}  shots: {a.shots}  limit: {a.limit}  ({res['seconds']:.1f}s)")
-    print(res["table"])
-    if a.out:
-        print(f"results -> {a.out}")

@@ -1,7 +1,7 @@
 """Task registry: a task name (and optional path) -> `Task` (docs, few-shot pool, prompt settings, kind).
 
 `--tasks` takes a comma-separated list of NAME or NAME=PATH. Without a PATH the data is looked up under
-`--data-dir` (default $LMSTACK_EVAL_DATA, else ~/.cache/lmstack/eval, where `lmstack.eval.download` puts it):
+`--data-dir` (default $LMSTACK_EVAL_DATA, else ~/.cache/lmstack/eval, where `lmstack eval-data` puts it):
 
   mmlu, mmlu_<subject>   <dir>/mmlu/{dev,test}/<subject>_{dev,test}.csv (also <dir>/mmlu/data/...)
   truthfulqa_mc1/_mc2    <dir>/truthfulqa/mc_task.json (or TruthfulQA.csv, or a HF-layout .jsonl)
@@ -84,8 +84,8 @@ def _first(*paths: Path) -> Path | None:
 
 
 def _missing(name: str, where) -> LMStackError:
-    return LMStackError(f"no data for task {name!r} at {where}; put the benchmark's files there (see "
-                        f"`lmstack.eval.download`), pass --data-dir, or give the path as {name}=PATH")
+    return LMStackError(f"no data for task {name!r} at {where}; put the benchmark's files there "
+                        f"(`lmstack eval-data NAME` fetches them), pass --data-dir, or give the path as {name}=PATH")
 
 
 def _mmlu_root(p: Path) -> Path:

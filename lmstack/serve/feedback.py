@@ -4,13 +4,15 @@ file and fsync'ed before the page hears "saved", so a crash loses nothing. `expo
 into the standard prompt/chosen/rejected JSONL that preference training (reward model, DPO) reads.
 
     app = create_feedback_app(lmstack.load("ckpt"), load_prompts("prompts.jsonl"), "votes.jsonl")
+    feedback_server(FeedbackConfig(model="ckpt", prompts="prompts.txt", out="votes.jsonl")).serve()  # the CLI's run
 
 Routes: GET / (the page, static/feedback.html), GET /api/next (the next unjudged prompt with completions A and B),
 POST /api/vote, POST /api/skip, GET /api/progress.
 
-Prompts file: `.txt` (one prompt per line, blank lines skipped) or `.jsonl` (one object per line with "prompt": str
-or "messages": [{"role", "content"}, ...], and an optional "id"). A "messages" prompt is rendered with the model's
-chat template when it has one; a plain prompt is sent as it is (or as one user turn with chat=True).
+Prompts file (`feedback_store.load_prompts`): `.txt` (one prompt per line, blank lines skipped, a literal `\n`
+becomes a newline) or `.jsonl` (one object per line with "prompt": str or "messages": [{"role", "content"}, ...], and
+an optional "id"). A "messages" prompt is rendered with the model's chat template when it has one; a plain prompt is
+sent as it is (or as one user turn with chat=True). Completions come from `LM.stream` (the one ids -> text path).
 
 A prompt's id is its "id" field, else a hash of its content, so a restarted session (same votes file) skips the
 prompts already voted and carries on; the two seeds of a prompt are fixed by its id, so it gets the same pair again.
@@ -25,10 +27,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -37,146 +40,18 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..data.jsonl import read_jsonl
 from ..errors import LMStackError
 from ..generate.sampling import SamplingParams
+from .feedback_store import VoteLog, export_preferences, load_prompts
+
+__all__ = ["create_feedback_app", "FeedbackConfig", "FeedbackServer", "feedback_server", "load_prompts",
+           "export_preferences"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 CHOICES = ("a", "b", "tie", "both_bad")
 DEFAULT_SAMPLING = {"max_new_tokens": 128, "temperature": 1.0, "top_p": 0.95}
 MAX_TEXT = 200_000  # characters of an edited completion
 MAX_NAME = 200      # characters of an annotator name
-
-
-# ------------------------------------------------------------------------------------------------------ prompts
-def _prompt_id(item: dict) -> str:
-    body = item["messages"] if "messages" in item else item["prompt"]
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def load_prompts(path: str | Path) -> list[dict]:
-    """Prompts from a .txt (one per line) or .jsonl ("prompt" or "messages", optional "id") file:
-    [{"id", "prompt"} | {"id", "messages"}]. Repeated prompts (same id) are kept once."""
-    path = Path(path)
-    if not path.is_file():
-        raise LMStackError(f"prompts file not found: {path} (give a .txt with one prompt per line or a .jsonl)")
-    items: list[dict] = []
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for n, obj in read_jsonl(path):
-            if isinstance(obj.get("messages"), list) and obj["messages"]:
-                msgs = obj["messages"]
-                if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                           for m in msgs):
-                    raise LMStackError(f"{path}:{n}: \"messages\" must be a list of {{\"role\", \"content\"}} strings")
-                item = {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
-            elif isinstance(obj.get("prompt"), str):
-                item = {"prompt": obj["prompt"]}
-            else:
-                raise LMStackError(f"{path}:{n}: needs a string \"prompt\" or a non-empty \"messages\" list")
-            item["id"] = str(obj["id"]) if obj.get("id") is not None else _prompt_id(item)
-            items.append(item)
-    else:
-        for line in text.splitlines():
-            if line.strip():
-                item = {"prompt": line}
-                item["id"] = _prompt_id(item)
-                items.append(item)
-    seen: dict[str, dict] = {}
-    for it in items:
-        old = seen.get(it["id"])
-        if old is not None and old != it:
-            raise LMStackError(f"{path}: id {it['id']!r} is used by two different prompts; ids must be unique")
-        seen.setdefault(it["id"], it)
-    if not seen:
-        raise LMStackError(f"{path}: no prompts found")
-    return list(seen.values())
-
-
-# -------------------------------------------------------------------------------------------------------- votes
-def read_votes(path: str | Path) -> list[dict]:
-    """The vote records in a votes file. A torn last line (a crash in the middle of a write) is skipped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
-def append_jsonl(path: str | Path, record: dict) -> None:
-    """Append one JSON line and fsync it (and, for a new file, its directory) before returning. A file whose last
-    line was torn by a crash gets a newline first, so the new record always starts on its own line."""
-    path = Path(path)
-    new = not path.exists()
-    line = json.dumps(record, ensure_ascii=False) + "\n"
-    with open(path, "ab+") as f:
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                line = "\n" + line
-        f.write(line.encode("utf-8"))
-        f.flush()
-        os.fsync(f.fileno())
-    if new and hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def export_preferences(votes_path: str | Path, out_path: str | Path, include_edited: bool = True) -> dict:
-    """Write the standard preference JSONL ({"prompt", "chosen", "rejected"} per line) from a votes file; a chat
-    prompt is written as its messages (lmstack.data.prefs renders them with the chat template and ends the
-    completions with the end-of-turn token), a plain prompt as its text. Ties and
-    both-bad votes carry no preference and are skipped; when a prompt was voted more than once the last vote wins
-    per annotator. include_edited=False drops pairs whose chosen text the annotator edited. Written atomically.
-    Returns counts: {"votes", "written", "tie", "both_bad", "edited", "skipped_edited", "duplicates"}."""
-    votes_path, out_path = Path(votes_path), Path(out_path)
-    if not votes_path.is_file():
-        raise LMStackError(f"votes file not found: {votes_path}")
-    if out_path.resolve() == votes_path.resolve():
-        raise LMStackError(f"the export would overwrite the votes file {votes_path}; pick another output name")
-    votes = read_votes(votes_path)
-    last: dict[tuple, dict] = {}
-    for v in votes:
-        last[(v.get("id"), v.get("annotator"))] = v
-    counts = {"votes": len(votes), "written": 0, "tie": 0, "both_bad": 0, "edited": 0, "skipped_edited": 0,
-              "duplicates": len(votes) - len(last)}
-    rows = []
-    for v in last.values():
-        choice = v.get("choice")
-        if choice in ("tie", "both_bad"):
-            counts[choice] += 1
-            continue
-        if choice not in ("a", "b") or not isinstance(v.get("chosen"), str) or not isinstance(v.get("rejected"), str):
-            continue
-        if v.get("edited"):
-            if not include_edited:
-                counts["skipped_edited"] += 1
-                continue
-            counts["edited"] += 1
-        prompt = v["messages"] if v.get("chat") and isinstance(v.get("messages"), list) else v["prompt"]
-        rows.append({"prompt": prompt, "chosen": v["chosen"], "rejected": v["rejected"]})
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_path)
-    counts["written"] = len(rows)
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------------------- app
@@ -211,7 +86,8 @@ def create_feedback_app(lm, prompts: list[dict] | str | Path, out_path: str | Pa
 
     by_id = {p["id"]: p for p in prompts}
     order = [p["id"] for p in prompts]
-    voted = {v.get("id") for v in read_votes(out_path)}
+    votes = VoteLog(out_path)
+    voted = votes.ids()
     state = {"skipped": set(), "session_votes": 0}
     cache: dict[str, dict] = {}   # prompt id -> the pair shown (so a reload shows the same pair)
     model_lock = threading.Lock()  # one generation at a time (the model and its KV cache are not thread-safe)
@@ -379,7 +255,7 @@ def create_feedback_app(lm, prompts: list[dict] | str | Path, out_path: str | Pa
             with file_lock:
                 if pid in voted:
                     return False
-                append_jsonl(out_path, rec)
+                votes.append(rec)  # fsync'ed before the page hears "saved"
                 voted.add(pid)
                 state["session_votes"] += 1
                 return True
@@ -392,44 +268,73 @@ def create_feedback_app(lm, prompts: list[dict] | str | Path, out_path: str | Pa
             return error(409, f"prompt {pid} already has a vote in {out_path}")
         return {"ok": True, "saved": rec, "progress": progress()}
 
-    app.state.feedback = {"out_path": out_path, "progress": progress, "cache": cache}
+    app.state.feedback = {"out_path": out_path, "progress": progress, "cache": cache, "votes": votes}
     return app
 
 
-# ------------------------------------------------------------------------------------------------------ the CLI
-def cmd_feedback(a) -> None:
-    """`lmstack feedback`: serve the page (and open it in a browser), or `--export OUT` the votes in --out."""
-    if a.export:
-        counts = export_preferences(a.out, a.export, include_edited=not a.no_edited)
-        print(f"wrote {counts['written']} prompt/chosen/rejected pairs -> {a.export} "
-              f"(from {counts['votes']} votes: skipped {counts['tie']} tie, {counts['both_bad']} both bad, "
-              f"{counts['duplicates']} superseded, {counts['skipped_edited']} edited; {counts['edited']} edited kept)")
-        return
-    if not a.model or not a.prompts:
-        raise LMStackError("lmstack feedback needs --model and --prompts (or --export OUT to export the votes)")
-    import getpass
-    import webbrowser
+# ------------------------------------------------------------------------------------------------------ serving
+@dataclass
+class FeedbackConfig:
+    """One feedback session (the `lmstack feedback` flags): the model and prompts files, the votes JSONL, where to
+    listen, the default annotator (None: the user name), the sampling settings of both completions, the base seed,
+    chat=True to send plain prompts as a user turn, and whether to open the page in a browser."""
+    model: str
+    prompts: str | Path
+    out: str | Path
+    host: str = "127.0.0.1"
+    port: int = 8008
+    annotator: str | None = None
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 0.95
+    seed: int = 0
+    chat: bool = False
+    open_browser: bool = True
 
-    import uvicorn
+
+@dataclass
+class FeedbackServer:
+    """A ready feedback page: `notes()` says where it is (and warns), `serve()` runs it until Ctrl+C."""
+    app: Any
+    url: str
+    config: FeedbackConfig
+
+    def notes(self) -> list[str]:
+        cfg, p = self.config, self.app.state.feedback["progress"]()
+        out = [f"feedback: {p['done']}/{p['total']} prompts already voted in {cfg.out}; open {self.url}  "
+               "(Ctrl+C to stop)"]
+        if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+            out.append("feedback: warning: the page has no login; anyone who can reach this address can vote")
+        if cfg.temperature == 0:
+            out.append("feedback: warning: --temperature 0 is greedy decoding, so completions A and B will be the "
+                       "same")
+        return out
+
+    def serve(self) -> None:
+        import webbrowser
+
+        import uvicorn
+        if self.config.open_browser:
+            threading.Timer(1.0, lambda: webbrowser.open(self.url)).start()
+        try:
+            uvicorn.run(self.app, host=self.config.host, port=self.config.port, log_level="warning")
+        finally:
+            self.app.state.feedback["votes"].close()
+
+
+def feedback_server(cfg: FeedbackConfig) -> FeedbackServer:
+    """Load the prompts and the model of `cfg` and build the page (nothing is served until `.serve()`)."""
+    import getpass
 
     import lmstack
-    prompts = load_prompts(a.prompts)
-    lm = lmstack.load(a.model)
+    prompts = load_prompts(cfg.prompts)
+    lm = lmstack.load(cfg.model)
     try:
-        default_name = a.annotator or getpass.getuser()
+        default_name = cfg.annotator or getpass.getuser()
     except Exception:  # no user name in this environment
-        default_name = a.annotator
-    sampling = {"max_new_tokens": a.max_new_tokens, "temperature": a.temperature, "top_p": a.top_p}
-    app = create_feedback_app(lm, prompts, a.out, annotator=default_name, sampling=sampling, model_name=a.model,
-                              chat=True if a.chat else None, seed=a.seed)
-    p = app.state.feedback["progress"]()
-    host = "localhost" if a.host in ("127.0.0.1", "0.0.0.0", "::") else a.host
-    url = f"http://{host}:{a.port}/"
-    print(f"feedback: {p['done']}/{p['total']} prompts already voted in {a.out}; open {url}  (Ctrl+C to stop)")
-    if a.host not in ("127.0.0.1", "localhost", "::1"):
-        print("feedback: warning: the page has no login; anyone who can reach this address can vote")
-    if a.temperature == 0:
-        print("feedback: warning: --temperature 0 is greedy decoding, so completions A and B will be the same")
-    if not a.no_browser:
-        threading.Timer(1.0, lambda: webbrowser.open(url)).start()
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+        default_name = cfg.annotator
+    sampling = {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p}
+    app = create_feedback_app(lm, prompts, cfg.out, annotator=default_name, sampling=sampling, model_name=cfg.model,
+                              chat=True if cfg.chat else None, seed=cfg.seed)
+    host = "localhost" if cfg.host in ("127.0.0.1", "0.0.0.0", "::") else cfg.host
+    return FeedbackServer(app, f"http://{host}:{cfg.port}/", cfg)
