@@ -2,7 +2,8 @@
 decoding, scoring, embeddings, and the one token-ids -> text stream (text.py)."""
 from .beam import BeamHypothesis, beam_search
 from .engine import TokenStep, fit_context, generate, generate_text, make_generator, stop_set, stream_steps, stream_tokens
-from .batching import PREFILL_BATCH_TOKENS, BackgroundBatcher, ContinuousBatcher, Request, StepStream, generate_batch
+from .batching import PREFILL_BATCH_TOKENS, ContinuousBatcher, Request, generate_batch
+from .background import BackgroundBatcher, StepStream
 from .embed import embed
 from .sampling import SamplingParams, parse_logit_bias, process_logits, sample_next
 from .score import continuation_logprobs, continuation_logprobs_top, score
