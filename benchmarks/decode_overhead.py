@@ -5,7 +5,7 @@ commit), same machine, same run, alternating A/B/A/B so drift hits both.
     python benchmarks/decode_overhead.py --before /tmp/lmstack-before [--model GGUF] [--rounds 3]
 
 Each measurement runs in a fresh subprocess with PYTHONPATH pointing at one checkout: greedy decode tok/s at
-batch 1 (stream_steps) and batch 8 (continuous batcher), float32 and bfloat16 weights. Prints a markdown table
+batch 1 (stream_steps) and batch 8 (continuous batcher), float32 / bfloat16 / int8 weights. Prints a markdown table
 with the after/before ratio."""
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ import json, sys, torch
 torch.set_num_threads(int(sys.argv[4]))
 import lmstack
 from lmstack.generate.bench import DEFAULT_PROMPT, bench_generate
-lm = lmstack.load(sys.argv[1], dtype=None if sys.argv[2] == "float32" else getattr(torch, sys.argv[2]))
+w = sys.argv[2]
+lm = lmstack.load(sys.argv[1], dtype=getattr(torch, w) if w in ("bfloat16", "float16") else None,
+                  quantize="int8" if w == "int8" else None)
 ids = lm.tokenizer.encode(DEFAULT_PROMPT)
 r = bench_generate(lm.model, ids, new_tokens=int(sys.argv[5]), batch=int(sys.argv[3]), warmup=1)
 print(json.dumps({"decode_tok_s": r.decode_tok_s, "tokens": r.tokens[:16]}))
@@ -45,9 +47,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--weights", default="float32,bfloat16,int8", help="comma-separated: float32, bfloat16, int8")
     a = ap.parse_args()
     rows = []
-    for dtype in ("float32", "bfloat16"):
+    for dtype in a.weights.split(","):
         for batch in (1, 8):
             res: dict[str, list[float]] = {"before": [], "after": []}
             toks = {}
