@@ -189,3 +189,42 @@ def test_adapter_loads_in_peft(tmp_path):
     pm = PeftModel.from_pretrained(base, tmp_path / "ad").eval()
     with torch.no_grad():
         torch.testing.assert_close(pm(x).logits, m.eval()(x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("targets", ["q,v", "q,k,v,o,gate,up,down", "k"])
+def test_factors_exact_cached_without_grad_and_invalidated_by_updates(targets):
+    """LoRALinear builds its stacked A / block-diagonal B in one op (B @ A == delta_weight / scaling exactly),
+    caches them while no gradient is needed, and an optimizer step (or a load) invalidates the cache."""
+    m = _model("llama")
+    apply_lora(m, LoRAConfig.parse(f"r=4,alpha=8,dropout=0,targets={targets}"))
+    for p in lora_parameters(m):
+        torch.nn.init.normal_(p, std=0.1)
+    layers = [l for _, l in m.named_modules() if isinstance(l, LoRALinear)]
+
+    def check_exact():
+        for l in layers:
+            A, B = l._factors()
+            torch.testing.assert_close(B @ A * l.scaling, l.delta_weight(), atol=1e-6, rtol=0)
+    check_exact()
+    multi = [l for l in layers if not l._single]
+    assert multi
+    with torch.no_grad():
+        first = [l._factors() for l in multi]
+        again = [l._factors() for l in multi]
+    assert all(a[1] is b[1] for a, b in zip(first, again))             # cached: no rebuild
+    x = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        before = m(x)
+    m(x).float().sum().backward()                                      # gradients flow through the built B
+    assert all(p.grad is not None for p in lora_parameters(m))
+    assert all(float(l.lora_B[n].grad.abs().sum()) > 0 for l in multi for n in l.segments)
+    _train_a_bit(m, x, steps=2)
+    with torch.no_grad():
+        after = m(x)
+        assert not torch.equal(before, after)
+        assert all(l._factors()[1] is not f[1] for l, f in zip(multi, first))  # the update invalidated the cache
+    check_exact()
+    # the cached no-grad forward equals the training-mode (grad) forward exactly
+    with torch.no_grad():
+        cached = m(x)
+    torch.testing.assert_close(m(x).detach(), cached, atol=0, rtol=0)

@@ -280,6 +280,15 @@ def test_cli_reward_train_and_score(tmp_path, tiny_run, prefs_file, cli):
     assert "held-out pairwise accuracy" in r.stdout
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["val_pairs"] == 2 and 0.0 <= summary["val_accuracy"] <= 1.0
+    # the reported accuracy is the held-out fraction recomputed here from the saved model
+    from lmstack.data.prefs import load_prefs, split_prefs
+    from lmstack.train.reward import load_reward_model
+    rm, rtok = load_reward_model(out / "last")
+    _, val = split_prefs(load_prefs(prefs_file, rtok), 0.34, seed=1337)   # the run's split (default seed)
+    rc = rm.score_pairs(rtok, [e.prompt for e in val], [e.chosen for e in val])
+    rr = rm.score_pairs(rtok, [e.prompt for e in val], [e.rejected for e in val])
+    assert len(val) == 2 and min(abs(a - b) for a, b in zip(rc, rr)) > 1e-6  # no near-ties: the fraction is sharp
+    assert summary["val_accuracy"] == pytest.approx(sum(a > b for a, b in zip(rc, rr)) / len(val))
     rows = read_jsonl(out / "metrics.jsonl")
     assert rows[-1]["step"] == 4 and "val_accuracy" in rows[-1]
     r = cli("reward", "score", "--model", str(out / "last"), "the cat sat", "the dog")
@@ -307,8 +316,26 @@ def test_cli_dpo_full_and_lora(tmp_path, tiny_run, prefs_file, cli):
     r = cli("dpo", "--model", str(run_dir / "last"), "--data", str(prefs_file), "--out", str(out2), "--steps", "2",
                 "--batch-size", "2", "--lora", "r=4,alpha=8,dropout=0,targets=q,v", "--ref", "live", "--no-progress")
     assert r.returncode == 0, r.stderr
-    assert (out2 / "last" / "adapter").is_dir()
-    lmstack.load(out2 / "last")           # merged weights: a plain checkpoint
+    # the one LoRA layout (as SFT's): adapter tensors + adapter files naming the base, in last/ itself
+    from safetensors.torch import load_file
+    from lmstack.models.lora import load_adapter
+    assert (out2 / "last" / "adapter_config.json").is_file() and (out2 / "last" / "adapter_model.safetensors").is_file()
+    assert all(".lora_" in k for k in load_file(str(out2 / "last" / "model.safetensors")))
+    merged = lmstack.load(out2 / "last")  # the merged policy, built from the recorded base + the adapter
+    policy = lmstack.load(run_dir / "last").model
+    load_adapter(policy, out2 / "last")   # base + adapter, unmerged: the model DPO trained
+    x = torch.randint(0, merged.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        want, got = policy(x), merged.model(x)
+        base_logits = lmstack.load(run_dir / "last").model(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, base_logits, atol=1e-6)  # the adapter did train (B moved away from zero)
+    # merge-lora from the run directory alone (the run records its base model)
+    r = cli("merge-lora", str(out2), "--out", str(tmp_path / "dpo_merged"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["max_logit_diff"] < 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(lmstack.load(tmp_path / "dpo_merged").model(x), want, atol=1e-5, rtol=0)
     r = cli("dpo", "--model", str(run_dir / "last"), "--data", str(tmp_path / "nope.jsonl"), "--out", str(out2))
     assert r.returncode == 2 and "no data file" in r.stderr
 

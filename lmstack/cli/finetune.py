@@ -1,15 +1,35 @@
-"""Verbs: finetune (SFT, full or LoRA), merge-lora."""
+"""Verbs: finetune (SFT, full or LoRA), merge-lora. Thin: parse, build the config, call lmstack.train.sft, print."""
 from __future__ import annotations
+
+import json
+
+from ..errors import LMStackError
 
 
 def cmd_finetune(a) -> None:
-    from ..train.sft import cli_finetune
-    cli_finetune(a)
+    from ..train.sft import finetune, sft_config
+    fields = {k: getattr(a, k) for k in ("epochs", "max_steps", "lr", "batch_size", "grad_accum")
+              if getattr(a, k) is not None}
+    if a.resume:
+        fields["resume"] = True
+    if a.no_progress:
+        fields["progress"] = False
+    cfg = sft_config(a.out, a.lora is not None, a.set, a.recipe, **fields)
+    summary = finetune(a.model, a.data, lora=a.lora, cfg=cfg, seq_len=a.seq_len, pack=a.pack,
+                       val_data=a.val_data, val_fraction=a.val_fraction, merge=not a.no_merge,
+                       max_records=a.max_records)
+    print(json.dumps(summary, indent=2))
 
 
 def cmd_merge_lora(a) -> None:
-    from ..train.sft import cli_merge_lora
-    cli_merge_lora(a)
+    from ..train.sft import merge_adapter
+    if a.run is None and a.adapter is None:
+        raise LMStackError("merge-lora: give a LoRA run directory (`lmstack merge-lora RUN_DIR --out DIR`) or "
+                           "--adapter DIR (and optionally --model BASE)")
+    if a.run is not None and a.adapter is not None:
+        raise LMStackError("merge-lora: give a run directory or --adapter, not both")
+    res = merge_adapter(a.model, a.adapter, a.out, check=not a.no_check, run=a.run)
+    print(json.dumps(res, indent=2))
 
 
 def register(sub) -> None:
@@ -36,9 +56,13 @@ def register(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue from <out>/last")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=cmd_finetune)
-    t = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model: a plain checkpoint")
-    t.add_argument("--model", required=True, help="the base model the adapter was trained on")
-    t.add_argument("--adapter", required=True, help="adapter dir (<finetune out>/adapter, or a LoRA run's last/)")
+    t = sub.add_parser("merge-lora", help="fold a LoRA adapter into its base model: a plain checkpoint",
+                       description="lmstack merge-lora RUN_DIR --out DIR (any LoRA run: finetune, dpo, ppo; the "
+                                   "base model is the one the run recorded), or --adapter DIR [--model BASE].")
+    t.add_argument("run", nargs="?", help="a LoRA run directory (its last/ checkpoint is merged onto the base "
+                                          "model it records)")
+    t.add_argument("--model", help="the base model the adapter was trained on (default: the one it records)")
+    t.add_argument("--adapter", help="adapter dir (<finetune out>/adapter, or a LoRA run's last/)")
     t.add_argument("--out", required=True, help="where to write the merged checkpoint")
     t.add_argument("--no-check", action="store_true", help="skip the logits comparison")
     t.set_defaults(fn=cmd_merge_lora)

@@ -78,7 +78,15 @@ def load_prefs(path: str | Path, tokenizer=None) -> list[PrefExample]:
 
 
 def load_prompts(path: str | Path, tokenizer=None) -> list[str]:
-    """PPO prompts: JSONL with a 'prompt' (string or chat) or 'messages' field, or plain text, one prompt per line."""
+    """The one prompts-file reader (PPO prompts, the feedback page's prompt list), a list of prompt strings.
+
+    * `.jsonl`: one object per line with a "prompt" (a string, or a chat: a list of {role, content} messages,
+      rendered with `tokenizer`'s chat template ready for the assistant's reply) or a "messages" chat (same
+      rendering); blank lines are skipped, a bad line raises LMStackError naming file and line.
+    * any other file (.txt): one prompt per line; blank (whitespace-only) lines are skipped; a literal backslash-n
+      (the two characters `\\n`) in a line becomes a newline, so a multi-line prompt fits on one line.
+
+    An empty result (or a missing file) raises LMStackError."""
     path = Path(path)
     if not path.exists():
         raise LMStackError(f"no prompts file at {path}; pass a .jsonl file with 'prompt' fields or a text file")
@@ -120,12 +128,7 @@ def encode_pair(tokenizer, prompt: str, completion: str, max_length: int, chat: 
                 add_end: bool = True) -> tuple[list[int], int]:
     """(ids, prompt_len): prompt tokens then completion tokens (+ end token). The prompt keeps >= 1 token (the
     BOS/EOS token when empty) so the first completion token has a context to be predicted from."""
-    p = tokenizer.encode(prompt) if prompt else []
-    if not p:
-        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
-        if start is None:
-            raise LMStackError("empty prompt and the tokenizer has no BOS/EOS token to start from")
-        p = [start]
+    p = tokenizer.encode_prompt(prompt)  # an empty prompt becomes [BOS or EOS] (Tokenizer.start_id)
     c = tokenizer.encode(completion)
     end = end_token(tokenizer, chat)
     if add_end and end is not None:

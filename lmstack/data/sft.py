@@ -29,6 +29,7 @@ import torch
 
 from ..errors import LMStackError
 from .jsonl import read_jsonl
+from .sampler import epoch_batch
 from ..tokenizer import END_OF_TURN
 
 IGNORE_INDEX = -100
@@ -270,25 +271,5 @@ def collate(rows: list[Example], pad_id: int = 0) -> tuple[torch.Tensor, torch.T
 
 
 def batch_indices(n_rows: int, batch_size: int, seed: int, index: int) -> list[int]:
-    """Rows of global batch number `index`: epochs are independent seeded permutations, so a batch is a pure
-    function of (seed, index) and a resumed run sees exactly the same batches."""
-    out = []
-    for k in range(index * batch_size, (index + 1) * batch_size):
-        epoch, j = divmod(k, n_rows)
-        perm = _perm(n_rows, seed, epoch)
-        out.append(perm[j])
-    return out
-
-
-_PERM_CACHE: dict[tuple[int, int, int], list[int]] = {}
-
-
-def _perm(n: int, seed: int, epoch: int) -> list[int]:
-    key = (n, seed, epoch)
-    if key not in _PERM_CACHE:
-        if len(_PERM_CACHE) > 8:
-            _PERM_CACHE.clear()
-        order = list(range(n))
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-        _PERM_CACHE[key] = order
-    return _PERM_CACHE[key]
+    """Rows of global batch number `index` (lmstack.data.sampler.epoch_batch, the one epoch sampler)."""
+    return epoch_batch(n_rows, batch_size, seed, index)

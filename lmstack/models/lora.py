@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..atomic import write_bytes, write_text
 from ..errors import ConfigError, LMStackError
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -128,6 +129,10 @@ class LoRALinear(nn.Module):
             self.lora_B[name] = nn.Parameter(torch.zeros(e - s, r, **kw))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
+        self._names = list(self.segments)
+        only = next(iter(self.segments.values())) if len(self.segments) == 1 else None
+        self._single = only == (0, self.out_features)  # one adapter over all rows: A and B are the parameters
+        self._cache: tuple | None = None  # (versions of the adapter tensors, A, B) of the last no-grad forward
         for attr in ("residual_scale",):
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
@@ -141,16 +146,33 @@ class LoRALinear(nn.Module):
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of the whole layer: A stacks the adapters' A (k*r, in); B is block-diagonal (out, k*r), with the
-        zero rows of unadapted slices, so B @ A == delta_weight / scaling and one pair of matmuls covers q, k, v."""
-        names = list(self.segments)
-        if len(names) == 1:
-            (s, e), = self.segments.values()
-            if s == 0 and e == self.out_features:
-                return self.lora_A[names[0]], self.lora_B[names[0]]
-        A = torch.cat([self.lora_A[n] for n in names]) if len(names) > 1 else self.lora_A[names[0]]
-        B = A.new_zeros(self.out_features, self.r * len(names))
-        for j, (n, (s, e)) in enumerate(self.segments.items()):
-            B[s:e, j * self.r:(j + 1) * self.r] = self.lora_B[n]
+        zero rows of unadapted slices, so B @ A == delta_weight / scaling and one pair of matmuls covers q, k, v.
+
+        Built in one op (torch.block_diag) and, when no gradient is needed (generation, eval, a frozen adapter),
+        cached until an adapter tensor changes (an optimizer step or a load bumps its version counter)."""
+        if self._single:
+            name = self._names[0]
+            return self.lora_A[name], self.lora_B[name]
+        params = [self.lora_A[n] for n in self._names] + [self.lora_B[n] for n in self._names]
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        if not grad:
+            key = tuple((p.data_ptr(), p._version) for p in params)
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1], self._cache[2]
+        A = torch.cat([self.lora_A[n] for n in self._names]) if len(self._names) > 1 else self.lora_A[self._names[0]]
+        blocks, row = [], 0
+        for n, (s, e) in self.segments.items():
+            if s > row:  # rows no adapter touches: a zero-width block keeps them zero
+                blocks.append(A.new_zeros(s - row, 0))
+            blocks.append(self.lora_B[n])
+            row = e
+        if row < self.out_features:
+            blocks.append(A.new_zeros(self.out_features - row, 0))
+        B = torch.block_diag(*blocks)
+        if grad:
+            self._cache = None
+        else:
+            self._cache = (key, A, B)
         return A, B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -305,27 +327,23 @@ def lora_state_dict(model: nn.Module, peft_names: bool | None = None) -> dict[st
 
 def save_adapter(model: nn.Module, directory: str | Path, cfg: LoRAConfig | None = None,
                  base_model: str | None = None) -> Path:
-    """Write adapter_model.safetensors + adapter_config.json (PEFT's file names and config fields)."""
-    from safetensors.torch import save_file
+    """Write adapter_model.safetensors + adapter_config.json (PEFT's file names and config fields), each atomically
+    (lmstack.atomic). base_model: recorded as base_model_name_or_path (lmstack.load and `merge-lora RUN` read it)."""
+    from safetensors.torch import save
     cfg = cfg or getattr(model, "lora_config", None)
     if cfg is None:
         raise LMStackError("save_adapter needs the LoRAConfig the adapters were made with")
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
     peft = _uses_peft_names(model)
-    sd = lora_state_dict(model, peft)
-    tmp = d / f".{ADAPTER_WEIGHTS}.tmp"
-    save_file(sd, str(tmp), metadata={"format": "pt"})
-    tmp.replace(d / ADAPTER_WEIGHTS)
+    sd = {k: v.cpu() for k, v in lora_state_dict(model, peft).items()}
+    write_bytes(d / ADAPTER_WEIGHTS, save(sd, metadata={"format": "pt"}))
     meta = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
             "target_modules": sorted({PEFT_NAMES[t].split(".")[-1] for t in cfg.targets}),
             "base_model_name_or_path": base_model}
     if not peft:  # lmstack tensor names (non-Llama layouts): PEFT cannot read these anyway
         meta["lmstack"] = {"targets": list(cfg.targets), "naming": "lmstack"}
-    tmp = d / f".{ADAPTER_CONFIG}.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(d / ADAPTER_CONFIG)
+    write_text(d / ADAPTER_CONFIG, json.dumps(meta, indent=2))
     return d
 
 

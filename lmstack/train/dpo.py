@@ -15,26 +15,34 @@ base weights are the reference, so no copy at all). `ref_model=` takes another c
 Metrics (metrics.jsonl via the Trainer, at every eval): held-out val_loss, val_accuracy, val_margin,
 val_rewards_chosen / val_rewards_rejected, and the training window's rewards/chosen, rewards/rejected,
 rewards/margins, rewards/accuracy averaged since the previous eval.
+
+Checkpoints: the Trainer's (full: plain checkpoints; LoRA: adapter tensors + adapter files naming the base model, the
+layout SFT and PPO use), resumable in both cases; `lmstack.load(<out>/last)` gives the trained (merged) policy.
 """
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model, save_checkpoint
+from ..convert.load import load_any
+from ..data.jsonl import JsonlLog
 from ..data.prefs import load_prefs, split_prefs
-from ..errors import LMStackError
+from ..data.sampler import epoch_batch
+from ..errors import ConfigError, LMStackError
+from ..models.lora import LoRAConfig, apply_lora, lora_disabled, trainable_summary
+from ..models.utils import eval_mode
 from .config import TrainConfig
 from .losses import IGNORE_INDEX
 from .losses import sequence_logprobs as labelled_sequence_logprobs
-from .reward import finetune_config, load_for_training, pair_batch, sample_indices
-from .trainer import Trainer
+from .reward import load_for_training, pair_batch
+from .trainer import Trainer, base_model_path
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
@@ -76,64 +84,68 @@ def _pair_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return lp[:n], lp[n:]
 
 
-class _LoRATrainer(Trainer):
-    """Checkpoints of a LoRA run: the merged weights as a standard checkpoint (loadable anywhere) plus the
-    adapter in <ckpt>/adapter/. Resume is not supported for LoRA runs."""
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    label_smoothing: float = 0.0      # conservative DPO (sigmoid loss only)
+    loss_type: str = "sigmoid"        # sigmoid | ipo
+    lora: str | None = None           # LoRA spec ('r=16,alpha=32,targets=q,k,v,o'); None = full fine-tuning
+    ref: str = "precompute"           # precompute | live
+    ref_model: str | None = None      # another model as the reference (default: the starting model)
+    val_fraction: float = 0.1         # held-out pairs for the accuracy metrics
+    max_length: int | None = None     # tokens per sequence (default: the context window)
 
-    def save(self, name: str) -> None:
-        from ..models.lora import merge_lora, save_adapter
-        merged = merge_lora(copy.deepcopy(self.model))
-        path = save_checkpoint(self.out_dir / name, merged, self.tokenizer, self.state_dict())
-        save_adapter(self.model, path / "adapter", getattr(self.model, "lora_config", None))
-
-    def load_state(self, ckpt_dir: Path) -> None:
-        raise LMStackError("--resume is not supported for LoRA DPO runs; start a fresh run (or run without --lora)")
+    def __post_init__(self) -> None:
+        if self.ref not in ("precompute", "live"):
+            raise LMStackError(f"ref must be 'precompute' or 'live', got {self.ref!r}")
+        if self.loss_type not in ("sigmoid", "ipo"):
+            raise LMStackError(f"DPO loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
 
 
-def train_dpo(model_path: str, data: str, cfg: TrainConfig, beta: float = 0.1, label_smoothing: float = 0.0,
-              loss_type: str = "sigmoid", lora: str | None = None, ref: str = "precompute",
-              ref_model: str | None = None, val_fraction: float = 0.1, max_length: int | None = None,
-              log=print) -> dict[str, Any]:
-    """DPO fine-tuning of `model_path` on prompt/chosen/rejected pairs; returns a summary with held-out accuracy."""
-    if ref not in ("precompute", "live"):
-        raise LMStackError(f"ref must be 'precompute' or 'live', got {ref!r}")
+def train_dpo(model_path: str, data: str, cfg: TrainConfig, dpo: DPOConfig | None = None, log=print,
+              **fields) -> dict[str, Any]:
+    """DPO fine-tuning of `model_path` (any source: checkpoint, HF dir, GGUF) on prompt/chosen/rejected pairs;
+    `dpo` holds the objective's settings (or pass DPOConfig fields as keywords). Returns a summary with held-out
+    accuracy."""
+    if fields:
+        known = {f.name for f in dataclasses.fields(DPOConfig)}
+        bad = sorted(set(fields) - known)
+        if bad:
+            raise ConfigError(f"train_dpo: unknown DPO setting(s) {bad}; see DPOConfig")
+        dpo = dataclasses.replace(dpo or DPOConfig(), **fields)
+    dpo = dpo or DPOConfig()
+    beta, label_smoothing, loss_type, ref = dpo.beta, dpo.label_smoothing, dpo.loss_type, dpo.ref
+    lora_cfg = LoRAConfig.parse(dpo.lora) if isinstance(dpo.lora, str) else dpo.lora
     model, tok, device = load_for_training(model_path, cfg)
     examples = load_prefs(data, tok)
-    train, val = split_prefs(examples, val_fraction, cfg.seed)
-    L = max_length or model.config.block_size
+    train, val = split_prefs(examples, dpo.val_fraction, cfg.seed)
+    L = dpo.max_length or model.config.block_size
     bs = cfg.batch_size
     torch.manual_seed(cfg.seed)
 
     ref_net = None
-    if ref_model is not None:
-        ref_net, _ = load_model(ref_model, device=device)
-    elif ref == "live" and not lora:
+    if dpo.ref_model is not None:
+        ref_net = load_any(dpo.ref_model, device=device)[0].float()
+    elif ref == "live" and lora_cfg is None:
         ref_net = copy.deepcopy(model)
     if ref_net is not None:
         ref_net.eval().requires_grad_(False)
 
-    if lora:
-        from ..models.lora import LoRAConfig, apply_lora, trainable_summary
-        apply_lora(model, LoRAConfig.parse(lora))
+    if lora_cfg is not None:
+        apply_lora(model, lora_cfg)
         s = trainable_summary(model)
         log(f"LoRA: {s['trainable']:,} trainable of {s['total']:,} parameters ({s['percent']:.2f}%)")
 
     def ref_context():
-        if ref_net is None and lora:
-            from ..models.lora import lora_disabled
-            return lora_disabled(model)
+        if ref_net is None and lora_cfg is not None:
+            return lora_disabled(model)  # the base weights are the reference
         return nullcontext()
 
     @torch.no_grad()
     def ref_logps(batch) -> torch.Tensor:
         net = ref_net if ref_net is not None else model
-        was = net.training
-        net.eval()
-        try:
-            with ref_context():
-                return torch.cat(_pair_logps(net, batch))
-        finally:
-            net.train(was)
+        with eval_mode(net), ref_context():
+            return torch.cat(_pair_logps(net, batch))
 
     cache: dict[tuple[str, int], torch.Tensor] = {}
     if ref == "precompute":  # one pass of the (unchanged) reference over every pair
@@ -155,9 +167,9 @@ def train_dpo(model_path: str, data: str, cfg: TrainConfig, beta: float = 0.1, l
         return (*b, rl)
 
     log(f"DPO on {model_path}: {len(train)} train / {len(val)} held-out pairs, beta={beta}, loss={loss_type}, "
-        f"ref={'lora-disabled' if lora and ref_net is None and ref == 'live' else ref}, {cfg.max_steps} steps")
+        f"ref={'lora-disabled' if lora_cfg and ref_net is None and ref == 'live' else ref}, {cfg.max_steps} steps")
 
-    window: dict[str, list[float]] = {}
+    window: dict[str, list[torch.Tensor]] = {}  # detached per-micro-step tensors, read once per eval (no syncs)
 
     def loss_fn(net, batch):
         pc, pr = _pair_logps(net, batch)
@@ -166,14 +178,18 @@ def train_dpo(model_path: str, data: str, cfg: TrainConfig, beta: float = 0.1, l
         loss, rc, rr = dpo_loss(pc, pr, rl[:n], rl[n:], beta, label_smoothing, loss_type)
         for k, v in (("rewards/chosen", rc.mean()), ("rewards/rejected", rr.mean()),
                      ("rewards/margins", (rc - rr).mean()), ("rewards/accuracy", (rc > rr).float().mean())):
-            window.setdefault(k, []).append(float(v))
+            window.setdefault(k, []).append(v.detach())
         return loss
 
     def get_batch(step: int, micro: int):
-        return batch_for("train", train, sample_indices(len(train), bs, cfg.seed, step * cfg.grad_accum + micro))
+        return batch_for("train", train, epoch_batch(len(train), bs, cfg.seed, step * cfg.grad_accum + micro))
 
     def evaluate(net) -> dict[str, Any]:
-        out: dict[str, Any] = {k: sum(v) / len(v) for k, v in window.items() if v}
+        out: dict[str, Any] = {}
+        for k, v in window.items():
+            if v:
+                vals = torch.stack(v).tolist()
+                out[k] = sum(vals) / len(vals)
         window.clear()
         if not val:
             return out
@@ -193,10 +209,9 @@ def train_dpo(model_path: str, data: str, cfg: TrainConfig, beta: float = 0.1, l
                     "val_logp_accuracy": float((pc > pr).float().mean())})
         return out
 
-    T = _LoRATrainer if lora else Trainer
-    groups = None if lora else model.configure_optimizer_groups(cfg.weight_decay)
-    trainer = T(model, cfg, loss_fn, get_batch, int(cfg.max_steps), evaluate=evaluate, tokenizer=tok,
-                param_groups=groups)
+    groups = None if lora_cfg is not None else model.configure_optimizer_groups(cfg.weight_decay)
+    trainer = Trainer(model, cfg, loss_fn, get_batch, int(cfg.max_steps), evaluate=evaluate, tokenizer=tok,
+                      param_groups=groups, lora=lora_cfg, base_model=base_model_path(model_path))
     start = trainer.run_eval() if val else {}
     window.clear()
     history = trainer.fit()
@@ -206,24 +221,10 @@ def train_dpo(model_path: str, data: str, cfg: TrainConfig, beta: float = 0.1, l
                "start_val_logp_accuracy": start.get("val_logp_accuracy"),
                "val_accuracy": final.get("val_accuracy"), "val_margin": final.get("val_margin"),
                "val_logp_accuracy": final.get("val_logp_accuracy"), "val_loss": final.get("val_loss")}
+    if lora_cfg is not None:
+        summary["lora"] = lora_cfg.to_dict()
     if history:
         summary["train_loss"] = history[-1]["train_loss"]
-    with open(Path(cfg.out_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": trainer.step, **{"final_" + k: v for k, v in final.items()}}) + "\n")
+    with JsonlLog(Path(cfg.out_dir) / "metrics.jsonl") as f:
+        f.append({"step": trainer.step, **{"final_" + k: v for k, v in final.items()}})
     return summary
-
-
-def cmd_dpo(a) -> None:
-    cfg = finetune_config(a.out, {"lr": 5e-5, "eval_interval": 25},
-                          {"lr": a.lr, "max_steps": a.steps, "batch_size": a.batch_size,
-                           "eval_interval": a.eval_interval, "seed": a.seed, "device": a.device,
-                           "progress": False if a.no_progress else None}, a.set)
-    s = train_dpo(a.model, a.data, cfg, beta=a.beta, label_smoothing=a.label_smoothing, loss_type=a.loss,
-                  lora=a.lora, ref=a.ref, ref_model=a.ref_model, val_fraction=a.val_fraction,
-                  max_length=a.max_length)
-    if s["val_accuracy"] is not None:
-        print(f"held-out preference accuracy (implicit reward chosen > rejected): {s['val_accuracy']:.3f}, "
-              f"margin {s['val_margin']:.3f}; log p(chosen) > log p(rejected): "
-              f"{s['start_val_logp_accuracy']:.3f} -> {s['val_logp_accuracy']:.3f}")
-    print(f"policy -> {s['model']}")
-    print(json.dumps(s))

@@ -12,14 +12,6 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) labels -> (B, T) log p(label) in float32; 0 where label == -100."""
-    mask = labels != IGNORE_INDEX
-    safe = labels.masked_fill(~mask, 0)
-    lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return lp * mask
-
-
 def labelled_logits(model, input_ids: torch.Tensor, labels: torch.Tensor,
                     padding_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (N, V), mask (B, T)) at the N positions whose label != -100 only: the output head (a vocab-sized

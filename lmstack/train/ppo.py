@@ -16,15 +16,15 @@ new rollout every ppo_epochs * minibatches steps and hands out its minibatches (
 The Trainer's evaluate hook, called once per rollout, logs the rollout's mean reward, KL, kl_coef, entropy, clip
 fraction, policy/value losses and approx KL to metrics.jsonl.
 
-Checkpoints: the policy as a standard checkpoint (so `lmstack.load` / generate / serve use it directly) plus
-value_head.safetensors; the KL coefficient is part of train_state.pt.
+Checkpoints: the Trainer's layout for the policy (full: a standard checkpoint; lora=: adapter tensors + adapter
+files naming the base model; either way `lmstack.load` / generate / serve open it as the trained policy) plus
+value_head.safetensors; the KL coefficient is part of train_state.pt. Both resume exactly at a rollout boundary.
 """
 from __future__ import annotations
 
 import copy
 import importlib
 import importlib.util
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,9 +37,11 @@ import torch.nn as nn
 from ..data.prefs import collate, end_token, load_prompts
 from ..errors import LMStackError
 from ..generate import SamplingParams, generate_batch
+from ..models.lora import LoRAConfig, apply_lora, lora_disabled, trainable_summary
+from ..models.utils import eval_mode
 from .config import TrainConfig
-from .reward import (HeadModel, HeadTrainer, finetune_config, is_reward_model, load_for_training,
-                     load_reward_model)
+from .reward import HeadModel, HeadTrainer, is_reward_model, load_for_training, load_reward_model
+from .trainer import base_model_path
 
 
 @dataclass
@@ -60,6 +62,8 @@ class PPOConfig:
     vf_coef: float = 0.1
     ent_coef: float = 0.0
     whiten_advantages: bool = True
+    lora: str | None = None           # LoRA spec: train policy adapters (+ the value head); the reference is the
+                                      # policy with its adapters disabled (no copy of the model)
 
 
 # ---- the pieces, each testable on its own --------------------------------------------------------------------
@@ -143,9 +147,10 @@ class PolicyValue(HeadModel):
         return self.backbone.lm_head(h), self.head(h).squeeze(-1).float()
 
 
-def token_logprobs(logits: torch.Tensor, ids: torch.Tensor,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of each next token (B, T-1), entropy of each next-token distribution (B, T-1))."""
+def policy_logprobs(logits: torch.Tensor, ids: torch.Tensor,
+                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling policy at `temperature`: (log p of each next token (B, T-1), entropy of each next-token
+    distribution (B, T-1)), both from logits / temperature."""
     lp = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
     chosen = lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     ent = -(lp.exp() * lp).sum(-1)
@@ -201,8 +206,22 @@ def train_ppo(model_path: str, reward: str | Callable, prompts: str | list[str],
     if ppo.rollout_batch % ppo.minibatches:
         raise LMStackError(f"rollout_batch={ppo.rollout_batch} must be divisible by minibatches={ppo.minibatches}")
     torch.manual_seed(cfg.seed)
-    ref = copy.deepcopy(backbone).eval().requires_grad_(False)
+    lora_cfg = LoRAConfig.parse(ppo.lora) if isinstance(ppo.lora, str) else ppo.lora
+    if lora_cfg is not None:
+        apply_lora(backbone, lora_cfg)  # the reference: the same backbone with its adapters disabled
+        ref = None
+        st = trainable_summary(backbone)
+        log(f"LoRA: {st['trainable']:,} trainable of {st['total']:,} policy parameters ({st['percent']:.2f}%)")
+    else:
+        ref = copy.deepcopy(backbone).eval().requires_grad_(False)
     policy = PolicyValue(backbone).to(device)
+
+    def ref_logits(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        pm = None if backbone.config.causal else attn
+        if ref is not None:
+            return ref(ids, padding_mask=pm)
+        with lora_disabled(backbone):
+            return backbone(ids, padding_mask=pm)
     kl_ctl = (AdaptiveKLController(ppo.init_kl_coef, ppo.target_kl, ppo.horizon) if ppo.target_kl
               else FixedKLController(ppo.init_kl_coef))
     U = ppo.ppo_epochs * ppo.minibatches               # optimizer steps per rollout
@@ -210,8 +229,7 @@ def train_ppo(model_path: str, reward: str | Callable, prompts: str | list[str],
     max_steps = rollouts * U
     stop_ids = {i for i in (tok.eos_id, end_token(tok, True)) if i is not None}
     room = backbone.config.block_size - ppo.max_new_tokens
-    start_id = tok.bos_id if tok.bos_id is not None else tok.eos_id
-    enc = [(tok.encode(p) or [start_id])[-room:] for p in prompt_texts]
+    enc = [tok.encode_prompt(p)[-room:] for p in prompt_texts]
     state: dict[str, Any] = {"r": -1, "data": None, "stats": {}, "window": {}}
     history_rollouts: list[dict] = []
     t0 = time.perf_counter()
@@ -223,7 +241,8 @@ def train_ppo(model_path: str, reward: str | Callable, prompts: str | list[str],
         p_ids = [enc[i] for i in idx]
         sp = SamplingParams(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k,
                             seed=int(rng.integers(2**31)))
-        steps = generate_batch(policy.backbone, p_ids, sp, eos_id=stop_ids)
+        with eval_mode(policy):  # no dropout while sampling or scoring the rollout
+            steps = generate_batch(policy.backbone, p_ids, sp, eos_id=stop_ids)
         comps = [[s.token for s in row] for row in steps]
         texts = [tok.decode([t for t in c if t not in stop_ids], skip_special_tokens=True) for c in comps]
         scores = torch.tensor([float(x) for x in reward_fn([prompt_texts[i] for i in idx], texts)],
@@ -231,12 +250,10 @@ def train_ppo(model_path: str, reward: str | Callable, prompts: str | list[str],
         if scores.shape[0] != len(texts):
             raise LMStackError(f"the reward returned {scores.shape[0]} scores for {len(texts)} completions")
         ids, attn, comp = collate([(p + c, len(p)) for p, c in zip(p_ids, comps)], device=device)
-        was = policy.training
-        policy.eval()
-        logits, values = policy(ids, attn)
-        policy.train(was)
-        logp, ent = token_logprobs(logits, ids, ppo.temperature)
-        ref_logp, _ = token_logprobs(ref(ids, padding_mask=None if ref.config.causal else attn), ids, ppo.temperature)
+        with eval_mode(policy):
+            logits, values = policy(ids, attn)
+            ref_logp, _ = policy_logprobs(ref_logits(ids, attn), ids, ppo.temperature)
+        logp, ent = policy_logprobs(logits, ids, ppo.temperature)
         mask = comp[:, 1:]
         values = values[:, :-1] * mask
         kl = (logp - ref_logp) * mask
@@ -272,7 +289,7 @@ def train_ppo(model_path: str, reward: str | Callable, prompts: str | list[str],
     def loss_fn(model, batch):
         ids, attn, mask, old_logp, old_values, adv, returns = batch
         logits, values = model(ids, attn)
-        logp, ent = token_logprobs(logits, ids, ppo.temperature)
+        logp, ent = policy_logprobs(logits, ids, ppo.temperature)
         pg, vf, st = ppo_losses(logp, old_logp, values[:, :-1], old_values, adv, returns, mask,
                                 ppo.cliprange, ppo.cliprange_value)
         entropy = masked_mean(ent, mask)
@@ -300,7 +317,8 @@ def train_ppo(model_path: str, reward: str | Callable, prompts: str | list[str],
         cfg.ckpt_interval = U * max(1, (cfg.ckpt_interval or 10 * U) // U)
     log(f"PPO on {model_path}: {rollouts} rollouts of {ppo.rollout_batch} prompts x {ppo.max_new_tokens} tokens, "
         f"{U} updates each; reward {reward if isinstance(reward, str) else getattr(reward, '__name__', reward)}")
-    trainer = HeadTrainer(policy, cfg, loss_fn, get_batch, max_steps, evaluate=evaluate, tokenizer=tok)
+    trainer = HeadTrainer(policy, cfg, loss_fn, get_batch, max_steps, evaluate=evaluate, tokenizer=tok,
+                          lora=lora_cfg, base_model=base_model_path(model_path))
     trainer.extra_state = lambda: {"kl_coef": kl_ctl.value, "ppo": asdict(ppo)}
     trainer.load_extra = lambda d: setattr(kl_ctl, "value", float(d["kl_coef"]))
     trainer.fit()
@@ -347,22 +365,3 @@ def plot_ppo(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
-
-
-def cmd_ppo(a) -> None:
-    cfg = finetune_config(a.out, {"lr": 1e-5, "warmup_steps": 0, "lr_schedule": "constant"},
-                          {"lr": a.lr, "seed": a.seed, "device": a.device,
-                           "progress": False if a.no_progress else None}, a.set)
-    ppo = PPOConfig(rollout_batch=a.batch_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                    top_k=a.top_k, ppo_epochs=a.ppo_epochs, minibatches=a.minibatches, init_kl_coef=a.init_kl_coef,
-                    target_kl=a.target_kl if a.target_kl and a.target_kl > 0 else None, horizon=a.horizon,
-                    gamma=a.gamma, lam=a.lam, cliprange=a.cliprange, cliprange_value=a.cliprange_value,
-                    vf_coef=a.vf_coef, ent_coef=a.ent_coef)
-    s = train_ppo(a.model, a.reward, a.prompts, cfg, ppo, rollouts=a.rollouts)
-    try:
-        s["plot"] = str(plot_ppo(a.out))
-    except Exception as e:  # a plot is a nicety; never fail a finished run over it
-        s["plot_error"] = str(e)
-    print(f"mean reward {s['start_reward']:.3f} -> {s['end_reward']:.3f}, KL {s['start_kl']:.3f} -> {s['end_kl']:.3f} "
-          f"(max {s['max_kl']:.3f}); policy -> {s['model']}")
-    print(json.dumps(s))

@@ -12,19 +12,21 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig, preset
 from ..data.corpora import iter_texts
+from ..data.jsonl import JsonlLog
 from ..data.shards import TokenDataset, prepare_dataset
 from ..errors import ConfigError, LMStackError
 from ..models.transformer import Transformer
 from ..tokenizer import Tokenizer, train_bpe, train_char
 from .config import TrainConfig
+from .losses import masked_lm_loss
 from .trainer import Trainer, resolve_device
 
 
 def lm_loss(model, batch) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats/token); targets of -100 are ignored."""
+    """Trainer loss_fn for pretraining: mean next-token cross-entropy (nats/token) of `model(x)` against y
+    (losses.masked_lm_loss: targets of -100 are ignored)."""
     x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1), ignore_index=-100)
+    return masked_lm_loss(model(x), y)
 
 
 def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -141,9 +143,9 @@ def pretrain(cfg: TrainConfig, log=print) -> dict[str, Any]:
         summary.update({"final_" + k: v for k, v in final.items()})
         log(f"final eval on {final['val_tokens']:,} validation tokens: val_loss {final['val_loss']:.4f}  "
             f"val_bpb {final.get('val_bpb', float('nan')):.4f}")
-        with open(Path(cfg.out_dir) / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": trainer.step, "final_val_loss": final["val_loss"],
-                                "final_val_bpb": final.get("val_bpb"), "final_val_tokens": final["val_tokens"]}) + "\n")
+        with JsonlLog(Path(cfg.out_dir) / "metrics.jsonl") as f:
+            f.append({"step": trainer.step, "final_val_loss": final["val_loss"],
+                      "final_val_bpb": final.get("val_bpb"), "final_val_tokens": final["val_tokens"]})
     from .plot import plot_run
     summary["plot"] = str(plot_run(cfg.out_dir))
     if cfg.sample_tokens:

@@ -13,16 +13,18 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import load_model, load_train_state, resolve_checkpoint, save_checkpoint
+from ..checkpoint import load_model, resolve_checkpoint, save_checkpoint
+from ..convert.load import load_any
 from ..data.prefs import collate, encode_pair, load_prefs, split_prefs
+from ..data.sampler import epoch_batch
 from ..errors import LMStackError
+from ..models.utils import eval_mode
 from .config import TrainConfig, merge_dicts, parse_set
 from .trainer import Trainer, resolve_device
 
@@ -55,17 +57,20 @@ class HeadModel(nn.Module):
         return self.backbone(ids, padding_mask=pm, return_hidden=True)
 
 
+def write_head(model: HeadModel, d: Path, marker: dict | None = None) -> None:
+    """Write `<head_name>.safetensors` (and the marker file) into directory `d`."""
+    from safetensors.torch import save_file
+    head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
+    save_file(head, str(d / f"{model.head_name}.safetensors"), metadata={"format": "pt"})
+    if marker is not None:
+        (d / REWARD_MARKER).write_text(json.dumps(marker, indent=2))
+
+
 def save_head_model(path: str | Path, model: HeadModel, tokenizer=None, train_state: dict | None = None,
                     marker: dict | None = None) -> Path:
     """Standard checkpoint of the backbone with the head (and the marker) in the same atomic write."""
-    from safetensors.torch import save_file
-
-    def extra(d: Path) -> None:
-        head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
-        save_file(head, str(d / f"{model.head_name}.safetensors"), metadata={"format": "pt"})
-        if marker is not None:
-            (d / REWARD_MARKER).write_text(json.dumps(marker, indent=2))
-    return save_checkpoint(path, model.backbone, tokenizer, train_state, extra=extra)
+    return save_checkpoint(path, model.backbone, tokenizer, train_state,
+                           extra=lambda d: write_head(model, d, marker))
 
 
 def load_head(model: HeadModel, path: str | Path) -> None:
@@ -77,45 +82,34 @@ def load_head(model: HeadModel, path: str | Path) -> None:
 
 
 class HeadTrainer(Trainer):
-    """The Trainer core for a HeadModel: checkpoints in the backbone+head layout, resume restores both.
-    `extra_state()` (optional callable) adds JSON-able objective state (e.g. PPO's KL coefficient) to train_state."""
+    """The Trainer core for a HeadModel: the checkpoint is the backbone's (full or LoRA, Trainer.save) plus the head
+    file and the marker in the same atomic write; resume restores both (Trainer.load_state + `read_extra`)."""
 
     marker: dict | None = None
-    extra_state: Callable[[], dict] | None = None
-    load_extra: Callable[[dict], None] | None = None
 
-    def state_dict(self) -> dict[str, Any]:
-        st = super().state_dict()
-        if self.extra_state is not None:
-            st["objective"] = json.dumps(self.extra_state())
-        return st
+    @property
+    def net(self) -> nn.Module:
+        return self.model.backbone
 
-    def save(self, name: str) -> None:
-        save_head_model(self.out_dir / name, self.model, self.tokenizer, self.state_dict(), self.marker)
+    def write_extra(self, d: Path) -> None:
+        write_head(self.model, d, self.marker)
 
-    def load_state(self, ckpt_dir: Path) -> None:
-        from safetensors.torch import load_file
-        ckpt_dir = resolve_checkpoint(ckpt_dir)
-        st = load_train_state(ckpt_dir)
-        self.model.backbone.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")), strict=False)
-        load_head(self.model, ckpt_dir)
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.step, self.best_val, self.elapsed_before = int(st["step"]), float(st["best_val"]), float(st["elapsed_s"])
-        torch.set_rng_state(st["torch_rng"])
-        if st.get("cuda_rng") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["cuda_rng"])
-        if self.load_extra is not None and st.get("objective"):
-            self.load_extra(json.loads(st["objective"]))
+    def read_extra(self, d: Path) -> None:
+        load_head(self.model, d)
 
 
 def load_for_training(model_path: str, cfg: TrainConfig):
-    """(model, tokenizer, device) for a reward / DPO / PPO run: threads set, model on the run's device."""
+    """(model, tokenizer, device) for a reward / DPO / PPO run from any source lmstack reads (checkpoint, LoRA
+    checkpoint, Hugging Face dir, GGUF: convert.load.load_any): threads set, model on the run's device, float32
+    weights when the run trains in float32 (GGUF / bf16 weights are upcast, as SFT does)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    model, tok = load_model(model_path, device=device)
+    model, tok = load_any(model_path, device=device)
     if tok is None:
-        raise LMStackError(f"{model_path} has no tokenizer.json")
+        raise LMStackError(f"{model_path} has no tokenizer (tokenizer.json); training needs one")
+    if cfg.dtype == "float32" and next(model.parameters()).dtype != torch.float32:
+        model = model.float()
     return model, tok, device
 
 
@@ -150,17 +144,13 @@ class RewardModel(HeadModel):
     def score_pairs(self, tokenizer, prompts: list[str], completions: list[str], batch_size: int = 16,
                     chat: bool = False) -> list[float]:
         """Reward of each (prompt, completion), encoded exactly as in training (prompt + completion + end)."""
-        was = self.training
-        self.eval()
         device = next(self.parameters()).device
         seqs = [encode_pair(tokenizer, p, c, self.config.block_size, chat) for p, c in zip(prompts, completions)]
         out: list[float] = []
-        try:
+        with eval_mode(self):
             for i in range(0, len(seqs), batch_size):
                 ids, attn, _ = collate(seqs[i:i + batch_size], device=device)
                 out.extend(self(ids, attn).tolist())
-        finally:
-            self.train(was)
         return out
 
     def score(self, tokenizer, texts: list[str], batch_size: int = 16) -> list[float]:
@@ -201,18 +191,6 @@ def pair_batch(tokenizer, examples, max_length: int, device) -> tuple[torch.Tens
     return collate(seqs, device=device)
 
 
-def sample_indices(n: int, bs: int, seed: int, g: int) -> np.ndarray:
-    """Indices of micro-batch number g (step * grad_accum + micro): a pure function of (seed, g) walking an
-    epoch-wise permutation, so every example is seen once per epoch and a resumed run repeats the same batches."""
-    start = g * bs
-    out = []
-    while len(out) < bs:
-        epoch, off = divmod(start + len(out), n)
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        out.extend(perm[off:off + bs - len(out)].tolist())
-    return np.array(out)
-
-
 def train_reward(model_path: str, data: str, cfg: TrainConfig, val_fraction: float = 0.1,
                  max_length: int | None = None, log=print) -> dict[str, Any]:
     """Train a reward model on preference pairs; returns a summary with held-out pairwise accuracy."""
@@ -226,7 +204,7 @@ def train_reward(model_path: str, data: str, cfg: TrainConfig, val_fraction: flo
     bs = cfg.batch_size
 
     def get_batch(step: int, micro: int):
-        idx = sample_indices(len(train), bs, cfg.seed, step * cfg.grad_accum + micro)
+        idx = epoch_batch(len(train), bs, cfg.seed, step * cfg.grad_accum + micro)
         return pair_batch(tok, [train[i] for i in idx], L, device)
 
     def loss_fn(model, batch):
@@ -262,25 +240,3 @@ def train_reward(model_path: str, data: str, cfg: TrainConfig, val_fraction: flo
     if history:
         summary["train_loss"] = history[-1]["train_loss"]
     return summary
-
-
-# ---- CLI -----------------------------------------------------------------------------------------------------
-def cmd_reward_train(a) -> None:
-    cfg = finetune_config(a.out, {"lr": 1e-4}, {"lr": a.lr, "max_steps": a.steps, "batch_size": a.batch_size,
-                                               "eval_interval": a.eval_interval, "seed": a.seed, "device": a.device,
-                                               "progress": False if a.no_progress else None}, a.set)
-    s = train_reward(a.model, a.data, cfg, val_fraction=a.val_fraction, max_length=a.max_length)
-    if s["val_accuracy"] is not None:
-        print(f"held-out pairwise accuracy: {s['start_val_accuracy']:.3f} -> {s['val_accuracy']:.3f} "
-              f"({s['val_pairs']} pairs)")
-    print(f"reward model -> {s['model']}")
-    print(json.dumps(s))
-
-
-def cmd_reward_score(a) -> None:
-    import sys
-    rm, tok = load_reward_model(a.model)
-    texts = a.texts or [ln.rstrip("\n") for ln in sys.stdin if ln.strip()]
-    prompts = [a.prompt or ""] * len(texts)
-    for t, s in zip(texts, rm.score_pairs(tok, prompts, texts)):
-        print(json.dumps({"text": t, "score": round(s, 6)}))

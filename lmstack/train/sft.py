@@ -7,7 +7,8 @@ loads any model `lmstack.load` reads (checkpoint dir, HF dir, GGUF), renders the
 progress, best/last checkpoints, exact resume). Output directory:
 
     <out>/last, <out>/best  Trainer checkpoints (resume with resume=True). Full fine-tuning: plain checkpoints that
-                            lmstack.load reads. LoRA: base + adapter tensors (+ adapter files), for resuming.
+                            lmstack.load reads. LoRA: adapter tensors + adapter files naming the base model (the
+                            Trainer's one LoRA layout; lmstack.load gives the merged model).
     <out>/adapter/          LoRA only: adapter_model.safetensors + adapter_config.json (PEFT names/fields)
     <out>/merged/           LoRA only (merge=True): a plain checkpoint with the adapters folded in
     <out>/metrics.jsonl     train_loss / lr / tokens_per_sec / val_loss per step
@@ -21,14 +22,16 @@ from typing import Any, Callable
 
 import torch
 
-from ..checkpoint import save_checkpoint
+from ..atomic import write_text
+from ..checkpoint import resolve_checkpoint, save_checkpoint
+from ..convert.load import adapter_base, load_any
 from ..data.sft import SFTDataset, batch_indices, build_dataset, collate, load_records, split_records
 from ..errors import ConfigError, LMStackError
-from ..models.lora import (LoRAConfig, apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter,
-                           trainable_summary)
+from ..models.lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, load_adapter, lora_parameters, merge_lora,
+                           save_adapter, trainable_summary)
 from .config import TrainConfig
 from .losses import labelled_logits, sft_loss
-from .trainer import Trainer, resolve_device
+from .trainer import Trainer, base_model_path, resolve_device
 
 # SFT defaults on top of TrainConfig's (pretraining) defaults; --set / explicit arguments override them
 SFT_DEFAULTS: dict[str, Any] = {"batch_size": 8, "max_steps": None, "epochs": 1.0, "warmup_steps": 10,
@@ -81,22 +84,6 @@ def make_sft_evaluator(ds: SFTDataset, batch_size: int, pad_id: int) -> Callable
     return evaluate
 
 
-class SFTTrainer(Trainer):
-    """The Trainer, plus: a LoRA run's checkpoints also carry the adapter files (so `merge-lora` reads them)."""
-
-    lora_cfg: LoRAConfig | None = None
-    base_name: str | None = None
-
-    def save(self, name: str) -> None:
-        if self.lora_cfg is None:
-            return super().save(name)
-        # adapter-only checkpoint: the frozen base is never rewritten (resume rebuilds it from the base model);
-        # the adapter files land in the same atomic swap
-        weights = {k: v.detach().contiguous() for k, v in self.model.state_dict().items() if ".lora_" in k}
-        save_checkpoint(self.out_dir / name, self.model, self.tokenizer, self.state_dict(), weights=weights,
-                        extra=lambda d: save_adapter(self.model, d, self.lora_cfg, self.base_name))
-
-
 def finetune(model: str | Path, data: str | Path, out_dir: str | Path | None = None,
              lora: LoRAConfig | str | None = None, cfg: TrainConfig | None = None, seq_len: int | None = None,
              pack: bool = False, val_data: str | Path | None = None, val_fraction: float = 0.1,
@@ -105,7 +92,6 @@ def finetune(model: str | Path, data: str | Path, out_dir: str | Path | None = N
     given (a LoRAConfig or its 'r=16,alpha=32,...' string). `cfg`: a TrainConfig (default `sft_config`), whose
     out_dir is used unless `out_dir` is given. Returns a summary: trainable parameters, initial/final
     validation loss, paths."""
-    from .. import load as load_lm
     lora_cfg = LoRAConfig.parse(lora) if isinstance(lora, str) else lora
     if cfg is None:
         cfg = sft_config(out_dir or "runs/sft", lora_cfg is not None)
@@ -116,8 +102,9 @@ def finetune(model: str | Path, data: str | Path, out_dir: str | Path | None = N
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
 
-    lm = load_lm(model)
-    net, tok = lm.model, lm.tokenizer
+    net, tok = load_any(model)
+    if tok is None:
+        raise LMStackError(f"{model} has no tokenizer (tokenizer.json); fine-tuning needs one")
     if cfg.dtype == "float32" and next(net.parameters()).dtype != torch.float32:
         net = net.float()  # train in float32 (bfloat16 training: dtype=bfloat16 autocast over float32 weights)
     net.to(device)
@@ -164,10 +151,9 @@ def finetune(model: str | Path, data: str | Path, out_dir: str | Path | None = N
         return x.to(device), y.to(device)
 
     evaluator = make_sft_evaluator(val_ds, bs, pad_id) if val_ds and val_ds.rows else None
-    trainer = SFTTrainer(net, cfg, sft_loss, get_batch, max_steps, evaluate=evaluator, tokenizer=tok,
-                         param_groups=groups)
-    trainer.lora_cfg = lora_cfg
-    trainer.base_name = str(Path(model).resolve()) if Path(model).exists() else str(model)
+    base = base_model_path(model)
+    trainer = Trainer(net, cfg, sft_loss, get_batch, max_steps, evaluate=evaluator, tokenizer=tok,
+                      param_groups=groups, lora=lora_cfg, base_model=base)
     summary: dict[str, Any] = {"out_dir": str(out), "steps": max_steps, "trainable_params": counts["trainable"],
                                "total_params": counts["total"], "trainable_percent": counts["percent"],
                                "train_rows": len(train_ds), "seq_len": seq_len, **({"lora": lora_cfg.to_dict()}
@@ -182,58 +168,63 @@ def finetune(model: str | Path, data: str | Path, out_dir: str | Path | None = N
         if tps:
             summary["tokens_per_sec"] = sum(tps) / len(tps)
     if lora_cfg is not None:
-        save_adapter(net, out / "adapter", lora_cfg, str(model))
+        save_adapter(net, out / "adapter", lora_cfg, base)
         summary["adapter_dir"] = str(out / "adapter")
         if merge:
-            net.eval()
-            merge_lora(net)
+            merge_lora(net.eval())
             save_checkpoint(out / "merged", net, tok)
             summary["model_dir"] = str(out / "merged")
     else:
         summary["model_dir"] = str(out / "last")
-    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "sft_summary.json", json.dumps(summary, indent=2))
     return summary
 
 
-def merge_adapter(model: str | Path, adapter: str | Path, out: str | Path, check: bool = True) -> dict[str, Any]:
-    """Base model + LoRA adapter directory -> a plain checkpoint at `out` (adapters folded into the weights).
-    check=True compares the logits of the adapter model and the merged model on a short input."""
-    from .. import load as load_lm
-    lm = load_lm(model)
-    net = lm.model.float()
+def resolve_adapter(run_or_adapter: str | Path) -> Path:
+    """The adapter directory of a LoRA run directory (<run>/last), a LoRA checkpoint, or an adapter directory."""
+    p = Path(run_or_adapter)
+    if (p / ADAPTER_CONFIG).exists():
+        return p
+    if (p / "last").exists() or list(p.glob(".last.old-*")):
+        last = resolve_checkpoint(p / "last")
+        if (last / ADAPTER_CONFIG).exists():
+            return last
+        raise LMStackError(f"{p} is not a LoRA run: {last} has no {ADAPTER_CONFIG} (a full fine-tuning run's "
+                           "last/ is already a plain checkpoint)")
+    raise LMStackError(f"no LoRA adapter at {p}: pass a LoRA run directory (with last/), a LoRA checkpoint or an "
+                       f"adapter directory (with {ADAPTER_CONFIG})")
+
+
+def merge_adapter(model: str | Path | None = None, adapter: str | Path | None = None, out: str | Path = "merged",
+                  check: bool = True, run: str | Path | None = None) -> dict[str, Any]:
+    """Base model + LoRA adapter -> a plain checkpoint at `out` (adapters folded into the weights).
+
+    `run`: a LoRA run directory (its last/ checkpoint is the adapter, and the base model is the one the run
+    recorded in adapter_config.json); or give `adapter` (an adapter dir or LoRA checkpoint) and optionally `model`
+    (default: the base the adapter records). check=True compares the logits of the adapter model and the merged
+    model on a short input (`max_logit_diff` in the result)."""
+    if adapter is None:
+        if run is None:
+            raise LMStackError("merge-lora needs a LoRA run directory or --adapter DIR")
+        adapter = run
+    adapter = resolve_adapter(adapter)
+    base = model if model is not None else adapter_base(adapter)
+    net, tok = load_any(base)
+    net = net.float()
+    if tok is None and (adapter / "tokenizer.json").exists():
+        from ..tokenizer import Tokenizer
+        tok = Tokenizer.load(adapter)
     load_adapter(net, adapter)
-    res: dict[str, Any] = {"out": str(out)}
+    res: dict[str, Any] = {"out": str(out), "base_model": str(base), "adapter": str(adapter)}
     x = None
     if check:
-        ids = lm.tokenizer.encode("The quick brown fox jumps over the lazy dog.")[: net.config.block_size] or [0]
-        x = torch.tensor([ids])
+        ids = (tok.encode("The quick brown fox jumps over the lazy dog.") if tok is not None else [])
+        x = torch.tensor([ids[: net.config.block_size] or [0]])
         with torch.no_grad():
             before = net(x)
     merge_lora(net)
     if check:
         with torch.no_grad():
             res["max_logit_diff"] = float((net(x) - before).abs().max())
-    save_checkpoint(out, net, lm.tokenizer)
+    save_checkpoint(out, net, tok)
     return res
-
-
-# ---- CLI (thin; the arguments are declared in lmstack/cli.py) ----------------------------------------
-def cli_finetune(a) -> None:
-    fields: dict[str, Any] = {}
-    for k in ("epochs", "max_steps", "lr", "batch_size", "grad_accum"):
-        if getattr(a, k) is not None:
-            fields[k] = getattr(a, k)
-    if a.resume:
-        fields["resume"] = True
-    if a.no_progress:
-        fields["progress"] = False
-    cfg = sft_config(a.out, a.lora is not None, a.set, a.recipe, **fields)
-    summary = finetune(a.model, a.data, lora=a.lora, cfg=cfg, seq_len=a.seq_len, pack=a.pack,
-                       val_data=a.val_data, val_fraction=a.val_fraction, merge=not a.no_merge,
-                       max_records=a.max_records)
-    print(json.dumps(summary, indent=2))
-
-
-def cli_merge_lora(a) -> None:
-    res = merge_adapter(a.model, a.adapter, a.out, check=not a.no_check)
-    print(json.dumps(res, indent=2))

@@ -4,6 +4,15 @@ function and a batch function; nothing here knows about language modelling.
 
 Exact resume: batch i is a pure function of (seed, step, micro-step), the LR is a function of the step, and the
 checkpoint holds weights, optimizer state and the torch RNG state, so a resumed run repeats the same floats.
+
+Checkpoints (<out>/last, <out>/best), one atomic write each (checkpoint.save_checkpoint):
+  full training   config.json, model.safetensors (all weights), tokenizer, train_state.pt
+  LoRA (lora=)    the same files, but model.safetensors holds the adapter tensors only (the frozen base is never
+                  rewritten; resume rebuilds it from the base model), plus adapter_config.json (recording the base
+                  model as base_model_name_or_path) and adapter_model.safetensors, so `lmstack.load(ckpt)` gives the
+                  merged model and `merge-lora RUN_DIR` needs nothing else. One layout for every objective.
+Objectives with more to save (a reward / value head, a KL coefficient) override `write_extra` / `read_extra` or set
+`extra_state` / `load_extra`; they never copy `save` / `load_state`.
 """
 from __future__ import annotations
 
@@ -17,7 +26,10 @@ from typing import Any, Callable
 import torch
 
 from ..checkpoint import load_train_state, resolve_checkpoint, save_checkpoint
+from ..data.jsonl import JsonlLog
 from ..errors import LMStackError
+from ..models.lora import LoRAConfig, save_adapter
+from ..models.utils import eval_mode
 from .config import TrainConfig
 
 
@@ -65,40 +77,35 @@ def build_optimizer(params: list[dict] | list[torch.nn.Parameter], cfg: TrainCon
                                foreach=True)
 
 
+def base_model_path(model_path: str | Path) -> str:
+    """What a LoRA run records as its base model: the absolute path when `model_path` is a local path."""
+    return str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step, flushed at once."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():  # drop lines written after the checkpoint we resume from
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in keep))
-        self.f = open(path, "a")
-
-    def write(self, rec: dict[str, Any]) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
 class Trainer:
-    """Runs `max_steps` optimizer steps of `loss_fn(model, batch)` over `get_batch(step, micro)`."""
+    """Runs `max_steps` optimizer steps of `loss_fn(model, batch)` over `get_batch(step, micro)`.
+
+    lora: the LoRAConfig of adapters already applied to the model (models.lora.apply_lora; default: the model's
+    own `lora_config`, if any) -> adapter-only checkpoints; base_model: the path of the base model they were applied
+    to, recorded in the checkpoint so it loads and merges on its own."""
+
+    extra_state: Callable[[], dict] | None = None      # JSON-able objective state saved in train_state.pt
+    load_extra: Callable[[dict], None] | None = None   # ... and given back on resume
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, loss_fn: Callable, get_batch: Callable,
                  max_steps: int, evaluate: Callable[[torch.nn.Module], dict] | None = None, tokenizer=None,
-                 param_groups: list[dict] | None = None):
+                 param_groups: list[dict] | None = None, lora: LoRAConfig | None = None,
+                 base_model: str | None = None):
         self.model, self.cfg, self.loss_fn, self.get_batch = model, cfg, loss_fn, get_batch
         self.max_steps, self.evaluate, self.tokenizer = max_steps, evaluate, tokenizer
+        self.lora = lora if lora is not None else getattr(self.net, "lora_config", None)
+        self.base_model = base_model
         self.out_dir = Path(cfg.out_dir)
         self.device = next(model.parameters()).device
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
@@ -110,25 +117,58 @@ class Trainer:
         self.history: list[dict] = []
 
     # ---- state -----------------------------------------------------------------------------------
+    @property
+    def net(self) -> torch.nn.Module:
+        """The Transformer whose weights (or adapters) a checkpoint holds (a head model overrides it)."""
+        return self.model
+
+    def write_extra(self, d: Path) -> None:
+        """Hook: write more files into checkpoint temp dir `d` (same atomic swap), e.g. a reward head."""
+
+    def read_extra(self, d: Path) -> None:
+        """Hook: restore what `write_extra` wrote, on resume."""
+
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "best_val": self.best_val,
-                "elapsed_s": self.elapsed_before + (time.perf_counter() - self._t0), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "config": json.dumps(self.cfg.to_dict())}
+        st = {"step": self.step, "optimizer": self.optimizer.state_dict(), "best_val": self.best_val,
+              "elapsed_s": self.elapsed_before + (time.perf_counter() - self._t0), "torch_rng": torch.get_rng_state(),
+              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+              "config": json.dumps(self.cfg.to_dict())}
+        if self.extra_state is not None:
+            st["objective"] = json.dumps(self.extra_state())
+        return st
 
     def load_state(self, ckpt_dir: Path) -> None:
         from safetensors.torch import load_file
+        ckpt_dir = resolve_checkpoint(ckpt_dir)
         st = load_train_state(ckpt_dir)
-        sd = load_file(str(resolve_checkpoint(ckpt_dir) / "model.safetensors"))
-        self.model.load_state_dict(sd, strict=False)
+        sd = load_file(str(ckpt_dir / "model.safetensors"))
+        if self.lora is not None and not all(".lora_" in k for k in sd):
+            raise LMStackError(f"--resume: {ckpt_dir} is not a LoRA checkpoint; resume it without --lora")
+        if self.lora is None and any(".lora_" in k for k in sd):
+            raise LMStackError(f"--resume: {ckpt_dir} is a LoRA checkpoint; resume it with the same --lora")
+        unexpected = self.net.load_state_dict(sd, strict=False).unexpected_keys
+        if unexpected:
+            raise LMStackError(f"--resume: {ckpt_dir} holds tensors this run's model has not (e.g. {unexpected[0]}); "
+                               "resume with the same model and LoRA settings")
+        self.read_extra(ckpt_dir)
         self.optimizer.load_state_dict(st["optimizer"])
         self.step, self.best_val, self.elapsed_before = int(st["step"]), float(st["best_val"]), float(st["elapsed_s"])
         torch.set_rng_state(st["torch_rng"])
         if st.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["cuda_rng"])
+        if self.load_extra is not None and st.get("objective"):
+            self.load_extra(json.loads(st["objective"]))
 
     def save(self, name: str) -> None:
-        save_checkpoint(self.out_dir / name, self.model, self.tokenizer, self.state_dict())
+        net, weights = self.net, None
+        if self.lora is not None:  # adapter-only: the frozen base is never rewritten
+            weights = {k: v.detach().contiguous() for k, v in net.state_dict().items() if ".lora_" in k}
+
+        def extra(d: Path) -> None:
+            if self.lora is not None:
+                save_adapter(net, d, self.lora, self.base_model)
+            self.write_extra(d)
+        save_checkpoint(self.out_dir / name, net, self.tokenizer, self.state_dict(), weights=weights, extra=extra)
 
     # ---- loop ------------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
@@ -141,7 +181,8 @@ class Trainer:
                 raise LMStackError(f"--resume: no checkpoint at {last}; drop --resume to start a fresh run")
             self.load_state(last)
             resumed = self.step
-        log = MetricsLog(self.out_dir / "metrics.jsonl", resumed)
+        log = JsonlLog(self.out_dir / "metrics.jsonl", truncate=resumed is None,
+                       keep=None if resumed is None else (lambda r: r.get("step", 0) <= resumed))
         ckpt_every = cfg.ckpt_interval or cfg.eval_interval
         self._t0 = time.perf_counter()
         t_last, tok_since = time.perf_counter(), 0
@@ -152,32 +193,35 @@ class Trainer:
                 lr = lr_at(self.step, cfg, self.max_steps)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
-                loss_sum, ntok = 0.0, 0
+                losses, ntok = [], 0
                 for micro in range(cfg.grad_accum):
                     batch = self.get_batch(self.step, micro)
                     with self.autocast:
                         loss = self.loss_fn(self.fwd_model, batch)
                     (loss / cfg.grad_accum).backward()
-                    loss_sum += loss.item() / cfg.grad_accum
+                    losses.append(loss.detach())  # no .item() here: no device sync per micro-step
                     ntok += _count_tokens(batch)
                 grad_norm = None
                 if cfg.grad_clip and cfg.grad_clip > 0:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 tok_since += ntok
                 is_last = self.step == self.max_steps
+                logged = self.step % cfg.log_interval == 0 or is_last
+                evals = self.evaluate is not None and (self.step % cfg.eval_interval == 0 or is_last)
+                loss_sum = _mean_loss(losses, cfg.grad_accum) if (logged or evals or progress.on) else None
                 rec = None
-                if self.step % cfg.log_interval == 0 or is_last:
+                if logged:
                     now = time.perf_counter()
                     rec = {"step": self.step, "train_loss": loss_sum, "lr": lr,
                            "tokens_per_sec": tok_since / max(now - t_last, 1e-9),
                            "elapsed_s": self.elapsed_before + now - self._t0}
                     if grad_norm is not None:
-                        rec["grad_norm"] = grad_norm
+                        rec["grad_norm"] = float(grad_norm)
                     t_last, tok_since = now, 0
-                if self.evaluate is not None and (self.step % cfg.eval_interval == 0 or is_last):
+                if evals:
                     t_eval = time.perf_counter()
                     ev = self.run_eval()
                     rec = rec or {"step": self.step, "train_loss": loss_sum, "lr": lr,
@@ -188,7 +232,7 @@ class Trainer:
                         self.save("best")
                     t_last += time.perf_counter() - t_eval  # keep eval time out of tokens/s
                 if rec is not None:
-                    log.write(rec)
+                    log.append(rec)
                     self.history.append(rec)
                 if self.step % ckpt_every == 0 or is_last:
                     self.save("last")
@@ -200,13 +244,17 @@ class Trainer:
 
     @torch.no_grad()
     def run_eval(self, **kw) -> dict:
-        was = self.model.training
-        self.model.eval()
-        try:
-            with self.autocast:
-                return self.evaluate(self.model, **kw)
-        finally:
-            self.model.train(was)
+        with eval_mode(self.model), self.autocast:
+            return self.evaluate(self.model, **kw)
+
+
+def _mean_loss(losses: list[torch.Tensor], grad_accum: int) -> float:
+    """The step's training loss from its micro-steps' detached losses: one device sync, and the same float the
+    old per-micro-step `sum(loss.item() / grad_accum)` gave (same values, same order of additions)."""
+    total = 0.0
+    for v in torch.stack(losses).tolist():
+        total += v / grad_accum
+    return total
 
 
 def _count_tokens(batch) -> int:
@@ -219,6 +267,7 @@ class _Progress:
 
     def __init__(self, enabled: bool, total: int, start: int):
         self.p = None
+        self.on = enabled
         if not enabled:
             return
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
