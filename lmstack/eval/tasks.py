@@ -121,86 +121,115 @@ def _split_pair(p: Path, eval_names: tuple[str, ...], train_names: tuple[str, ..
     return ev, _first(*(p / n for n in train_names))
 
 
+def _mmlu_tasks(name: str, given: Path | None, base: Path) -> list[Task]:
+    root = _mmlu_root(given or base / "mmlu")
+    subjects = mmlu_subjects(root) if name == "mmlu" else [name[len("mmlu_"):]]
+    if not subjects:
+        raise _missing("mmlu", root / "test")
+    return [mmlu_task(root, s) for s in subjects]
+
+
+def _truthfulqa_tasks(name: str, given: Path | None, base: Path) -> list[Task]:
+    p = given or base / "truthfulqa"
+    if p.is_dir():
+        p = _first(p / "mc_task.json", p / "TruthfulQA.csv", p / "validation.jsonl") or p / "mc_task.json"
+    if not p.exists():
+        raise _missing(name, p)
+    which = name[-3:]
+    return [Task(name, "mc" if which == "mc1" else "mc2", F.load_truthfulqa(p, which), source=str(p),
+                 version=VERSION[name])]
+
+
+def _wic_docs(name: str, p: Path) -> tuple[list[Doc], list[Doc]]:
+    """(eval docs, few-shot docs) of WiC at `p`: a .jsonl or .data.txt file, or a SuperGLUE / original folder."""
+    if p.is_file() and p.suffix == ".jsonl":
+        return F.load_wic_jsonl(p), []
+    if p.is_file():
+        return F.load_wic_txt(p, p.with_name(p.name.replace(".data.txt", ".gold.txt"))), []
+    if (p / "val.jsonl").exists():
+        docs = F.load_wic_jsonl(p / "val.jsonl")
+        return docs, F.load_wic_jsonl(p / "train.jsonl") if (p / "train.jsonl").exists() else []
+    if (p / "dev" / "dev.data.txt").exists():
+        docs = F.load_wic_txt(p / "dev" / "dev.data.txt", p / "dev" / "dev.gold.txt")
+        tr = p / "train" / "train.data.txt"
+        return docs, F.load_wic_txt(tr, p / "train" / "train.gold.txt") if tr.exists() else []
+    raise _missing(name, p)
+
+
+def _wic_tasks(name: str, given: Path | None, base: Path) -> list[Task]:
+    p = given or base / "wic"
+    docs, shots = _wic_docs(name, p)
+    if any(d.gold is None for d in docs):
+        raise LMStackError(f"task 'wic' at {p} has no gold labels; evaluate the dev/val split")
+    return [Task(name, "mc", docs, shots, source=str(p), version=VERSION["wic"])]
+
+
+def _hellaswag_tasks(name: str, given: Path | None, base: Path) -> list[Task]:
+    ev, tr = _split_pair(given or base / "hellaswag", ("hellaswag_val.jsonl", "validation.jsonl"),
+                         ("hellaswag_train.jsonl", "train.jsonl"))
+    return [Task(name, "mc", F.load_hellaswag(ev), F.load_hellaswag(tr) if tr else [], source=str(ev),
+                 version=VERSION["hellaswag"])]
+
+
+def _arc_tasks(name: str, given: Path | None, base: Path) -> list[Task]:
+    sub = "ARC-Easy" if name == "arc_easy" else "ARC-Challenge"
+    p = given or base / "arc" / sub
+    ev, tr = _split_pair(p, (f"{sub}-Test.jsonl", "test.jsonl"), (f"{sub}-Train.jsonl", "train.jsonl"))
+    return [Task(name, "mc", F.load_arc(ev), F.load_arc(tr) if tr else [], source=str(ev),
+                 version=VERSION["arc"])]
+
+
+def _gsm8k_tasks(name: str, given: Path | None, base: Path) -> list[Task]:
+    ev, tr = _split_pair(given or base / "gsm8k", ("test.jsonl",), ("train.jsonl",))
+    return [Task(name, "gen", F.load_gsm8k(ev), F.load_gsm8k(tr) if tr else [], source=str(ev),
+                 until=["Question:", "</s>", "<|im_end|>"], max_new_tokens=256, extract="gsm8k",
+                 version=VERSION["gsm8k"])]
+
+
+def _bigbench_tasks(name: str, given: Path | None, base: Path) -> list[Task]:
+    sub = name[len("bigbench_"):] if name.startswith("bigbench_") else ""
+    p = given or base / "bigbench" / sub
+    subtasks = sorted(d for d in p.iterdir() if (d / "task.json").exists()) if p.is_dir() else []
+    if subtasks and not _has_examples(p / "task.json"):
+        # a task made of subtasks (e.g. logical_deduction/{three,five,seven}_objects): one task each, grouped
+        return [t for d in subtasks for t in _bigbench_task(f"{name}:{d.name}", d, group=name)]
+    if not (p / "task.json" if p.is_dir() else p).exists():
+        raise _missing(name, p)
+    return _bigbench_task(name, p)
+
+
+def _perplexity_tasks(path: str) -> list[Task]:
+    if not path:
+        raise LMStackError("give the corpus as perplexity=FILE (a text/jsonl file, directory, glob, or "
+                           "'shakespeare' / 'pydocs')")
+    return [Task(f"perplexity:{Path(path).name or path}", "ppl", corpus=path, version=VERSION["perplexity"])]
+
+
+# task name -> its loader, a function of (name, the PATH of NAME=PATH or None, the data dir)
+_LOADERS = {"truthfulqa_mc1": _truthfulqa_tasks, "truthfulqa_mc2": _truthfulqa_tasks, "wic": _wic_tasks,
+            "hellaswag": _hellaswag_tasks, "arc_easy": _arc_tasks, "arc_challenge": _arc_tasks,
+            "gsm8k": _gsm8k_tasks}
+
+
+def _loader(name: str):
+    if name == "mmlu" or name.startswith("mmlu_"):
+        return _mmlu_tasks
+    if name.startswith("bigbench"):
+        return _bigbench_tasks
+    return _LOADERS.get(name)
+
+
 def load_tasks(spec: str, data_dir: str | Path | None = None) -> list[Task]:
     """One task spec (NAME or NAME=PATH) -> its tasks (`mmlu` expands to one task per subject)."""
     name, _, path = spec.strip().partition("=")
     name = name.strip().lower()
     base = Path(data_dir).expanduser() if data_dir else default_data_dir()
     given = Path(path).expanduser() if path else None
-
-    if name == "mmlu" or name.startswith("mmlu_"):
-        root = _mmlu_root(given or base / "mmlu")
-        subjects = mmlu_subjects(root) if name == "mmlu" else [name[len("mmlu_"):]]
-        if not subjects:
-            raise _missing("mmlu", root / "test")
-        return [mmlu_task(root, s) for s in subjects]
-
-    if name in ("truthfulqa_mc1", "truthfulqa_mc2"):
-        p = given or base / "truthfulqa"
-        if p.is_dir():
-            p = _first(p / "mc_task.json", p / "TruthfulQA.csv", p / "validation.jsonl") or p / "mc_task.json"
-        if not p.exists():
-            raise _missing(name, p)
-        which = name[-3:]
-        return [Task(name, "mc" if which == "mc1" else "mc2", F.load_truthfulqa(p, which), source=str(p),
-                     version=VERSION[name])]
-
-    if name == "wic":
-        p = given or base / "wic"
-        if p.is_file() and p.suffix == ".jsonl":
-            docs, shots = F.load_wic_jsonl(p), []
-        elif p.is_file():
-            gold = p.with_name(p.name.replace(".data.txt", ".gold.txt"))
-            docs, shots = F.load_wic_txt(p, gold), []
-        elif (p / "val.jsonl").exists():
-            docs = F.load_wic_jsonl(p / "val.jsonl")
-            shots = F.load_wic_jsonl(p / "train.jsonl") if (p / "train.jsonl").exists() else []
-        elif (p / "dev" / "dev.data.txt").exists():
-            docs = F.load_wic_txt(p / "dev" / "dev.data.txt", p / "dev" / "dev.gold.txt")
-            tr = p / "train" / "train.data.txt"
-            shots = F.load_wic_txt(tr, p / "train" / "train.gold.txt") if tr.exists() else []
-        else:
-            raise _missing(name, p)
-        if any(d.gold is None for d in docs):
-            raise LMStackError(f"task 'wic' at {p} has no gold labels; evaluate the dev/val split")
-        return [Task(name, "mc", docs, shots, source=str(p), version=VERSION["wic"])]
-
-    if name == "hellaswag":
-        ev, tr = _split_pair(given or base / "hellaswag", ("hellaswag_val.jsonl", "validation.jsonl"),
-                             ("hellaswag_train.jsonl", "train.jsonl"))
-        return [Task(name, "mc", F.load_hellaswag(ev), F.load_hellaswag(tr) if tr else [], source=str(ev),
-                     version=VERSION["hellaswag"])]
-
-    if name in ("arc_easy", "arc_challenge"):
-        sub = "ARC-Easy" if name == "arc_easy" else "ARC-Challenge"
-        p = given or base / "arc" / sub
-        ev, tr = _split_pair(p, (f"{sub}-Test.jsonl", "test.jsonl"), (f"{sub}-Train.jsonl", "train.jsonl"))
-        return [Task(name, "mc", F.load_arc(ev), F.load_arc(tr) if tr else [], source=str(ev),
-                     version=VERSION["arc"])]
-
-    if name == "gsm8k":
-        ev, tr = _split_pair(given or base / "gsm8k", ("test.jsonl",), ("train.jsonl",))
-        return [Task(name, "gen", F.load_gsm8k(ev), F.load_gsm8k(tr) if tr else [], source=str(ev),
-                     until=["Question:", "</s>", "<|im_end|>"], max_new_tokens=256, extract="gsm8k",
-                     version=VERSION["gsm8k"])]
-
-    if name.startswith("bigbench"):
-        sub = name[len("bigbench_"):] if name.startswith("bigbench_") else ""
-        p = given or base / "bigbench" / sub
-        subtasks = sorted(d for d in p.iterdir() if (d / "task.json").exists()) if p.is_dir() else []
-        if subtasks and not _has_examples(p / "task.json"):
-            # a task made of subtasks (e.g. logical_deduction/{three,five,seven}_objects): one task each, grouped
-            return [t for d in subtasks for t in _bigbench_task(f"{name}:{d.name}", d, group=name)]
-        if not (p / "task.json" if p.is_dir() else p).exists():
-            raise _missing(name, p)
-        return _bigbench_task(name, p)
-
+    loader = _loader(name)
+    if loader is not None:
+        return loader(name, given, base)
     if name in ("perplexity", "ppl"):
-        if not path:
-            raise LMStackError("give the corpus as perplexity=FILE (a text/jsonl file, directory, glob, or "
-                               "'shakespeare' / 'pydocs')")
-        return [Task(f"perplexity:{Path(path).name or path}", "ppl", corpus=path, version=VERSION["perplexity"])]
-
+        return _perplexity_tasks(path)
     raise LMStackError(f"unknown task {name!r}; choose from mmlu, mmlu_<subject>, truthfulqa_mc1, truthfulqa_mc2, "
                        "wic, hellaswag, arc_easy, arc_challenge, gsm8k, bigbench_<name>, perplexity=FILE")
 
