@@ -67,10 +67,8 @@ def main() -> int:
     if not shared.exists():
         shared.symlink_to(ROOT.parent / "shared")
     venv = clone / ".venv"
-    if not venv.exists():  # the clone's own venv, set up as `make` does, reusing this checkout's wheels
-        shutil.copytree(ROOT / ".venv", venv, symlinks=True)
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "-e", str(clone)],
-                       check=True)
+    if not (venv / ".installed").exists():  # the clone's own venv, made the way `make test` / `make demo` make it
+        subprocess.run(["make", ".venv/.installed"], cwd=clone, check=True)
     env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
     state = clone / ".readme-env.sh"
     state.write_text("")
