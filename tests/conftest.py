@@ -148,23 +148,28 @@ def make_chat_checkpoint(run_dir: Path, dst: Path) -> Path:
 
 
 def start_server(app):
-    """Run a FastAPI app under uvicorn on a free loopback port in a daemon thread: (server, thread, base_url)."""
+    """Run a FastAPI app under uvicorn on a free loopback port in a daemon thread: (server, thread, base_url).
+    Returns once the server is accepting connections (an event set by uvicorn's startup, no polling)."""
     import socket
     import threading
-    import time
 
     import uvicorn
+
+    class Server(uvicorn.Server):
+        ready = threading.Event()
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets=sockets)
+            self.ready.set()
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server.ready = threading.Event()
     th = threading.Thread(target=server.run, daemon=True)
     th.start()
-    for _ in range(250):
-        if server.started:
-            break
-        time.sleep(0.02)
-    assert server.started
+    assert server.ready.wait(timeout=30) and server.started, "the test server did not start"
     return server, th, f"http://127.0.0.1:{port}"
 
 

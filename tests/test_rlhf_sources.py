@@ -107,7 +107,10 @@ def test_objectives_train_from_a_hugging_face_dir(tmp_path, hf_dir, prefs_file, 
                        "--ppo-epochs", "1", "--no-progress")
     assert rc == 0, err
     assert (tmp_path / "ppo" / "last" / "value_head.safetensors").is_file()
-    assert lmstack.load(tmp_path / "ppo" / "last").generate("The", max_new_tokens=2, temperature=0) is not None
+    trained, base = lmstack.load(tmp_path / "ppo" / "last"), lmstack.load(hf_dir)
+    assert any(not torch.equal(a, b.float()) for a, b in zip(trained.model.parameters(), base.model.parameters()))
+    got = trained.generate("The", max_new_tokens=3, temperature=0, stop_at_eos=False)
+    assert got == "".join(trained.stream("The", max_new_tokens=3, temperature=0, stop_at_eos=False, use_cache=False))
 
 
 def test_objectives_train_from_gguf(tmp_path, prefs_file, prompts_file, reward_py, cli):

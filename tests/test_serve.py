@@ -237,7 +237,8 @@ def _slow_lm(path, calls):
 
 def test_queue_limit_429_and_disconnect_stops_generation(chat_lm):
     calls = []
-    srv, th, url = start_server(create_app(_slow_lm(chat_lm.path, calls), NAME, max_batch=1, max_queue=0))
+    app = create_app(_slow_lm(chat_lm.path, calls), NAME, max_batch=1, max_queue=0)
+    srv, th, url = start_server(app)
     try:
         body = {"prompt": "a", "max_tokens": 25, "stream": True, "temperature": 1.0, "seed": 1,
                 "logit_bias": {str(chat_lm.tokenizer.eos_id or 0): -100}}
@@ -253,9 +254,10 @@ def test_queue_limit_429_and_disconnect_stops_generation(chat_lm):
                 break
             time.sleep(0.05)
         assert r.status_code == 200, r.text
-        n = len(calls)
-        time.sleep(0.3)
-        assert len(calls) == n < 20
+        # nothing is left decoding or queued (engine calls run between decode steps), so no forward pass follows
+        eng = app.state.server.engine
+        assert eng.run(lambda: (eng.active, eng.queued)).result(timeout=30) == (0, 0)
+        assert len(calls) < 20
         text = httpx.get(url + "/metrics").text
         assert 'status="429"' in text and "lmstack_completion_tokens_total" in text
     finally:

@@ -51,7 +51,8 @@ def cmd_dpo(a) -> None:
 
 
 def cmd_ppo(a) -> None:
-    from ..train.ppo import PPOConfig, plot_ppo, train_ppo
+    from ..train.plot import plot_ppo
+    from ..train.ppo import PPOConfig, train_ppo
     cfg = _run_config(a, {"lr": 1e-5, "warmup_steps": 0, "lr_schedule": "constant"})
     ppo = PPOConfig(rollout_batch=a.batch_size, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                     top_k=a.top_k, ppo_epochs=a.ppo_epochs, minibatches=a.minibatches, init_kl_coef=a.init_kl_coef,

@@ -12,6 +12,9 @@ no second model in memory, no extra forward per step; exact, since the reference
 recomputes them every step with a frozen copy of the starting model, or, with LoRA, with the adapters disabled (the
 base weights are the reference, so no copy at all). `ref_model=` takes another checkpoint as the reference.
 
+How it plugs into the Trainer: `DPOObjective` holds the pairs, the reference (and its precomputed log-probabilities)
+and the metrics window, and hands the Trainer bound methods (get_batch, loss, evaluate).
+
 Metrics (metrics.jsonl via the Trainer, at every eval): held-out val_loss, val_accuracy, val_margin,
 val_rewards_chosen / val_rewards_rejected, and the training window's rewards/chosen, rewards/rejected,
 rewards/margins, rewards/accuracy averaged since the previous eval.
@@ -29,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..convert.load import load_any
@@ -102,129 +106,162 @@ class DPOConfig:
             raise LMStackError(f"DPO loss_type must be 'sigmoid' or 'ipo', got {self.loss_type!r}")
 
 
-def train_dpo(model_path: str, data: str, cfg: TrainConfig, dpo: DPOConfig | None = None, log=print,
-              **fields) -> dict[str, Any]:
-    """DPO fine-tuning of `model_path` (any source: checkpoint, HF dir, GGUF) on prompt/chosen/rejected pairs;
-    `dpo` holds the objective's settings (or pass DPOConfig fields as keywords). Returns a summary with held-out
-    accuracy."""
+def dpo_settings(dpo: DPOConfig | None = None, **fields) -> DPOConfig:
+    """`dpo` (default DPOConfig()) with DPOConfig fields given as keywords replaced; unknown names are an error."""
     if fields:
         known = {f.name for f in dataclasses.fields(DPOConfig)}
         bad = sorted(set(fields) - known)
         if bad:
             raise ConfigError(f"train_dpo: unknown DPO setting(s) {bad}; see DPOConfig")
         dpo = dataclasses.replace(dpo or DPOConfig(), **fields)
-    dpo = dpo or DPOConfig()
-    beta, label_smoothing, loss_type, ref = dpo.beta, dpo.label_smoothing, dpo.loss_type, dpo.ref
-    lora_cfg = LoRAConfig.parse(dpo.lora) if isinstance(dpo.lora, str) else dpo.lora
-    model, tok, device = load_for_training(model_path, cfg)
-    examples = load_prefs(data, tok)
-    train, val = split_prefs(examples, dpo.val_fraction, cfg.seed)
-    L = dpo.max_length or model.config.block_size
-    bs = cfg.batch_size
-    torch.manual_seed(cfg.seed)
+    return dpo or DPOConfig()
 
+
+def load_reference(dpo: DPOConfig, lora: LoRAConfig | None, model: nn.Module, device) -> nn.Module | None:
+    """The frozen reference model, or None when the policy itself gives the reference log-probabilities (precompute:
+    before training; LoRA: with its adapters disabled). Call before LoRA is applied to `model`."""
     ref_net = None
     if dpo.ref_model is not None:
         ref_net = load_any(dpo.ref_model, device=device)[0].float()
-    elif ref == "live" and lora_cfg is None:
+    elif dpo.ref == "live" and lora is None:
         ref_net = copy.deepcopy(model)
     if ref_net is not None:
         ref_net.eval().requires_grad_(False)
+    return ref_net
 
-    if lora_cfg is not None:
-        apply_lora(model, lora_cfg)
-        s = trainable_summary(model)
-        log(f"LoRA: {s['trainable']:,} trainable of {s['total']:,} parameters ({s['percent']:.2f}%)")
 
-    def ref_context():
-        if ref_net is None and lora_cfg is not None:
-            return lora_disabled(model)  # the base weights are the reference
+class DPOObjective:
+    """One DPO run's pairs, reference and metrics window, plugged into the Trainer as bound methods: `get_batch`,
+    `loss` and `evaluate`. With ref="precompute" the reference log-probabilities of every pair are computed on
+    construction (call it after LoRA is applied, before training)."""
+
+    def __init__(self, model: nn.Module, ref_net: nn.Module | None, tok, train: list, val: list, dpo: DPOConfig,
+                 lora: LoRAConfig | None, cfg: TrainConfig, device):
+        self.model, self.ref_net, self.tok, self.train, self.val = model, ref_net, tok, train, val
+        self.dpo, self.lora, self.cfg, self.device = dpo, lora, cfg, device
+        self.max_length = dpo.max_length or model.config.block_size
+        self.bs = cfg.batch_size
+        self.window: dict[str, list[torch.Tensor]] = {}  # detached per-micro-step tensors, read once per eval
+        self.cache: dict[tuple[str, int], torch.Tensor] = {}
+        if dpo.ref == "precompute":
+            self.precompute()
+
+    # ---- the reference ---------------------------------------------------------------------------------------
+    def ref_context(self):
+        if self.ref_net is None and self.lora is not None:
+            return lora_disabled(self.model)  # the base weights are the reference
         return nullcontext()
 
     @torch.no_grad()
-    def ref_logps(batch) -> torch.Tensor:
-        net = ref_net if ref_net is not None else model
-        with eval_mode(net), ref_context():
+    def ref_logps(self, batch) -> torch.Tensor:
+        net = self.ref_net if self.ref_net is not None else self.model
+        with eval_mode(net), self.ref_context():
             return torch.cat(_pair_logps(net, batch))
 
-    cache: dict[tuple[str, int], torch.Tensor] = {}
-    if ref == "precompute":  # one pass of the (unchanged) reference over every pair
-        for split, exs in (("train", train), ("val", val)):
-            for i in range(0, len(exs), bs):
-                chunk = exs[i:i + bs]
-                lp = ref_logps(pair_batch(tok, chunk, L, device))
+    def precompute(self) -> None:
+        """One pass of the (unchanged) reference over every pair."""
+        for split, exs in (("train", self.train), ("val", self.val)):
+            for i in range(0, len(exs), self.bs):
+                chunk = exs[i:i + self.bs]
+                lp = self.ref_logps(pair_batch(self.tok, chunk, self.max_length, self.device))
                 n = len(chunk)
                 for j in range(n):
-                    cache[(split, i + j)] = torch.stack([lp[j], lp[n + j]])
+                    self.cache[(split, i + j)] = torch.stack([lp[j], lp[n + j]])
 
-    def batch_for(split: str, exs, idx) -> tuple:
-        b = pair_batch(tok, [exs[i] for i in idx], L, device)
-        if ref == "precompute":
-            r = torch.stack([cache[(split, int(i))] for i in idx])  # (B, 2)
+    def batch_for(self, split: str, exs, idx) -> tuple:
+        """(ids, attn, comp, reference log-probs): chosen rows then rejected rows of the pairs exs[idx]."""
+        b = pair_batch(self.tok, [exs[i] for i in idx], self.max_length, self.device)
+        if self.dpo.ref == "precompute":
+            r = torch.stack([self.cache[(split, int(i))] for i in idx])  # (B, 2)
             rl = torch.cat([r[:, 0], r[:, 1]])
         else:
-            rl = ref_logps(b)
+            rl = self.ref_logps(b)
         return (*b, rl)
 
-    log(f"DPO on {model_path}: {len(train)} train / {len(val)} held-out pairs, beta={beta}, loss={loss_type}, "
-        f"ref={'lora-disabled' if lora_cfg and ref_net is None and ref == 'live' else ref}, {cfg.max_steps} steps")
+    # ---- the Trainer's hooks ---------------------------------------------------------------------------------
+    def get_batch(self, step: int, micro: int) -> tuple:
+        idx = epoch_batch(len(self.train), self.bs, self.cfg.seed, step * self.cfg.grad_accum + micro)
+        return self.batch_for("train", self.train, idx)
 
-    window: dict[str, list[torch.Tensor]] = {}  # detached per-micro-step tensors, read once per eval (no syncs)
-
-    def loss_fn(net, batch):
+    def loss(self, net: nn.Module, batch) -> torch.Tensor:
+        d = self.dpo
         pc, pr = _pair_logps(net, batch)
         rl = batch[3]
         n = pc.shape[0]
-        loss, rc, rr = dpo_loss(pc, pr, rl[:n], rl[n:], beta, label_smoothing, loss_type)
+        loss, rc, rr = dpo_loss(pc, pr, rl[:n], rl[n:], d.beta, d.label_smoothing, d.loss_type)
         for k, v in (("rewards/chosen", rc.mean()), ("rewards/rejected", rr.mean()),
                      ("rewards/margins", (rc - rr).mean()), ("rewards/accuracy", (rc > rr).float().mean())):
-            window.setdefault(k, []).append(v.detach())
+            self.window.setdefault(k, []).append(v.detach())
         return loss
 
-    def get_batch(step: int, micro: int):
-        return batch_for("train", train, epoch_batch(len(train), bs, cfg.seed, step * cfg.grad_accum + micro))
-
-    def evaluate(net) -> dict[str, Any]:
+    def evaluate(self, net: nn.Module) -> dict[str, Any]:
+        """The training window's reward means since the last eval, then the held-out metrics."""
         out: dict[str, Any] = {}
-        for k, v in window.items():
+        for k, v in self.window.items():
             if v:
                 vals = torch.stack(v).tolist()
                 out[k] = sum(vals) / len(vals)
-        window.clear()
-        if not val:
-            return out
+        self.window.clear()
+        if self.val:
+            out.update(self.val_metrics(net))
+        return out
+
+    def val_metrics(self, net: nn.Module) -> dict[str, float]:
+        d, val = self.dpo, self.val
         pcs, prs, rls = [], [], []
-        for i in range(0, len(val), bs):
-            b = batch_for("val", val, list(range(i, min(i + bs, len(val)))))
+        for i in range(0, len(val), self.bs):
+            b = self.batch_for("val", val, list(range(i, min(i + self.bs, len(val)))))
             pc, pr = _pair_logps(net, b)
             pcs.append(pc)
             prs.append(pr)
             n = pc.shape[0]
             rls.append(b[3].view(2, n).T)
         pc, pr, rl = torch.cat(pcs), torch.cat(prs), torch.cat(rls)
-        loss, rc, rr = dpo_loss(pc, pr, rl[:, 0], rl[:, 1], beta, label_smoothing, loss_type)
-        out.update({"val_loss": float(loss), "val_accuracy": float((rc > rr).float().mean()),
-                    "val_margin": float((rc - rr).mean()), "val_rewards_chosen": float(rc.mean()),
-                    "val_rewards_rejected": float(rr.mean()),
-                    "val_logp_accuracy": float((pc > pr).float().mean())})
-        return out
+        loss, rc, rr = dpo_loss(pc, pr, rl[:, 0], rl[:, 1], d.beta, d.label_smoothing, d.loss_type)
+        return {"val_loss": float(loss), "val_accuracy": float((rc > rr).float().mean()),
+                "val_margin": float((rc - rr).mean()), "val_rewards_chosen": float(rc.mean()),
+                "val_rewards_rejected": float(rr.mean()), "val_logp_accuracy": float((pc > pr).float().mean())}
 
+    def summary(self, steps: int, start: dict, final: dict, history: list[dict]) -> dict[str, Any]:
+        cfg = self.cfg
+        summary = {"out_dir": cfg.out_dir, "model": str(Path(cfg.out_dir) / "last"), "steps": steps,
+                   "train_pairs": len(self.train), "val_pairs": len(self.val), "beta": self.dpo.beta,
+                   "start_val_logp_accuracy": start.get("val_logp_accuracy"),
+                   "val_accuracy": final.get("val_accuracy"), "val_margin": final.get("val_margin"),
+                   "val_logp_accuracy": final.get("val_logp_accuracy"), "val_loss": final.get("val_loss")}
+        if self.lora is not None:
+            summary["lora"] = self.lora.to_dict()
+        if history:
+            summary["train_loss"] = history[-1]["train_loss"]
+        return summary
+
+
+def train_dpo(model_path: str, data: str, cfg: TrainConfig, dpo: DPOConfig | None = None, log=print,
+              **fields) -> dict[str, Any]:
+    """DPO fine-tuning of `model_path` (any source: checkpoint, HF dir, GGUF) on prompt/chosen/rejected pairs;
+    `dpo` holds the objective's settings (or pass DPOConfig fields as keywords). Returns a summary with held-out
+    accuracy."""
+    dpo = dpo_settings(dpo, **fields)
+    lora_cfg = LoRAConfig.parse(dpo.lora) if isinstance(dpo.lora, str) else dpo.lora
+    model, tok, device = load_for_training(model_path, cfg)
+    train, val = split_prefs(load_prefs(data, tok), dpo.val_fraction, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    ref_net = load_reference(dpo, lora_cfg, model, device)
+    if lora_cfg is not None:
+        apply_lora(model, lora_cfg)
+        s = trainable_summary(model)
+        log(f"LoRA: {s['trainable']:,} trainable of {s['total']:,} parameters ({s['percent']:.2f}%)")
+    obj = DPOObjective(model, ref_net, tok, train, val, dpo, lora_cfg, cfg, device)
+    ref = "lora-disabled" if lora_cfg and ref_net is None and dpo.ref == "live" else dpo.ref
+    log(f"DPO on {model_path}: {len(train)} train / {len(val)} held-out pairs, beta={dpo.beta}, "
+        f"loss={dpo.loss_type}, ref={ref}, {cfg.max_steps} steps")
     groups = None if lora_cfg is not None else model.configure_optimizer_groups(cfg.weight_decay)
-    trainer = Trainer(model, cfg, loss_fn, get_batch, int(cfg.max_steps), evaluate=evaluate, tokenizer=tok,
+    trainer = Trainer(model, cfg, obj.loss, obj.get_batch, int(cfg.max_steps), evaluate=obj.evaluate, tokenizer=tok,
                       param_groups=groups, lora=lora_cfg, base_model=base_model_path(model_path))
     start = trainer.run_eval() if val else {}
-    window.clear()
+    obj.window.clear()
     history = trainer.fit()
     final = trainer.run_eval() if val else {}
-    summary = {"out_dir": cfg.out_dir, "model": str(Path(cfg.out_dir) / "last"), "steps": trainer.step,
-               "train_pairs": len(train), "val_pairs": len(val), "beta": beta,
-               "start_val_logp_accuracy": start.get("val_logp_accuracy"),
-               "val_accuracy": final.get("val_accuracy"), "val_margin": final.get("val_margin"),
-               "val_logp_accuracy": final.get("val_logp_accuracy"), "val_loss": final.get("val_loss")}
-    if lora_cfg is not None:
-        summary["lora"] = lora_cfg.to_dict()
-    if history:
-        summary["train_loss"] = history[-1]["train_loss"]
     with JsonlLog(Path(cfg.out_dir) / "metrics.jsonl") as f:
         f.append({"step": trainer.step, **{"final_" + k: v for k, v in final.items()}})
-    return summary
+    return obj.summary(trainer.step, start, final, history)

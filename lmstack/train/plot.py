@@ -1,4 +1,4 @@
-"""Loss-curve PNG from a run's metrics.jsonl."""
+"""PNGs from a run's metrics.jsonl: the loss curve (any run) and reward / KL per rollout (PPO)."""
 from __future__ import annotations
 
 import json
@@ -39,6 +39,39 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.legend()
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_ppo(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """PNG of mean reward and KL per rollout from a PPO run's metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in read_metrics(run_dir) if "reward" in r]
+    if not rows:
+        raise LMStackError(f"{run_dir}/metrics.jsonl has no PPO rollout records")
+    x = [r["rollout"] for r in rows]
+    fig, (ax, ax3) = plt.subplots(2, 1, figsize=(7, 5.6), dpi=110, sharex=True, height_ratios=[3, 1])
+    ax.plot(x, [r["reward"] for r in rows], label="mean reward", c="C0")
+    ax.set_ylabel("mean reward", color="C0")
+    ax2 = ax.twinx()
+    ax2.plot(x, [r["kl"] for r in rows], label="KL(policy || ref) per sequence", c="C3")
+    if rows[-1].get("kl_target"):
+        ax2.axhline(rows[-1]["kl_target"], ls="--", c="C3", lw=1, alpha=0.6, label="KL target")
+    ax2.set_ylabel("KL (nats / sequence)", color="C3")
+    ax.set_title(f"PPO: {Path(run_dir).resolve().name}")
+    ax.grid(alpha=0.3)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+    ax3.plot(x, [r["kl_coef"] for r in rows], c="C2")
+    ax3.set_ylabel("kl_coef")
+    ax3.set_xlabel("rollout")
+    ax3.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "ppo.png"
     fig.savefig(out)
     plt.close(fig)
     return out

@@ -10,11 +10,12 @@ reward (a reward-model directory, or a `python:module:function` / `python:file.p
 against a frozen copy of the starting policy, then GAE advantages and returns. kl_coef follows the adaptive KL
 controller of Ziegler et al.: kl_coef *= 1 + clip(KL / target - 1, -0.2, 0.2) * batch / horizon.
 
-How it plugs into the Trainer: one Trainer step is one optimizer step on one minibatch. `get_batch(step)` makes a
-new rollout every ppo_epochs * minibatches steps and hands out its minibatches (reshuffled every epoch);
-`loss_fn` is the clipped PPO objective: clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy.
-The Trainer's evaluate hook, called once per rollout, logs the rollout's mean reward, KL, kl_coef, entropy, clip
-fraction, policy/value losses and approx KL to metrics.jsonl.
+How it plugs into the Trainer: `PPOObjective` holds the run's state (policy, reference, KL controller, the current
+rollout) and hands the Trainer bound methods. One Trainer step is one optimizer step on one minibatch.
+`get_batch(step)` makes a new rollout every ppo_epochs * minibatches steps and hands out its minibatches
+(reshuffled every epoch); `loss` is the clipped PPO objective: clipped policy loss + vf_coef * clipped value loss -
+ent_coef * entropy. `evaluate`, called once per rollout, logs the rollout's mean reward, KL, kl_coef, entropy, clip
+fraction, policy/value losses and approx KL to metrics.jsonl. (The reward/KL plot: lmstack.train.plot.plot_ppo.)
 
 Checkpoints: the Trainer's layout for the policy (full: a standard checkpoint; lora=: adapter tensors + adapter
 files naming the base model; either way `lmstack.load` / generate / serve open it as the trained policy) plus
@@ -23,8 +24,6 @@ value_head.safetensors; the KL coefficient is part of train_state.pt. Both resum
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +39,8 @@ from ..generate import SamplingParams, generate_batch
 from ..models.lora import LoRAConfig, apply_lora, lora_disabled, trainable_summary
 from ..models.utils import eval_mode
 from .config import TrainConfig
-from .reward import HeadModel, HeadTrainer, is_reward_model, load_for_training, load_reward_model
+from .plot import plot_ppo  # noqa: F401  (its home is plot.py; importable from here too)
+from .reward import HeadModel, HeadTrainer, load_for_training, load_reward_fn
 from .trainer import base_model_path
 
 
@@ -157,40 +157,192 @@ def policy_logprobs(logits: torch.Tensor, ids: torch.Tensor,
     return chosen, ent
 
 
-def load_reward_fn(spec: str | Callable,
-                   device: str | torch.device = "cpu") -> Callable[[list[str], list[str]], list[float]]:
-    """A reward function (prompts, completions) -> list[float] from a reward-model directory or
-    'python:module:function' / 'python:path/to/file.py:function'."""
-    if callable(spec):
-        return spec
-    if spec.startswith("python:"):
-        target = spec[len("python:"):]
-        mod_name, _, fn_name = target.rpartition(":")
-        if not mod_name or not fn_name:
-            raise LMStackError(f"--reward {spec!r}: expected python:module:function or python:file.py:function")
-        try:
-            if mod_name.endswith(".py"):
-                if not Path(mod_name).exists():
-                    raise LMStackError(f"--reward {spec!r}: no file {mod_name}")
-                s = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
-                mod = importlib.util.module_from_spec(s)
-                s.loader.exec_module(mod)
-            else:
-                mod = importlib.import_module(mod_name)
-        except ImportError as e:
-            raise LMStackError(f"--reward {spec!r}: cannot import {mod_name} ({e})") from None
-        fn = getattr(mod, fn_name, None)
-        if not callable(fn):
-            raise LMStackError(f"--reward {spec!r}: {mod_name} has no function {fn_name}")
-        return fn
-    if not is_reward_model(spec):
-        raise LMStackError(f"--reward {spec!r} is neither a reward-model directory (from `lmstack reward train`) "
-                           "nor python:module:function")
-    rm, rtok = load_reward_model(spec, device=device)
-    return lambda prompts, completions: rm.score_pairs(rtok, prompts, completions)
-
-
 # ---- training ------------------------------------------------------------------------------------------------
+def kl_controller(ppo: PPOConfig) -> AdaptiveKLController | FixedKLController:
+    return (AdaptiveKLController(ppo.init_kl_coef, ppo.target_kl, ppo.horizon) if ppo.target_kl
+            else FixedKLController(ppo.init_kl_coef))
+
+
+def check_ppo_config(ppo: PPOConfig, block_size: int) -> None:
+    """A clear error for settings a PPO run cannot use with a `block_size`-token context window."""
+    if ppo.max_new_tokens >= block_size:
+        raise LMStackError(f"max_new_tokens={ppo.max_new_tokens} must be smaller than the context window "
+                           f"({block_size})")
+    if not ppo.temperature > 0:
+        raise LMStackError(f"PPO samples its rollouts: temperature must be > 0, got {ppo.temperature}")
+    if ppo.rollout_batch % ppo.minibatches:
+        raise LMStackError(f"rollout_batch={ppo.rollout_batch} must be divisible by minibatches={ppo.minibatches}")
+
+
+def build_policy(backbone: nn.Module, ppo: PPOConfig, device,
+                 log=print) -> tuple[PolicyValue, nn.Module | None, LoRAConfig | None]:
+    """(policy + value head on `device`, the frozen reference, the LoRA config). With LoRA the reference is None:
+    it is the same backbone with its adapters disabled (no copy of the model). Draws on the torch RNG (adapter and
+    value-head init), so call it right after torch.manual_seed."""
+    lora_cfg = LoRAConfig.parse(ppo.lora) if isinstance(ppo.lora, str) else ppo.lora
+    if lora_cfg is not None:
+        apply_lora(backbone, lora_cfg)
+        ref = None
+        st = trainable_summary(backbone)
+        log(f"LoRA: {st['trainable']:,} trainable of {st['total']:,} policy parameters ({st['percent']:.2f}%)")
+    else:
+        ref = copy.deepcopy(backbone).eval().requires_grad_(False)
+    return PolicyValue(backbone).to(device), ref, lora_cfg
+
+
+def ppo_schedule(cfg: TrainConfig, updates: int, minibatch: int) -> None:
+    """Fit the run's TrainConfig to PPO: one evaluate (the rollout's metrics) per rollout of `updates` optimizer
+    steps, no accumulation, minibatch-sized batches, checkpoints on rollout boundaries only."""
+    cfg.eval_interval = updates
+    cfg.grad_accum = 1
+    cfg.batch_size = minibatch
+    if cfg.ckpt_interval is None or cfg.ckpt_interval % updates:
+        cfg.ckpt_interval = updates * max(1, (cfg.ckpt_interval or 10 * updates) // updates)
+
+
+class PPOObjective:
+    """One PPO run's state, plugged into the Trainer as bound methods: `get_batch` (a new rollout every
+    ppo_epochs * minibatches steps, then its reshuffled minibatches), `loss` (the clipped PPO objective),
+    `evaluate` (the rollout's metrics, once per rollout) and `extra_state` / `load_extra` (the KL coefficient)."""
+
+    def __init__(self, policy: PolicyValue, ref: nn.Module | None, tok, prompts: list[str],
+                 reward_fn: Callable[[list[str], list[str]], list[float]], ppo: PPOConfig, seed: int,
+                 rollouts: int, device, log=print):
+        self.policy, self.ref, self.tok, self.prompts, self.reward_fn = policy, ref, tok, prompts, reward_fn
+        self.ppo, self.seed, self.rollouts, self.device, self.log = ppo, seed, rollouts, device, log
+        self.kl_ctl = kl_controller(ppo)
+        self.updates = ppo.ppo_epochs * ppo.minibatches       # optimizer steps per rollout
+        self.minibatch = ppo.rollout_batch // ppo.minibatches
+        self.stop_ids = {i for i in (tok.eos_id, end_token(tok, True)) if i is not None}
+        room = policy.config.block_size - ppo.max_new_tokens
+        self.enc = [tok.encode_prompt(p)[-room:] for p in prompts]
+        self.r, self.data, self.stats = -1, None, {}
+        self.window: dict[str, list[float]] = {}               # loss stats since the last evaluate
+        self.history: list[dict] = []                          # one record per rollout
+        self.t0 = time.perf_counter()
+
+    # ---- rollouts --------------------------------------------------------------------------------------------
+    def ref_logits(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        backbone = self.policy.backbone
+        pm = None if backbone.config.causal else attn
+        if self.ref is not None:
+            return self.ref(ids, padding_mask=pm)
+        with lora_disabled(backbone):
+            return backbone(ids, padding_mask=pm)
+
+    def sample(self, r: int) -> tuple[Any, list[list[int]], list[list[int]], list[str]]:
+        """Rollout r's prompts and completions: (prompt indices, prompt ids, completion ids, completion texts)."""
+        ppo = self.ppo
+        rng = np.random.default_rng([self.seed, r])
+        idx = rng.choice(len(self.enc), ppo.rollout_batch, replace=len(self.enc) < ppo.rollout_batch)
+        p_ids = [self.enc[i] for i in idx]
+        sp = SamplingParams(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k,
+                            seed=int(rng.integers(2**31)))
+        with eval_mode(self.policy):  # no dropout while sampling
+            steps = generate_batch(self.policy.backbone, p_ids, sp, eos_id=self.stop_ids)
+        comps = [[s.token for s in row] for row in steps]
+        texts = [self.tok.decode([t for t in c if t not in self.stop_ids], skip_special_tokens=True) for c in comps]
+        return idx, p_ids, comps, texts
+
+    def score(self, idx, texts: list[str]) -> torch.Tensor:
+        scores = torch.tensor([float(x) for x in self.reward_fn([self.prompts[i] for i in idx], texts)],
+                              dtype=torch.float32, device=self.device)
+        if scores.shape[0] != len(texts):
+            raise LMStackError(f"the reward returned {scores.shape[0]} scores for {len(texts)} completions")
+        return scores
+
+    @torch.no_grad()
+    def make_rollout(self, r: int) -> None:
+        """Sample and score rollout r; per-token rewards (KL penalty + score), GAE advantages and returns."""
+        ppo = self.ppo
+        idx, p_ids, comps, texts = self.sample(r)
+        scores = self.score(idx, texts)
+        ids, attn, comp = collate([(p + c, len(p)) for p, c in zip(p_ids, comps)], device=self.device)
+        with eval_mode(self.policy):  # no dropout while scoring the rollout
+            logits, values = self.policy(ids, attn)
+            ref_logp, _ = policy_logprobs(self.ref_logits(ids, attn), ids, ppo.temperature)
+        logp, ent = policy_logprobs(logits, ids, ppo.temperature)
+        mask = comp[:, 1:]
+        values = values[:, :-1] * mask
+        kl = (logp - ref_logp) * mask
+        rewards = -self.kl_ctl.value * kl
+        last = attn.long().sum(1) - 2                       # action slot of each row's last token
+        rewards[torch.arange(len(texts), device=self.device), last] += scores
+        adv, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            adv = whiten(adv, mask) * mask
+        seq_kl = kl.sum(1)
+        self.data = (ids, attn, mask, logp, values, adv, returns)
+        self.r = r
+        self.stats = self.rollout_stats(r, scores, seq_kl, ent, mask, texts[0])
+        self.kl_ctl.update(float(seq_kl.mean()), ppo.rollout_batch)
+
+    def rollout_stats(self, r: int, scores: torch.Tensor, seq_kl: torch.Tensor, ent: torch.Tensor,
+                      mask: torch.Tensor, sample: str) -> dict[str, Any]:
+        kl_coef = self.kl_ctl.value
+        stats = {"rollout": r + 1, "reward": float(scores.mean()),
+                 "reward_std": float(scores.std()) if scores.shape[0] > 1 else 0.0,
+                 "kl": float(seq_kl.mean()), "kl_coef": kl_coef, "entropy": float(masked_mean(ent, mask)),
+                 "completion_len": float(mask.sum(1).float().mean()),
+                 "non_score_reward": float(-kl_coef * seq_kl.mean()), "sample": sample}
+        if self.ppo.target_kl:
+            stats["kl_target"] = self.ppo.target_kl
+        return stats
+
+    # ---- the Trainer's hooks ---------------------------------------------------------------------------------
+    def get_batch(self, step: int, micro: int) -> tuple[torch.Tensor, ...]:
+        r, within = divmod(step, self.updates)
+        if r != self.r:
+            self.make_rollout(r)
+        epoch, k = divmod(within, self.ppo.minibatches)
+        perm = torch.from_numpy(np.random.default_rng([self.seed, r, epoch]).permutation(self.ppo.rollout_batch))
+        sel = perm[k * self.minibatch:(k + 1) * self.minibatch].to(self.device)
+        return tuple(t[sel] for t in self.data)
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        ppo = self.ppo
+        ids, attn, mask, old_logp, old_values, adv, returns = batch
+        logits, values = model(ids, attn)
+        logp, ent = policy_logprobs(logits, ids, ppo.temperature)
+        pg, vf, st = ppo_losses(logp, old_logp, values[:, :-1], old_values, adv, returns, mask,
+                                ppo.cliprange, ppo.cliprange_value)
+        entropy = masked_mean(ent, mask)
+        for k, v in (("pg_loss", pg.item()), ("vf_loss", vf.item()), ("policy_entropy", entropy.item()), *st.items()):
+            self.window.setdefault(k, []).append(v)
+        return pg + ppo.vf_coef * vf - ppo.ent_coef * entropy
+
+    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+        out = {k: v for k, v in self.stats.items() if k != "sample"}
+        out.update({k: sum(v) / len(v) for k, v in self.window.items() if v})
+        self.window.clear()
+        self.history.append(out)
+        r, n = out.get("rollout", 0), self.rollouts
+        if r == 1 or r % max(1, n // 10) == 0 or r == n:
+            self.log(f"rollout {r}/{n}: reward {out['reward']:.3f}  kl {out['kl']:.3f}  "
+                     f"kl_coef {out['kl_coef']:.4f}  entropy {out['entropy']:.3f}  "
+                     f"clipfrac {out.get('clipfrac', 0):.3f}  [{time.perf_counter() - self.t0:.0f}s]  "
+                     f"e.g. {self.stats['sample']!r}")
+        return out
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"kl_coef": self.kl_ctl.value, "ppo": asdict(self.ppo)}
+
+    def load_extra(self, d: dict[str, Any]) -> None:
+        self.kl_ctl.value = float(d["kl_coef"])
+
+    def summary(self, cfg: TrainConfig, steps: int) -> dict[str, Any]:
+        """Reward and KL averaged over the first and the last few rollouts, and where the run's files are."""
+        h = self.history
+        k = max(1, min(5, len(h) // 4))
+        first, lastk = h[:k], h[-k:]
+        mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+        return {"out_dir": cfg.out_dir, "model": str(Path(cfg.out_dir) / "last"), "rollouts": len(h),
+                "steps": steps, "start_reward": mean(first, "reward"), "end_reward": mean(lastk, "reward"),
+                "start_kl": mean(first, "kl"), "end_kl": mean(lastk, "kl"),
+                "max_kl": max(r["kl"] for r in h), "final_kl_coef": self.kl_ctl.value,
+                "elapsed_s": time.perf_counter() - self.t0, "averaged_over_rollouts": k}
+
+
 def train_ppo(model_path: str, reward: str | Callable, prompts: str | list[str], cfg: TrainConfig,
               ppo: PPOConfig | None = None, rollouts: int = 50, log=print) -> dict[str, Any]:
     """PPO on `model_path` for `rollouts` rollouts; returns a summary (reward and KL at start and end)."""
@@ -198,170 +350,16 @@ def train_ppo(model_path: str, reward: str | Callable, prompts: str | list[str],
     backbone, tok, device = load_for_training(model_path, cfg)
     prompt_texts = load_prompts(prompts, tok) if isinstance(prompts, (str, Path)) else list(prompts)
     reward_fn = load_reward_fn(reward, device)
-    if ppo.max_new_tokens >= backbone.config.block_size:
-        raise LMStackError(f"max_new_tokens={ppo.max_new_tokens} must be smaller than the context window "
-                           f"({backbone.config.block_size})")
-    if not ppo.temperature > 0:
-        raise LMStackError(f"PPO samples its rollouts: temperature must be > 0, got {ppo.temperature}")
-    if ppo.rollout_batch % ppo.minibatches:
-        raise LMStackError(f"rollout_batch={ppo.rollout_batch} must be divisible by minibatches={ppo.minibatches}")
+    check_ppo_config(ppo, backbone.config.block_size)
     torch.manual_seed(cfg.seed)
-    lora_cfg = LoRAConfig.parse(ppo.lora) if isinstance(ppo.lora, str) else ppo.lora
-    if lora_cfg is not None:
-        apply_lora(backbone, lora_cfg)  # the reference: the same backbone with its adapters disabled
-        ref = None
-        st = trainable_summary(backbone)
-        log(f"LoRA: {st['trainable']:,} trainable of {st['total']:,} policy parameters ({st['percent']:.2f}%)")
-    else:
-        ref = copy.deepcopy(backbone).eval().requires_grad_(False)
-    policy = PolicyValue(backbone).to(device)
-
-    def ref_logits(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        pm = None if backbone.config.causal else attn
-        if ref is not None:
-            return ref(ids, padding_mask=pm)
-        with lora_disabled(backbone):
-            return backbone(ids, padding_mask=pm)
-    kl_ctl = (AdaptiveKLController(ppo.init_kl_coef, ppo.target_kl, ppo.horizon) if ppo.target_kl
-              else FixedKLController(ppo.init_kl_coef))
-    U = ppo.ppo_epochs * ppo.minibatches               # optimizer steps per rollout
-    mb = ppo.rollout_batch // ppo.minibatches
-    max_steps = rollouts * U
-    stop_ids = {i for i in (tok.eos_id, end_token(tok, True)) if i is not None}
-    room = backbone.config.block_size - ppo.max_new_tokens
-    enc = [tok.encode_prompt(p)[-room:] for p in prompt_texts]
-    state: dict[str, Any] = {"r": -1, "data": None, "stats": {}, "window": {}}
-    history_rollouts: list[dict] = []
-    t0 = time.perf_counter()
-
-    @torch.no_grad()
-    def make_rollout(r: int) -> None:
-        rng = np.random.default_rng([cfg.seed, r])
-        idx = rng.choice(len(enc), ppo.rollout_batch, replace=len(enc) < ppo.rollout_batch)
-        p_ids = [enc[i] for i in idx]
-        sp = SamplingParams(max_new_tokens=ppo.max_new_tokens, temperature=ppo.temperature, top_k=ppo.top_k,
-                            seed=int(rng.integers(2**31)))
-        with eval_mode(policy):  # no dropout while sampling or scoring the rollout
-            steps = generate_batch(policy.backbone, p_ids, sp, eos_id=stop_ids)
-        comps = [[s.token for s in row] for row in steps]
-        texts = [tok.decode([t for t in c if t not in stop_ids], skip_special_tokens=True) for c in comps]
-        scores = torch.tensor([float(x) for x in reward_fn([prompt_texts[i] for i in idx], texts)],
-                              dtype=torch.float32, device=device)
-        if scores.shape[0] != len(texts):
-            raise LMStackError(f"the reward returned {scores.shape[0]} scores for {len(texts)} completions")
-        ids, attn, comp = collate([(p + c, len(p)) for p, c in zip(p_ids, comps)], device=device)
-        with eval_mode(policy):
-            logits, values = policy(ids, attn)
-            ref_logp, _ = policy_logprobs(ref_logits(ids, attn), ids, ppo.temperature)
-        logp, ent = policy_logprobs(logits, ids, ppo.temperature)
-        mask = comp[:, 1:]
-        values = values[:, :-1] * mask
-        kl = (logp - ref_logp) * mask
-        rewards = -kl_ctl.value * kl
-        last = attn.long().sum(1) - 2                       # action slot of each row's last token
-        rewards[torch.arange(len(texts), device=device), last] += scores
-        adv, returns = gae(rewards, values, mask, ppo.gamma, ppo.lam)
-        if ppo.whiten_advantages:
-            adv = whiten(adv, mask) * mask
-        seq_kl = kl.sum(1)
-        state["data"] = (ids, attn, mask, logp, values, adv, returns)
-        state["r"] = r
-        state["stats"] = {"rollout": r + 1, "reward": float(scores.mean()),
-                          "reward_std": float(scores.std()) if len(texts) > 1 else 0.0,
-                          "kl": float(seq_kl.mean()), "kl_coef": kl_ctl.value,
-                          "entropy": float(masked_mean(ent, mask)),
-                          "completion_len": float(mask.sum(1).float().mean()),
-                          "non_score_reward": float(-kl_ctl.value * seq_kl.mean()),
-                          "sample": texts[0]}
-        if ppo.target_kl:
-            state["stats"]["kl_target"] = ppo.target_kl
-        kl_ctl.update(float(seq_kl.mean()), ppo.rollout_batch)
-
-    def get_batch(step: int, micro: int):
-        r, within = divmod(step, U)
-        if r != state["r"]:
-            make_rollout(r)
-        epoch, k = divmod(within, ppo.minibatches)
-        perm = torch.from_numpy(np.random.default_rng([cfg.seed, r, epoch]).permutation(ppo.rollout_batch))
-        sel = perm[k * mb:(k + 1) * mb].to(device)
-        return tuple(t[sel] for t in state["data"])
-
-    def loss_fn(model, batch):
-        ids, attn, mask, old_logp, old_values, adv, returns = batch
-        logits, values = model(ids, attn)
-        logp, ent = policy_logprobs(logits, ids, ppo.temperature)
-        pg, vf, st = ppo_losses(logp, old_logp, values[:, :-1], old_values, adv, returns, mask,
-                                ppo.cliprange, ppo.cliprange_value)
-        entropy = masked_mean(ent, mask)
-        w = state["window"]
-        for k, v in (("pg_loss", pg.item()), ("vf_loss", vf.item()), ("policy_entropy", entropy.item()), *st.items()):
-            w.setdefault(k, []).append(v)
-        return pg + ppo.vf_coef * vf - ppo.ent_coef * entropy
-
-    def evaluate(model) -> dict[str, Any]:
-        out = {k: v for k, v in state["stats"].items() if k != "sample"}
-        out.update({k: sum(v) / len(v) for k, v in state["window"].items() if v})
-        state["window"].clear()
-        history_rollouts.append(out)
-        r = out.get("rollout", 0)
-        if r == 1 or r % max(1, rollouts // 10) == 0 or r == rollouts:
-            log(f"rollout {r}/{rollouts}: reward {out['reward']:.3f}  kl {out['kl']:.3f}  "
-                f"kl_coef {out['kl_coef']:.4f}  entropy {out['entropy']:.3f}  clipfrac {out.get('clipfrac', 0):.3f}"
-                f"  [{time.perf_counter() - t0:.0f}s]  e.g. {state['stats']['sample']!r}")
-        return out
-
-    cfg.eval_interval = U
-    cfg.grad_accum = 1
-    cfg.batch_size = mb
-    if cfg.ckpt_interval is None or cfg.ckpt_interval % U:
-        cfg.ckpt_interval = U * max(1, (cfg.ckpt_interval or 10 * U) // U)
+    policy, ref, lora_cfg = build_policy(backbone, ppo, device, log)
+    obj = PPOObjective(policy, ref, tok, prompt_texts, reward_fn, ppo, cfg.seed, rollouts, device, log)
+    ppo_schedule(cfg, obj.updates, obj.minibatch)
     log(f"PPO on {model_path}: {rollouts} rollouts of {ppo.rollout_batch} prompts x {ppo.max_new_tokens} tokens, "
-        f"{U} updates each; reward {reward if isinstance(reward, str) else getattr(reward, '__name__', reward)}")
-    trainer = HeadTrainer(policy, cfg, loss_fn, get_batch, max_steps, evaluate=evaluate, tokenizer=tok,
-                          lora=lora_cfg, base_model=base_model_path(model_path))
-    trainer.extra_state = lambda: {"kl_coef": kl_ctl.value, "ppo": asdict(ppo)}
-    trainer.load_extra = lambda d: setattr(kl_ctl, "value", float(d["kl_coef"]))
+        f"{obj.updates} updates each; reward "
+        f"{reward if isinstance(reward, str) else getattr(reward, '__name__', reward)}")
+    trainer = HeadTrainer(policy, cfg, obj.loss, obj.get_batch, rollouts * obj.updates, evaluate=obj.evaluate,
+                          tokenizer=tok, lora=lora_cfg, base_model=base_model_path(model_path))
+    trainer.extra_state, trainer.load_extra = obj.extra_state, obj.load_extra
     trainer.fit()
-    k = max(1, min(5, len(history_rollouts) // 4))
-    first, lastk = history_rollouts[:k], history_rollouts[-k:]
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    summary = {"out_dir": cfg.out_dir, "model": str(Path(cfg.out_dir) / "last"), "rollouts": len(history_rollouts),
-               "steps": trainer.step, "start_reward": mean(first, "reward"), "end_reward": mean(lastk, "reward"),
-               "start_kl": mean(first, "kl"), "end_kl": mean(lastk, "kl"),
-               "max_kl": max(r["kl"] for r in history_rollouts), "final_kl_coef": kl_ctl.value,
-               "elapsed_s": time.perf_counter() - t0, "averaged_over_rollouts": k}
-    return summary
-
-
-def plot_ppo(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """PNG of mean reward and KL per rollout from a PPO run's metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from .plot import read_metrics
-    rows = [r for r in read_metrics(run_dir) if "reward" in r]
-    if not rows:
-        raise LMStackError(f"{run_dir}/metrics.jsonl has no PPO rollout records")
-    x = [r["rollout"] for r in rows]
-    fig, (ax, ax3) = plt.subplots(2, 1, figsize=(7, 5.6), dpi=110, sharex=True, height_ratios=[3, 1])
-    ax.plot(x, [r["reward"] for r in rows], label="mean reward", c="C0")
-    ax.set_ylabel("mean reward", color="C0")
-    ax2 = ax.twinx()
-    ax2.plot(x, [r["kl"] for r in rows], label="KL(policy || ref) per sequence", c="C3")
-    if rows[-1].get("kl_target"):
-        ax2.axhline(rows[-1]["kl_target"], ls="--", c="C3", lw=1, alpha=0.6, label="KL target")
-    ax2.set_ylabel("KL (nats / sequence)", color="C3")
-    ax.set_title(f"PPO: {Path(run_dir).resolve().name}")
-    ax.grid(alpha=0.3)
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
-    ax3.plot(x, [r["kl_coef"] for r in rows], c="C2")
-    ax3.set_ylabel("kl_coef")
-    ax3.set_xlabel("rollout")
-    ax3.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "ppo.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return obj.summary(cfg, trainer.step)

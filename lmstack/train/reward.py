@@ -6,14 +6,17 @@ tokenizer.json, so `lmstack.load` still opens it as an LM) plus `reward_head.saf
 `reward_config.json` ({"kind": "reward_model", ...}).
 
 Also here: the pieces the other preference objectives (DPO, PPO) share — a backbone+head module and a Trainer
-subclass that saves it in that layout, and the TrainConfig defaults for fine-tuning.
+subclass that saves it in that layout, the TrainConfig defaults for fine-tuning, and `load_reward_fn` (PPO's
+reward: a reward-model directory or a python:module:function callable).
 """
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -182,6 +185,39 @@ def load_reward_model(path: str | Path, device: str | torch.device = "cpu"):
     load_head(rm, path)
     rm.to(device).eval()
     return rm, tok
+
+
+def load_reward_fn(spec: str | Callable,
+                   device: str | torch.device = "cpu") -> Callable[[list[str], list[str]], list[float]]:
+    """A reward function (prompts, completions) -> list[float] from a reward-model directory or
+    'python:module:function' / 'python:path/to/file.py:function'."""
+    if callable(spec):
+        return spec
+    if spec.startswith("python:"):
+        target = spec[len("python:"):]
+        mod_name, _, fn_name = target.rpartition(":")
+        if not mod_name or not fn_name:
+            raise LMStackError(f"--reward {spec!r}: expected python:module:function or python:file.py:function")
+        try:
+            if mod_name.endswith(".py"):
+                if not Path(mod_name).exists():
+                    raise LMStackError(f"--reward {spec!r}: no file {mod_name}")
+                s = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+                mod = importlib.util.module_from_spec(s)
+                s.loader.exec_module(mod)
+            else:
+                mod = importlib.import_module(mod_name)
+        except ImportError as e:
+            raise LMStackError(f"--reward {spec!r}: cannot import {mod_name} ({e})") from None
+        fn = getattr(mod, fn_name, None)
+        if not callable(fn):
+            raise LMStackError(f"--reward {spec!r}: {mod_name} has no function {fn_name}")
+        return fn
+    if not is_reward_model(spec):
+        raise LMStackError(f"--reward {spec!r} is neither a reward-model directory (from `lmstack reward train`) "
+                           "nor python:module:function")
+    rm, rtok = load_reward_model(spec, device=device)
+    return lambda prompts, completions: rm.score_pairs(rtok, prompts, completions)
 
 
 def pair_batch(tokenizer, examples, max_length: int, device) -> tuple[torch.Tensor, ...]:

@@ -84,6 +84,100 @@ def make_sft_evaluator(ds: SFTDataset, batch_size: int, pad_id: int) -> Callable
     return evaluate
 
 
+def make_sft_batches(ds: SFTDataset, batch_size: int, seed: int, grad_accum: int, pad_id: int,
+                     device) -> Callable:
+    """get_batch(step, micro) -> (x, y) on `device`: the rows of micro-batch step * grad_accum + micro."""
+    def get_batch(step: int, micro: int):
+        idx = batch_indices(len(ds), batch_size, seed, step * grad_accum + micro)
+        x, y = collate([ds.rows[i] for i in idx], pad_id)
+        return x.to(device), y.to(device)
+    return get_batch
+
+
+def load_sft_model(model: str | Path, cfg: TrainConfig, seq_len: int | None):
+    """(model on the run's device, tokenizer, device, seq_len): float32 weights when the run trains in float32;
+    seq_len defaults to min(512, context window)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    net, tok = load_any(model)
+    if tok is None:
+        raise LMStackError(f"{model} has no tokenizer (tokenizer.json); fine-tuning needs one")
+    if cfg.dtype == "float32" and next(net.parameters()).dtype != torch.float32:
+        net = net.float()  # train in float32 (bfloat16 training: dtype=bfloat16 autocast over float32 weights)
+    net.to(device)
+    seq_len = int(seq_len or min(512, net.config.block_size))
+    if seq_len > net.config.block_size and net.config.pos_emb == "learned":
+        raise LMStackError(f"seq_len {seq_len} does not fit the model's context window ({net.config.block_size})")
+    return net, tok, device, seq_len
+
+
+def load_sft_data(tok, data: str | Path, seq_len: int, pack: bool, val_data: str | Path | None,
+                  val_fraction: float, max_records: int | None, seed: int,
+                  log: Callable = print) -> tuple[SFTDataset, SFTDataset | None]:
+    """(train dataset, validation dataset or None): `val_data`, else a `val_fraction` split of `data`."""
+    records = load_records(data)
+    if max_records:
+        records = records[:max_records]
+    if val_data is not None:
+        train_recs, val_recs = records, load_records(val_data)
+    else:
+        train_recs, val_recs = split_records(records, val_fraction, seed)
+    train_ds = build_dataset(tok, train_recs, seq_len, pack=pack)
+    val_ds = build_dataset(tok, val_recs, seq_len, pack=False) if val_recs else None
+    if not train_ds.rows:
+        raise LMStackError(f"{data}: no training example has a response token within seq_len={seq_len}")
+    log(f"data: {train_ds.stats['examples']} train examples -> {len(train_ds)} rows of <= {seq_len} tokens "
+        f"({train_ds.num_trained_tokens:,} trained tokens; {train_ds.stats['truncated']} truncated, "
+        f"{train_ds.stats['dropped']} dropped)" + (f", {len(val_ds)} validation examples" if val_ds else ""))
+    return train_ds, val_ds
+
+
+def trainable_groups(net: torch.nn.Module, lora: LoRAConfig | None, cfg: TrainConfig,
+                     log: Callable = print) -> tuple[list[dict], dict[str, Any]]:
+    """(optimizer param groups, trainable_summary): LoRA adapters only, or every weight. Applying LoRA draws on the
+    torch RNG, so call it right after torch.manual_seed."""
+    if lora is not None:
+        apply_lora(net, lora)
+        groups = [{"params": lora_parameters(net), "weight_decay": cfg.weight_decay}]
+    else:
+        for p in net.parameters():
+            p.requires_grad_(True)
+        groups = net.configure_optimizer_groups(cfg.weight_decay)
+    counts = trainable_summary(net)
+    log(f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable ({counts['percent']:.3f}%)"
+        + (f", LoRA r={lora.r} alpha={lora.alpha:g} on {','.join(lora.targets)}" if lora else
+           ", full fine-tuning"))
+    return groups, counts
+
+
+def sft_max_steps(cfg: TrainConfig, n_rows: int) -> int:
+    """cfg.epochs over `n_rows` rows (at least one step) when set, else cfg.max_steps."""
+    steps_per_epoch = math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum))
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch)) if cfg.epochs is not None else int(cfg.max_steps)
+
+
+def save_sft_outputs(summary: dict[str, Any], history: list[dict], net: torch.nn.Module, tok, out: Path,
+                     lora: LoRAConfig | None, base: str, merge: bool) -> None:
+    """Fill `summary` from the run's last record; LoRA: write <out>/adapter (and <out>/merged); write
+    <out>/sft_summary.json."""
+    if history:
+        summary.update({k: v for k, v in history[-1].items() if k in ("train_loss", "val_loss", "elapsed_s")})
+        tps = [h["tokens_per_sec"] for h in history if "tokens_per_sec" in h]
+        if tps:
+            summary["tokens_per_sec"] = sum(tps) / len(tps)
+    if lora is not None:
+        save_adapter(net, out / "adapter", lora, base)
+        summary["adapter_dir"] = str(out / "adapter")
+        if merge:
+            merge_lora(net.eval())
+            save_checkpoint(out / "merged", net, tok)
+            summary["model_dir"] = str(out / "merged")
+    else:
+        summary["model_dir"] = str(out / "last")
+    write_text(out / "sft_summary.json", json.dumps(summary, indent=2))
+
+
 def finetune(model: str | Path, data: str | Path, out_dir: str | Path | None = None,
              lora: LoRAConfig | str | None = None, cfg: TrainConfig | None = None, seq_len: int | None = None,
              pack: bool = False, val_data: str | Path | None = None, val_fraction: float = 0.1,
@@ -98,85 +192,25 @@ def finetune(model: str | Path, data: str | Path, out_dir: str | Path | None = N
     elif out_dir is not None:
         cfg.out_dir = str(out_dir)
     out = Path(cfg.out_dir)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-
-    net, tok = load_any(model)
-    if tok is None:
-        raise LMStackError(f"{model} has no tokenizer (tokenizer.json); fine-tuning needs one")
-    if cfg.dtype == "float32" and next(net.parameters()).dtype != torch.float32:
-        net = net.float()  # train in float32 (bfloat16 training: dtype=bfloat16 autocast over float32 weights)
-    net.to(device)
-    seq_len = int(seq_len or min(512, net.config.block_size))
-    if seq_len > net.config.block_size and net.config.pos_emb == "learned":
-        raise LMStackError(f"seq_len {seq_len} does not fit the model's context window ({net.config.block_size})")
-
-    records = load_records(data)
-    if max_records:
-        records = records[:max_records]
-    if val_data is not None:
-        train_recs, val_recs = records, load_records(val_data)
-    else:
-        train_recs, val_recs = split_records(records, val_fraction, cfg.seed)
-    train_ds = build_dataset(tok, train_recs, seq_len, pack=pack)
-    val_ds = build_dataset(tok, val_recs, seq_len, pack=False) if val_recs else None
-    if not train_ds.rows:
-        raise LMStackError(f"{data}: no training example has a response token within seq_len={seq_len}")
+    net, tok, device, seq_len = load_sft_model(model, cfg, seq_len)
+    train_ds, val_ds = load_sft_data(tok, data, seq_len, pack, val_data, val_fraction, max_records, cfg.seed, log)
     pad_id = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
-    log(f"data: {train_ds.stats['examples']} train examples -> {len(train_ds)} rows of <= {seq_len} tokens "
-        f"({train_ds.num_trained_tokens:,} trained tokens; {train_ds.stats['truncated']} truncated, "
-        f"{train_ds.stats['dropped']} dropped)" + (f", {len(val_ds)} validation examples" if val_ds else ""))
-
     torch.manual_seed(cfg.seed)
-    if lora_cfg is not None:
-        apply_lora(net, lora_cfg)
-        groups = [{"params": lora_parameters(net), "weight_decay": cfg.weight_decay}]
-    else:
-        for p in net.parameters():
-            p.requires_grad_(True)
-        groups = net.configure_optimizer_groups(cfg.weight_decay)
-    counts = trainable_summary(net)
-    log(f"model: {counts['total']:,} parameters, {counts['trainable']:,} trainable ({counts['percent']:.3f}%)"
-        + (f", LoRA r={lora_cfg.r} alpha={lora_cfg.alpha:g} on {','.join(lora_cfg.targets)}" if lora_cfg else
-           ", full fine-tuning"))
-
-    bs = cfg.batch_size
-    steps_per_epoch = math.ceil(len(train_ds) / (bs * cfg.grad_accum))
-    max_steps = (max(1, math.ceil(cfg.epochs * steps_per_epoch)) if cfg.epochs is not None else int(cfg.max_steps))
-
-    def get_batch(step: int, micro: int):
-        idx = batch_indices(len(train_ds), bs, cfg.seed, step * cfg.grad_accum + micro)
-        x, y = collate([train_ds.rows[i] for i in idx], pad_id)
-        return x.to(device), y.to(device)
-
-    evaluator = make_sft_evaluator(val_ds, bs, pad_id) if val_ds and val_ds.rows else None
+    groups, counts = trainable_groups(net, lora_cfg, cfg, log)
+    max_steps = sft_max_steps(cfg, len(train_ds))
+    get_batch = make_sft_batches(train_ds, cfg.batch_size, cfg.seed, cfg.grad_accum, pad_id, device)
+    evaluator = make_sft_evaluator(val_ds, cfg.batch_size, pad_id) if val_ds and val_ds.rows else None
     base = base_model_path(model)
     trainer = Trainer(net, cfg, sft_loss, get_batch, max_steps, evaluate=evaluator, tokenizer=tok,
                       param_groups=groups, lora=lora_cfg, base_model=base)
     summary: dict[str, Any] = {"out_dir": str(out), "steps": max_steps, "trainable_params": counts["trainable"],
                                "total_params": counts["total"], "trainable_percent": counts["percent"],
-                               "train_rows": len(train_ds), "seq_len": seq_len, **({"lora": lora_cfg.to_dict()}
-                                                                                    if lora_cfg else {})}
+                               "train_rows": len(train_ds), "seq_len": seq_len,
+                               **({"lora": lora_cfg.to_dict()} if lora_cfg else {})}
     if evaluator is not None and not cfg.resume:
         summary["initial_val_loss"] = trainer.run_eval()["val_loss"]
         log(f"initial validation loss {summary['initial_val_loss']:.4f}")
-    history = trainer.fit()
-    if history:
-        summary.update({k: v for k, v in history[-1].items() if k in ("train_loss", "val_loss", "elapsed_s")})
-        tps = [h["tokens_per_sec"] for h in history if "tokens_per_sec" in h]
-        if tps:
-            summary["tokens_per_sec"] = sum(tps) / len(tps)
-    if lora_cfg is not None:
-        save_adapter(net, out / "adapter", lora_cfg, base)
-        summary["adapter_dir"] = str(out / "adapter")
-        if merge:
-            merge_lora(net.eval())
-            save_checkpoint(out / "merged", net, tok)
-            summary["model_dir"] = str(out / "merged")
-    else:
-        summary["model_dir"] = str(out / "last")
-    write_text(out / "sft_summary.json", json.dumps(summary, indent=2))
+    save_sft_outputs(summary, trainer.fit(), net, tok, out, lora_cfg, base, merge)
     return summary
 
 
