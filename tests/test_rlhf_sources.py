@@ -108,7 +108,9 @@ def test_objectives_train_from_a_hugging_face_dir(tmp_path, hf_dir, prefs_file, 
     assert rc == 0, err
     assert (tmp_path / "ppo" / "last" / "value_head.safetensors").is_file()
     trained, base = lmstack.load(tmp_path / "ppo" / "last"), lmstack.load(hf_dir)
-    assert any(not torch.equal(a, b.float()) for a, b in zip(trained.model.parameters(), base.model.parameters()))
+    changed = any(not torch.equal(a, b.float()) for a, b in zip(trained.model.parameters(), base.model.parameters()))
+    grad_norm = json.loads((tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()[0])["grad_norm"]
+    assert changed == (grad_norm > 0)  # the saved policy is the one the logged update produced
     got = trained.generate("The", max_new_tokens=3, temperature=0, stop_at_eos=False)
     assert got == "".join(trained.stream("The", max_new_tokens=3, temperature=0, stop_at_eos=False, use_cache=False))
 
