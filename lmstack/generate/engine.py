@@ -89,7 +89,9 @@ def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int |
         logits = model(ids, cache=cache, pos=0)[:, -1]
         pos = ids.shape[1]
         for _ in range(params.max_new_tokens):
-            # the logits stay where the model left them: only the chosen id, its logprob (and the top-n) move
+            # the logits stay where the model left them (float32 once, no copy when they already are): only the
+            # chosen id, its logprob (and the top-n) move to the host
+            logits = logits.float()
             nxt = sample_next(logits, params, gen, ids=[history], prompt_len=len(prompt), eos_ids=stop_ids)
             step = _steps(logits, nxt, top_logprobs)[0]
             history.append(step.token)
