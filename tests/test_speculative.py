@@ -115,6 +115,11 @@ def test_lm_speculative_generate_and_errors():
     text, res = lm.speculative_generate("abc", dlm, max_new_tokens=10, temperature=0, return_stats=True)
     assert text == lm.generate("abc", max_new_tokens=10, temperature=0)
     assert 0.0 <= res.acceptance_rate <= 1.0
+    assert res.drafted > 0 and res.acceptance_rate == res.accepted / res.drafted and res.accepted <= res.drafted
+    # a draft that is the target itself: greedy drafts are always accepted, so each pass yields k + 1 tokens
+    text2, same = lm.speculative_generate("abc", lm, num_draft_tokens=4, max_new_tokens=10, temperature=0,
+                                          return_stats=True)
+    assert text2 == text and same.acceptance_rate == 1.0 and same.target_passes <= 1 + 10 // 5  # prefill + 2 rounds
     other = _model(tiny_cfg_dict(vocab_size=V, n_layer=1, n_embd=16, n_head=2), seed=2, scale=0.0)
     with pytest.raises(LMStackError, match="vocabulary"):
         speculative_generate(target, other, PROMPT, SamplingParams(max_new_tokens=2))
