@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import evaluate, finetune, models, rlhf, run, serving, train
+from . import evaluate, finetune, models, rag, rlhf, run, serving, train
 
-GROUPS = (train, run, models, serving, evaluate, finetune, rlhf)  # the order of `lmstack --help`
+GROUPS = (train, run, models, serving, evaluate, finetune, rlhf, rag)  # the order of `lmstack --help`
 
 
 def build_parser() -> argparse.ArgumentParser:

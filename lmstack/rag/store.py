@@ -1,0 +1,113 @@
+"""The index on disk: one SQLite database (WAL) holding documents, chunks, their vectors and the index settings.
+
+    meta(key, value)                       embed_model, dim, chunk_tokens, overlap, format
+    documents(id, path, title, sha256)     one row per source document (path unique)
+    chunks(id, doc_id, ord, text, start, end, headings, vector)
+
+Each document is replaced in one transaction (its old chunks deleted, the new ones and their vectors inserted), so
+a build killed at any point (even SIGKILL) leaves every document either at its old or its new version — the
+index stays usable — and the next build, which skips documents whose content hash is unchanged, completes it."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import LMStackError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS documents (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, title TEXT NOT NULL,
+                                      sha256 TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, doc_id INTEGER NOT NULL REFERENCES documents(id),
+                                   ord INTEGER NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL,
+                                   end INTEGER NOT NULL, headings TEXT NOT NULL, vector BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
+"""
+DB_NAME = "index.sqlite"
+
+
+@dataclass
+class StoredChunk:
+    id: int
+    path: str
+    title: str
+    text: str
+    start: int
+    end: int
+    headings: list[str]
+
+
+class Store:
+    def __init__(self, directory: str | Path, create: bool = False):
+        self.dir = Path(directory)
+        db = self.dir / DB_NAME
+        if not db.exists() and not create:
+            raise LMStackError(f"no index at {self.dir} (no {DB_NAME}); build one with `lmstack index build PATH... "
+                               f"--out {self.dir}`")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(db)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    # ---- settings --------------------------------------------------------------------------------------------
+    def meta(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT key, value FROM meta"))
+
+    def set_meta(self, **kv) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                [(k, str(v)) for k, v in kv.items()])
+
+    # ---- documents -------------------------------------------------------------------------------------------
+    def hashes(self) -> dict[str, str]:
+        """path -> content hash of every indexed document."""
+        return dict(self.db.execute("SELECT path, sha256 FROM documents"))
+
+    def put_document(self, path: str, title: str, sha256: str, chunks, vectors: np.ndarray) -> None:
+        """Replace one document and all its chunks, atomically (one transaction)."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        with self.db:
+            row = self.db.execute("SELECT id FROM documents WHERE path = ?", (path,)).fetchone()
+            if row:
+                self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (row[0],))
+                self.db.execute("UPDATE documents SET title = ?, sha256 = ? WHERE id = ?", (title, sha256, row[0]))
+                doc_id = row[0]
+            else:
+                doc_id = self.db.execute("INSERT INTO documents(path, title, sha256) VALUES (?, ?, ?)",
+                                         (path, title, sha256)).lastrowid
+            self.db.executemany(
+                "INSERT INTO chunks(doc_id, ord, text, start, end, headings, vector) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(doc_id, i, c.text, c.start, c.end, json.dumps(c.headings), v.tobytes())
+                 for i, (c, v) in enumerate(zip(chunks, vectors))])
+
+    def remove_document(self, path: str) -> bool:
+        with self.db:
+            row = self.db.execute("SELECT id FROM documents WHERE path = ?", (path,)).fetchone()
+            if not row:
+                return False
+            self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (row[0],))
+            self.db.execute("DELETE FROM documents WHERE id = ?", (row[0],))
+        return True
+
+    def documents(self) -> list[tuple[str, str, int]]:
+        """(path, title, number of chunks) of every document, by path."""
+        return list(self.db.execute("SELECT d.path, d.title, COUNT(c.id) FROM documents d LEFT JOIN chunks c "
+                                    "ON c.doc_id = d.id GROUP BY d.id ORDER BY d.path"))
+
+    # ---- chunks ----------------------------------------------------------------------------------------------
+    def load_chunks(self, dim: int) -> tuple[list[StoredChunk], np.ndarray]:
+        """Every chunk (by id) and its vectors as one (N, dim) float32 matrix."""
+        rows = self.db.execute("SELECT c.id, d.path, d.title, c.text, c.start, c.end, c.headings, c.vector FROM chunks "
+                               "c JOIN documents d ON d.id = c.doc_id ORDER BY c.id").fetchall()
+        chunks = [StoredChunk(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6])) for r in rows]
+        mat = np.frombuffer(b"".join(r[7] for r in rows), dtype=np.float32).reshape(len(rows), dim) if rows \
+            else np.zeros((0, dim), dtype=np.float32)
+        return chunks, mat
+
+    def close(self) -> None:
+        self.db.close()
