@@ -29,32 +29,15 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lmstack.data.synthetic import instruction  # noqa: E402  (the same generated set as `lmstack demo-data`)
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_GGUF = ROOT.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LORA = "r=16,alpha=32,dropout=0.05,targets=q,k,v,o"
-WORDS = ("apple river stone cloud green music paper light window garden silver candle forest orange tiger "
-         "bread planet yellow castle ocean").split()
-
-
-def make_example(r: random.Random) -> dict:
-    kind = r.randrange(4)
-    if kind == 0:
-        a, b = r.randint(10, 99), r.randint(10, 99)
-        return {"instruction": f"Add {a} and {b}.", "output": f"{a} + {b} = {a + b}."}
-    words = [r.choice(WORDS) for _ in range(r.randint(2, 5))]
-    if kind == 1:
-        return {"instruction": "Write this in capital letters.", "input": " ".join(words),
-                "output": " ".join(words).upper()}
-    if kind == 2:
-        return {"instruction": f"What is the first letter of the word '{words[0]}'?",
-                "output": f"The first letter is '{words[0][0]}'."}
-    return {"instruction": "How many words are in this text?", "input": " ".join(words),
-            "output": f"There are {len(words)} words."}
-
-
 def write_data(d: Path, n_train: int, n_val: int, seed: int = 0) -> tuple[Path, Path]:
     r = random.Random(seed)
-    rows = [make_example(r) for _ in range(n_train + n_val)]
+    rows = [instruction(r) for _ in range(n_train + n_val)]
     tr, va = d / "train.jsonl", d / "heldout.jsonl"
     tr.write_text("".join(json.dumps(x) + "\n" for x in rows[:n_train]))
     va.write_text("".join(json.dumps(x) + "\n" for x in rows[n_train:]))
