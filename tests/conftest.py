@@ -189,3 +189,17 @@ def chromium():
         if r.returncode != 0 or path is None:
             pytest.skip(f"apt-get install chromium failed: {(r.stderr or r.stdout)[-300:]}")
     return path
+
+
+def sigkill_when(proc, ready, timeout: float = 240) -> None:
+    """SIGKILL `proc` as soon as `ready()` holds (polled with a deadline: the condition is a file another process
+    writes), then reap it. The caller checks `proc.returncode == -SIGKILL` (the run did not finish first)."""
+    import signal
+    import time
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)

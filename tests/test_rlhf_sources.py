@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import lmstack
-from conftest import REPO, read_jsonl
+from conftest import REPO, read_jsonl, sigkill_when
 
 PAIRS = [("The cat", " sat on the mat.", " jumps over dog."), ("Where is", " my good cat?", " the night?"),
          ("King and", " queen cat sang.", " lord sang."), ("A bird", " and a cat.", " and a dog."),
@@ -196,14 +195,8 @@ def test_dpo_lora_resumes_exactly_after_sigkill(tmp_path, tiny_run, prefs_file):
     victim = subprocess.Popen(_dpo_cmd(base, prefs_file, run_out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     state = run_out / "last" / "train_state.pt"
-    deadline = time.monotonic() + 240
     try:
-        try:
-            while not state.exists() and victim.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.005)
-            victim.send_signal(signal.SIGKILL)
-        finally:
-            victim.wait(timeout=60)
+        sigkill_when(victim, state.exists)
         assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
         killed = torch.load(state, weights_only=True)["step"]
         assert 0 < killed < DPO_STEPS

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, read_jsonl, tiny_cfg_dict, tiny_run_config
+from conftest import REPO, read_jsonl, sigkill_when, tiny_cfg_dict, tiny_run_config
 from lmstack.checkpoint import load_model, load_train_state
 from lmstack.config import ModelConfig
 from lmstack.data.shards import TokenDataset
@@ -287,15 +286,9 @@ def test_exact_resume_after_sigkill(tmp_path, corpus_file):
     victim = subprocess.Popen(_train_cmd(recipe, run_out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     metrics = run_out / "metrics.jsonl"
-    deadline = time.monotonic() + 240
     try:
-        try:
-            # step 50 logged means the step-40 checkpoint is complete (each step logs before it saves)
-            while _last_step(metrics) < 50 and victim.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.005)
-            victim.send_signal(signal.SIGKILL)
-        finally:
-            victim.wait(timeout=60)
+        # step 50 logged means the step-40 checkpoint is complete (each step logs before it saves)
+        sigkill_when(victim, lambda: _last_step(metrics) >= 50)
         killed_at = _last_step(metrics)
         assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
         assert 50 <= killed_at < MAX_STEPS
