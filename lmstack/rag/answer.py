@@ -49,8 +49,10 @@ def citations(text: str, n_sources: int) -> list[int]:
     return out
 
 
-def answer(lm, question: str, hits: list[Hit], max_new_tokens: int = 256, **sampling) -> Answer:
-    """Answer `question` from `hits` with `lm` (its chat template when it has one)."""
+def iter_answer(lm, question: str, hits: list[Hit], max_new_tokens: int = 256, mode: str = "compact", **sampling):
+    """Stream an answer: yields the text as it is generated (str pieces), then, last, the finished `Answer`."""
+    if mode != "compact":
+        raise LMStackError(f"synthesis mode must be compact, got {mode!r}")
     tok = lm.tokenizer
     def render(context: str) -> str:
         msg = f"{INSTRUCTION}\n\nSources:\n{context}\nQuestion: {question}"
@@ -71,6 +73,17 @@ def answer(lm, question: str, hits: list[Hit], max_new_tokens: int = 256, **samp
     if not used:
         raise LMStackError("no retrieved chunk fits the context window; lower --chunk-tokens or max_new_tokens")
     stop_ids = tok.end_of_turn_ids if tok.chat_template else None
-    text = "".join(lm.stream(prompt, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
-                             **{"temperature": 0.0, **sampling}))
-    return Answer(text.strip(), used, citations(text, len(used)), n)
+    parts = []
+    for piece in lm.stream(prompt, stop_ids=stop_ids, max_new_tokens=max_new_tokens,
+                           **{"temperature": 0.0, **sampling}):
+        parts.append(piece)
+        yield piece
+    text = "".join(parts)
+    yield Answer(text.strip(), used, citations(text, len(used)), n)
+
+
+def answer(lm, question: str, hits: list[Hit], max_new_tokens: int = 256, mode: str = "compact",
+           **sampling) -> Answer:
+    """Answer `question` from `hits` with `lm` (its chat template when it has one)."""
+    *_, final = iter_answer(lm, question, hits, max_new_tokens, mode, **sampling)
+    return final
