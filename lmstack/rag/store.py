@@ -3,6 +3,7 @@
     meta(key, value)                       embed_model, dim, chunk_tokens, overlap, format
     documents(id, path, title, sha256)     one row per source document (path unique)
     chunks(id, doc_id, ord, text, start, end, headings, vector)
+    summaries(id, doc_id, ord, text, headings, vector)   LM-written summaries of a document and its long sections
 
 Each document is replaced in one transaction (its old chunks deleted, the new ones and their vectors inserted), so
 a build killed at any point (even SIGKILL) leaves every document either at its old or its new version — the
@@ -26,6 +27,10 @@ CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, doc_id INTEGER NOT NU
                                    ord INTEGER NOT NULL, text TEXT NOT NULL, start INTEGER NOT NULL,
                                    end INTEGER NOT NULL, headings TEXT NOT NULL, vector BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS chunks_doc ON chunks(doc_id);
+CREATE TABLE IF NOT EXISTS summaries (id INTEGER PRIMARY KEY, doc_id INTEGER NOT NULL REFERENCES documents(id),
+                                      ord INTEGER NOT NULL, text TEXT NOT NULL, headings TEXT NOT NULL,
+                                      vector BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS summaries_doc ON summaries(doc_id);
 """
 DB_NAME = "index.sqlite"
 
@@ -39,6 +44,15 @@ class StoredChunk:
     start: int
     end: int
     headings: list[str]
+
+
+@dataclass
+class StoredSummary:
+    id: int
+    path: str          # the summarised document
+    title: str
+    text: str
+    headings: list[str]  # [] for the whole document, else the heading path of the summarised section
 
 
 class Store:
@@ -68,13 +82,18 @@ class Store:
         """path -> content hash of every indexed document."""
         return dict(self.db.execute("SELECT path, sha256 FROM documents"))
 
-    def put_document(self, path: str, title: str, sha256: str, chunks, vectors: np.ndarray) -> None:
-        """Replace one document and all its chunks, atomically (one transaction)."""
+    def put_document(self, path: str, title: str, sha256: str, chunks, vectors: np.ndarray,
+                     summaries: list[tuple[str, list[str]]] = (), summary_vectors: np.ndarray | None = None) -> None:
+        """Replace one document, all its chunks and its summaries ((text, heading path) pairs, with their vectors),
+        atomically (one transaction)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if summaries and (summary_vectors is None or len(summary_vectors) != len(summaries)):
+            raise ValueError("put_document: one summary vector per summary")
         with self.db:
             row = self.db.execute("SELECT id FROM documents WHERE path = ?", (path,)).fetchone()
             if row:
                 self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (row[0],))
+                self.db.execute("DELETE FROM summaries WHERE doc_id = ?", (row[0],))
                 self.db.execute("UPDATE documents SET title = ?, sha256 = ? WHERE id = ?", (title, sha256, row[0]))
                 doc_id = row[0]
             else:
@@ -84,6 +103,11 @@ class Store:
                 "INSERT INTO chunks(doc_id, ord, text, start, end, headings, vector) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(doc_id, i, c.text, c.start, c.end, json.dumps(c.headings), v.tobytes())
                  for i, (c, v) in enumerate(zip(chunks, vectors))])
+            if summaries:
+                sv = np.ascontiguousarray(summary_vectors, dtype=np.float32)
+                self.db.executemany(
+                    "INSERT INTO summaries(doc_id, ord, text, headings, vector) VALUES (?, ?, ?, ?, ?)",
+                    [(doc_id, i, t, json.dumps(h), v.tobytes()) for i, ((t, h), v) in enumerate(zip(summaries, sv))])
 
     def remove_document(self, path: str) -> bool:
         with self.db:
@@ -91,6 +115,7 @@ class Store:
             if not row:
                 return False
             self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (row[0],))
+            self.db.execute("DELETE FROM summaries WHERE doc_id = ?", (row[0],))
             self.db.execute("DELETE FROM documents WHERE id = ?", (row[0],))
         return True
 
@@ -108,6 +133,16 @@ class Store:
         mat = np.frombuffer(b"".join(r[7] for r in rows), dtype=np.float32).reshape(len(rows), dim) if rows \
             else np.zeros((0, dim), dtype=np.float32)
         return chunks, mat
+
+    def load_summaries(self, dim: int) -> tuple[list[StoredSummary], np.ndarray]:
+        """Every summary (by id) and its vectors as one (N, dim) float32 matrix (N = 0 for an index built without
+        --summaries)."""
+        rows = self.db.execute("SELECT s.id, d.path, d.title, s.text, s.headings, s.vector FROM summaries s "
+                               "JOIN documents d ON d.id = s.doc_id ORDER BY s.id").fetchall()
+        out = [StoredSummary(r[0], r[1], r[2], r[3], json.loads(r[4])) for r in rows]
+        mat = np.frombuffer(b"".join(r[5] for r in rows), dtype=np.float32).reshape(len(rows), dim) if rows \
+            else np.zeros((0, dim), dtype=np.float32)
+        return out, mat
 
     def close(self) -> None:
         self.db.close()
