@@ -2,12 +2,30 @@
 normalised (the sentence-transformers convention, e.g. all-MiniLM-L6-v2)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..models.transformer import Transformer
 from ..models.utils import eval_mode
 from ..tokenizer import Tokenizer
+
+
+_COPIES: "weakref.WeakKeyDictionary[Tokenizer, dict]" = weakref.WeakKeyDictionary()
+
+
+def _truncating_copy(tokenizer: Tokenizer, limit: int) -> HFTokenizer:
+    """A copy of the tokenizer that truncates to `limit` (keeping the special tokens) and never pads, made once per
+    (tokenizer, limit, vocabulary size): building it from JSON costs milliseconds, more than embedding one query."""
+    copies = _COPIES.setdefault(tokenizer, {})
+    key = (limit, tokenizer.hf.get_vocab_size(with_added_tokens=True))
+    if key not in copies:
+        hf = HFTokenizer.from_str(tokenizer.hf.to_str())
+        hf.no_padding()
+        hf.enable_truncation(limit)
+        copies[key] = hf
+    return copies[key]
 
 
 @torch.no_grad()
@@ -20,9 +38,7 @@ def embed(model: Transformer, tokenizer: Tokenizer, texts: list[str] | str, norm
     if isinstance(texts, str):
         texts = [texts]
     limit = min(x for x in (max_length, tokenizer.model_max_length, model.config.block_size) if x)
-    hf = HFTokenizer.from_str(tokenizer.hf.to_str())  # a copy: truncation/padding settings stay local
-    hf.no_padding()
-    hf.enable_truncation(limit)  # truncates the text, keeps the special tokens
+    hf = _truncating_copy(tokenizer, limit)
     seqs = [e.ids for e in hf.encode_batch(list(texts), add_special_tokens=True)]
     device = next(model.parameters()).device
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
