@@ -174,3 +174,20 @@ def test_answer_packs_within_the_window_and_cites_only_used_chunks(tmp_path, min
         assert ans.sources_block().count("\n") == len(ans.sources) - 1
     with pytest.raises(LMStackError, match="context window"):
         answer(lm, "Why?", hits, max_new_tokens=window - 1)
+
+
+def test_embedder_cache_is_bounded_and_lru():
+    """A long-running server embeds many distinct queries: the cache keeps the most recently used cache_size."""
+    from lmstack.rag.embedder import Embedder
+    sent = []
+
+    def encode(texts):
+        sent.extend(texts)
+        return [[float(len(t)), 1.0] for t in texts]
+    e = Embedder("fake", encode, len, 2, batch_size=2, cache_size=3)
+    v = e.embed(["a", "bb", "ccc", "dddd", "a"])       # more texts than the cache holds: all still returned
+    assert v.shape == (5, 2) and np.allclose(v[0], v[4]) and e.calls == 4
+    e.embed(["bb"])                                     # bb is kept (most recent three: bb, ccc, dddd)
+    assert e.calls == 4
+    e.embed(["a"])                                      # a was evicted first: embedded again
+    assert e.calls == 5 and sent.count("a") == 2

@@ -7,7 +7,7 @@ from .common import DTYPES, dtype
 def cmd_serve(a) -> None:
     from ..serve import serve
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, model_name=a.model_name,
-          threads=a.threads, dtype=dtype(a.dtype), quantize=a.quantize)
+          threads=a.threads, indexes=a.index, dtype=dtype(a.dtype), quantize=a.quantize)
 
 
 def cmd_feedback(a) -> None:
@@ -42,6 +42,9 @@ def register(sub) -> None:
                    "keeps its run's name: runs/sft/last -> sft/last)")
     t.add_argument("--dtype", choices=DTYPES)
     t.add_argument("--quantize", choices=["int8"], help="int8 weight-only linears (fast CPU decoding)")
+    t.add_argument("--index", action="append", metavar="DIR", help="a RAG index (`lmstack index build`) to serve "
+                   "as an OpenAI vector store vs_<dir name> (/v1/vector_stores, /v1/rag/answer, the /rag and "
+                   "/embeddings pages); repeat for more")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model (default: PyTorch's); "
                    "on a small CPU box shared with clients, one fewer than the cores lowers single-stream latency")
     t.set_defaults(fn=cmd_serve)

@@ -8,6 +8,7 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,10 @@ class Embedder:
     """`embed(texts) -> (N, dim) float32`, rows L2-normalised. `name` identifies the model in an index (a query must
     use the model the index was built with); `count_tokens` measures text for chunking."""
 
-    def __init__(self, name: str, encode, count_tokens, dim: int, batch_size: int = 64):
+    def __init__(self, name: str, encode, count_tokens, dim: int, batch_size: int = 64, cache_size: int = 100_000):
         self.name, self._encode, self.count_tokens, self.dim, self.batch_size = name, encode, count_tokens, dim, batch_size
-        self._cache: dict[str, np.ndarray] = {}
+        self.cache_size = cache_size  # vectors kept (least recently used dropped first): a server's memory stays flat
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.calls = 0  # texts actually sent to the model (cache misses)
 
     def clear_cache(self) -> None:
@@ -42,18 +44,23 @@ class Embedder:
 
     def embed(self, texts: list[str]) -> np.ndarray:
         keys = [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
-        todo = sorted({k: t for k, t in zip(keys, texts) if k not in self._cache}.items(), key=lambda kv: len(kv[1]))
+        got = {k: self._cache[k] for k in keys if k in self._cache}
+        for k in got:
+            self._cache.move_to_end(k)
+        todo = sorted({k: t for k, t in zip(keys, texts) if k not in got}.items(), key=lambda kv: len(kv[1]))
         for i in range(0, len(todo), self.batch_size):
             part = todo[i:i + self.batch_size]
             vecs = np.asarray(self._encode([t for _, t in part]), dtype=np.float32)
             norms = np.linalg.norm(vecs, axis=1, keepdims=True)
             vecs = vecs / np.maximum(norms, 1e-12)
             for (k, _), v in zip(part, vecs):
-                self._cache[k] = v
+                got[k] = self._cache[k] = v
             self.calls += len(part)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return np.stack([self._cache[k] for k in keys])
+        return np.stack([got[k] for k in keys])
 
 
 def local_embedder(model: str | None = None, batch_size: int = 64) -> Embedder:

@@ -13,7 +13,9 @@ entered from two threads at once. Every bad request gets an OpenAI-style error J
 The pieces: protocol.py (request parsing, APIError), state.py (ServerState: engine, thread pool, admission,
 limits), choices.py (the one choice driver both completion routes share), completions.py / chat.py (their parsing
 and shaping), responses.py (logprob blocks, embeddings, SSE), routes.py (the other routes, registration),
-metrics.py (Prometheus + the ASGI middleware). This module builds the app and runs it.
+metrics.py (Prometheus + the ASGI middleware), rag_state.py / rag_routes.py / rag_answer.py (each `--index` as an
+OpenAI vector store, /v1/rag/answer over the same engine, the /rag and /embeddings pages). This module builds the
+app and runs it.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .choices import generate_pieces
 from .metrics import Metrics, Observe
 from .protocol import APIError, error_response
+from .rag_routes import register as register_rag
+from .rag_state import RagState
 from .responses import GuardedStream
 from .routes import STATIC_DIR, register
 from .state import ServerState
@@ -36,17 +40,20 @@ __all__ = ["create_app", "serve", "default_model_name", "APIError", "error_respo
 
 
 def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
-               max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16) -> FastAPI:
+               max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16, indexes: list | None = None) -> FastAPI:
     """The FastAPI app serving `lm` under the name `model_name`. api_key: required as `Authorization: Bearer KEY`
     on every /v1 route. max_batch + max_queue: requests admitted at once (more get 429); max_batch also caps the
-    choices (prompts x n) of one request. max_body_bytes: larger bodies get 413."""
+    choices (prompts x n) of one request. max_body_bytes: larger bodies get 413. indexes: RAG index directories (or
+    open `lmstack.rag.Index`es), each served as a vector store (/v1/vector_stores, /v1/rag/*, the /rag page)."""
     state = ServerState(lm, model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                         max_body_bytes=max_body_bytes, max_n=max_n)
+    rag = RagState(indexes)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
         state.close()
+        rag.close()
 
     app = FastAPI(title="lmstack", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
 
@@ -65,7 +72,8 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
 
     app.add_middleware(Observe, metrics=state.metrics)
     register(app, state)
-    app.state.server = state
+    register_rag(app, state, rag)
+    app.state.server, app.state.rag = state, rag
     app.state.lm, app.state.model_name, app.state.metrics = lm, model_name, state.metrics
     return app
 
@@ -81,9 +89,10 @@ def default_model_name(model: str | os.PathLike) -> str:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
-          model_name: str | None = None, threads: int = 0, **load_kw) -> None:
+          model_name: str | None = None, threads: int = 0, indexes: list[str] | None = None, **load_kw) -> None:
     """Load `model` and serve it with uvicorn until interrupted (`lmstack serve`). threads > 0: torch CPU threads.
-    model_name: the id clients pass as `model` (default: `default_model_name(model)`)."""
+    model_name: the id clients pass as `model` (default: `default_model_name(model)`). indexes: RAG index
+    directories served as vector stores (`--index`)."""
     import torch
     import uvicorn
     if threads:
@@ -91,5 +100,6 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
 
     from ..lm import load
     lm = load(model, **load_kw)
-    app = create_app(lm, model_name or default_model_name(model), api_key=api_key, max_batch=max_batch)
+    app = create_app(lm, model_name or default_model_name(model), api_key=api_key, max_batch=max_batch,
+                     indexes=indexes)
     uvicorn.run(app, host=host, port=port, log_level="info")
