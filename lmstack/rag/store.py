@@ -1,6 +1,6 @@
 """The index on disk: one SQLite database (WAL) holding documents, chunks, their vectors and the index settings.
 
-    meta(key, value)                       embed_model, dim, chunk_tokens, overlap, format
+    meta(key, value)                       embed_model, dim, chunk_tokens, overlap, format, generation
     documents(id, path, title, sha256)     one row per source document (path unique)
     chunks(id, doc_id, ord, text, start, end, headings, vector)
     summaries(id, doc_id, ord, text, headings, vector)   LM-written summaries of a document and its long sections
@@ -108,6 +108,7 @@ class Store:
                 self.db.executemany(
                     "INSERT INTO summaries(doc_id, ord, text, headings, vector) VALUES (?, ?, ?, ?, ?)",
                     [(doc_id, i, t, json.dumps(h), v.tobytes()) for i, ((t, h), v) in enumerate(zip(summaries, sv))])
+            self._bump_generation()
 
     def remove_document(self, path: str) -> bool:
         with self.db:
@@ -117,7 +118,14 @@ class Store:
             self.db.execute("DELETE FROM chunks WHERE doc_id = ?", (row[0],))
             self.db.execute("DELETE FROM summaries WHERE doc_id = ?", (row[0],))
             self.db.execute("DELETE FROM documents WHERE id = ?", (row[0],))
+            self._bump_generation()
         return True
+
+    def _bump_generation(self) -> None:
+        """meta 'generation' + 1, inside the caller's transaction: it names the chunk set, so a file derived from
+        the chunks (vectors.py's ANN structures) is known stale when it changes."""
+        self.db.execute("INSERT INTO meta(key, value) VALUES ('generation', '1') ON CONFLICT(key) DO UPDATE SET "
+                        "value = CAST(value AS INTEGER) + 1")
 
     def documents(self) -> list[tuple[str, str, int]]:
         """(path, title, number of chunks) of every document, by path."""
@@ -146,3 +154,13 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+def open_store(spec: str | Path, create: bool = False):
+    """The store `spec` names: a directory (this module's SQLite Store) or a Qdrant collection
+    (qdrant_store.py: qdrant://HOST[:PORT]/COLLECTION, qdrant+local://DIR?collection=NAME). create=True makes it
+    when missing (for a build); otherwise a missing one is an error."""
+    if str(spec).startswith(("qdrant:", "qdrant+", "qdrants:")):
+        from .qdrant_store import QdrantStore
+        return QdrantStore(str(spec), create=create)
+    return Store(spec, create=create)
