@@ -44,8 +44,9 @@ def test_dense_matches_sentence_transformers_ranking(tmp_path, minilm):
     idx = Index.open(tmp_path / "idx", minilm)
     st = SentenceTransformer(default_embed_model(), device="cpu")
     texts = [c.text for c in idx.chunks]
+    embedded = [f"{' > '.join([c.title] + [h for h in c.headings if h != c.title])}\n\n{c.text}" for c in idx.chunks]
     q = "Which animal purrs?"
-    ref = st.encode(texts, normalize_embeddings=True) @ st.encode([q], normalize_embeddings=True)[0]
+    ref = st.encode(embedded, normalize_embeddings=True) @ st.encode([q], normalize_embeddings=True)[0]
     hits = idx.search(q, top_k=len(texts), mode="dense")
     assert [h.chunk.text for h in hits] == [texts[i] for i in np.argsort(-ref, kind="stable")]
     assert np.allclose([h.score for h in hits], np.sort(ref)[::-1], atol=1e-4)
@@ -117,6 +118,11 @@ def test_errors(tmp_path, minilm):
         Index.open(tmp_path / "idx", other).search("cats", mode="dense")
     with pytest.raises(LMStackError, match="embed_model=all-MiniLM-L6-v2, not another-model"):
         build_index([str(tmp_path / "docs")], tmp_path / "idx", other)
+    st = Store(tmp_path / "idx")
+    st.db.execute("DELETE FROM meta WHERE key = 'chunk_text'")  # as an index from before contextual headers
+    st.db.commit()
+    with pytest.raises(LMStackError, match="older lmstack that embedded chunks without their title"):
+        build_index([str(tmp_path / "docs")], tmp_path / "idx", minilm)
     Store(tmp_path / "empty", create=True).set_meta(dim=minilm.dim, embed_model=minilm.name)
     with pytest.raises(LMStackError, match="is empty"):
         Index.open(tmp_path / "empty", minilm).search("x")
