@@ -73,102 +73,116 @@ def _indent(line: str) -> int:
 
 def parse_sections(text: str) -> list[_Section]:
     """Split `text` into sections (at headings) of blocks, with offsets (content only, whitespace trimmed)."""
-    lines = text.split("\n")
-    starts, pos = [], 0
-    for ln in lines:
-        starts.append(pos)
-        pos += len(ln) + 1
+    return _SectionParser(text).parse()
 
-    def span(i: int, j: int) -> tuple[int, int]:
-        """Trimmed character span of lines i..j-1 (None-safe: caller guarantees some content)."""
-        s = starts[i] + (len(lines[i]) - len(lines[i].lstrip()))
-        e = starts[j - 1] + len(lines[j - 1].rstrip())
-        return s, e
 
-    sections = [_Section([], [])]
-    stack: list[tuple[int, str]] = []
-    styles: list[tuple[str, str]] = []
+class _SectionParser:
+    """One pass over the lines: fenced code, indented (or rst literal) code, ATX / underlined / overlined headings,
+    paragraphs. Each step returns the next line index."""
 
-    def heading(level_key, title: str, i: int, j: int) -> None:
+    def __init__(self, text: str):
+        self.lines = text.split("\n")
+        self.starts, pos = [], 0
+        for ln in self.lines:
+            self.starts.append(pos)
+            pos += len(ln) + 1
+        self.sections = [_Section([], [])]
+        self.stack: list[tuple[int, str]] = []       # (level, title) of the open headings
+        self.styles: list[tuple[str, str]] = []      # underline styles in order of first use = their levels
+        self.prev_blank = True                       # the previous line was blank (or there was none)
+        self.literal_next = False                    # the previous paragraph ended with "::" (rst literal block)
+
+    def span(self, i: int, j: int) -> tuple[int, int]:
+        """Trimmed character span of lines i..j-1 (the caller guarantees some content)."""
+        lines, starts = self.lines, self.starts
+        return (starts[i] + (len(lines[i]) - len(lines[i].lstrip())), starts[j - 1] + len(lines[j - 1].rstrip()))
+
+    def heading(self, level_key, title: str, i: int, j: int) -> int:
         if level_key[0] == "atx":
             level = level_key[1]
         else:
-            if level_key not in styles:
-                styles.append(level_key)
-            level = styles.index(level_key) + 1
-        while stack and stack[-1][0] >= level:
-            stack.pop()
-        stack.append((level, title))
-        cur = sections[-1]
-        s, e = span(i, j)
+            if level_key not in self.styles:
+                self.styles.append(level_key)
+            level = self.styles.index(level_key) + 1
+        while self.stack and self.stack[-1][0] >= level:
+            self.stack.pop()
+        self.stack.append((level, title))
+        cur = self.sections[-1]
         if cur.has_body:  # else: a section with only headings so far is glued to this one
             cur = _Section([], [])
-            sections.append(cur)
-        cur.blocks.append((s, e, "heading"))
-        cur.headings = [t for _, t in stack]
+            self.sections.append(cur)
+        cur.blocks.append((*self.span(i, j), "heading"))
+        cur.headings = [t for _, t in self.stack]
+        self.prev_blank, self.literal_next = True, False
+        return j
 
-    def body(i: int, j: int, kind: str) -> None:
-        s, e = span(i, j)
-        sections[-1].blocks.append((s, e, kind))
-        sections[-1].has_body = True
+    def body(self, i: int, j: int, kind: str) -> int:
+        self.sections[-1].blocks.append((*self.span(i, j), kind))
+        self.sections[-1].has_body = True
+        self.prev_blank = False
+        self.literal_next = kind == "para" and self.lines[j - 1].rstrip().endswith("::")
+        return j
 
-    n = len(lines)
-    i = 0
-    prev_blank = True        # the previous line was blank (or there was none)
-    literal_next = False     # the previous paragraph ended with "::" (an rst literal block may follow)
-    while i < n:
-        line = lines[i]
-        if not line.strip():
-            prev_blank = True
-            i += 1
-            continue
-        m = FENCE_RE.match(line)
-        if m:
-            fence = m.group(1)
-            j = i + 1
-            while j < n and not (lines[j].strip().startswith(fence[0] * len(fence))
-                                 and not lines[j].strip().strip(fence[0])):
-                j += 1
-            j = min(j + 1, n)
-            body(i, j, "code")
-            i, prev_blank, literal_next = j, False, False
-            continue
-        ind = _indent(line)
-        if prev_blank and (ind >= 4 or (literal_next and ind > 0)):
-            j, last = i + 1, i
-            while j < n and (not lines[j].strip() or _indent(lines[j]) >= min(ind, 4 if not literal_next else 1)):
-                if lines[j].strip():
-                    last = j
-                j += 1
-            body(i, last + 1, "code")
-            i, prev_blank, literal_next = last + 1, False, False
-            continue
-        am = ATX_RE.match(line)
-        if am:  # an ATX heading (at column 0) may interrupt a paragraph
-            heading(("atx", len(am.group(1) or am.group(3))), (am.group(2) or "").strip(), i, i + 1)
-            i, prev_blank, literal_next = i + 1, True, False
-            continue
-        if prev_blank and ind == 0:
-            um = UNDERLINE_RE.match(line)
-            if (um and i + 2 < n and lines[i + 1].strip() and not UNDERLINE_RE.match(lines[i + 1])
-                    and lines[i + 2].strip() == line.strip()):
-                heading(("over", um.group(1)), lines[i + 1].strip(), i, i + 3)
-                i, prev_blank, literal_next = i + 3, True, False
-                continue
-            if not um and i + 1 < n:
-                un = UNDERLINE_RE.match(lines[i + 1])
-                if un:
-                    heading(("under", un.group(1)), line.strip(), i, i + 2)
-                    i, prev_blank, literal_next = i + 2, True, False
-                    continue
-        # a paragraph: up to a blank line or a fence
-        j = i + 1
+    def fenced(self, i: int, fence: str) -> int:
+        lines, n, j = self.lines, len(self.lines), i + 1
+        while j < n and not (lines[j].strip().startswith(fence[0] * len(fence)) and not lines[j].strip().strip(fence[0])):
+            j += 1
+        return self.body(i, min(j + 1, n), "code")
+
+    def indented(self, i: int, ind: int) -> int:
+        lines, n = self.lines, len(self.lines)
+        j, last, need = i + 1, i, min(ind, 4 if not self.literal_next else 1)
+        while j < n and (not lines[j].strip() or _indent(lines[j]) >= need):
+            if lines[j].strip():
+                last = j
+            j += 1
+        return self.body(i, last + 1, "code")
+
+    def setext(self, i: int) -> int | None:
+        """An underlined (or over- and underlined) heading at line i: the next line index, else None."""
+        lines, n, line = self.lines, len(self.lines), self.lines[i]
+        um = UNDERLINE_RE.match(line)
+        if (um and i + 2 < n and lines[i + 1].strip() and not UNDERLINE_RE.match(lines[i + 1])
+                and lines[i + 2].strip() == line.strip()):
+            return self.heading(("over", um.group(1)), lines[i + 1].strip(), i, i + 3)
+        if not um and i + 1 < n:
+            un = UNDERLINE_RE.match(lines[i + 1])
+            if un:
+                return self.heading(("under", un.group(1)), line.strip(), i, i + 2)
+        return None
+
+    def paragraph(self, i: int) -> int:
+        """Up to a blank line, a fence or an ATX heading."""
+        lines, n, j = self.lines, len(self.lines), i + 1
         while j < n and lines[j].strip() and not FENCE_RE.match(lines[j]) and not ATX_RE.match(lines[j]):
             j += 1
-        body(i, j, "para")
-        literal_next = lines[j - 1].rstrip().endswith("::")
-        i, prev_blank = j, False
-    return [s for s in sections if s.blocks]
+        return self.body(i, j, "para")
+
+    def step(self, i: int) -> int:
+        line = self.lines[i]
+        if not line.strip():
+            self.prev_blank = True
+            return i + 1
+        m = FENCE_RE.match(line)
+        if m:
+            return self.fenced(i, m.group(1))
+        ind = _indent(line)
+        if self.prev_blank and (ind >= 4 or (self.literal_next and ind > 0)):
+            return self.indented(i, ind)
+        am = ATX_RE.match(line)
+        if am:  # an ATX heading (at column 0) may interrupt a paragraph
+            return self.heading(("atx", len(am.group(1) or am.group(3))), (am.group(2) or "").strip(), i, i + 1)
+        if self.prev_blank and ind == 0:
+            j = self.setext(i)
+            if j is not None:
+                return j
+        return self.paragraph(i)
+
+    def parse(self) -> list[_Section]:
+        i = 0
+        while i < len(self.lines):
+            i = self.step(i)
+        return [s for s in self.sections if s.blocks]
 
 
 class _Counter:

@@ -225,8 +225,9 @@ def default_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Lists searched per query: ~6% of them, at least 8 (recall@10 >= 0.95 on clustered 384-d data)."""
-    return min(nlist, max(8, nlist // 16))
+    """Lists searched per query: ~1.6% of them, at least 16 (benchmarks/rag_scale.py, 1M clustered 384-d rows,
+    nlist 4000: nprobe 64 gave recall@10 1.0 at 2.6 ms p50; 250 gave the same recall at 11.4 ms)."""
+    return min(nlist, max(16, nlist // 64))
 
 
 def make_vectors(kind: str, matrix: np.ndarray, **params) -> Vectors:
