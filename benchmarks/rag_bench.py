@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -32,16 +31,8 @@ import torch
 from lmstack.rag.embedder import default_embed_model, local_embedder
 from lmstack.rag.evaluate import METRICS, iter_corpus, load_beir, query_metrics, rank_documents, write_index_corpus
 from lmstack.rag.index import Index, build_index
+from lmstack.generate.bench import cpu_name
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def pct(xs: list[float], q: float) -> float:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from lmstack.generate.bench import cpu_name, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "rag_scale.json"
@@ -33,11 +34,6 @@ def rss_mb() -> float:
     import resource
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def peak_mb() -> float:
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def mixture(n: int, q: int, dim: int, clusters: int, seed: int = 0):
@@ -120,17 +116,8 @@ def child(n: int, args) -> dict:
         if kind != "exact":
             del v
     return dict(n=n, generate_s=round(gen_s, 1), ground_truth_s=round(truth_s, 1), mean_nn1_cosine=round(float(nn), 3),
-                peak_rss_mb=round(peak_mb(), 0), rows=rows_out)
+                peak_rss_mb=round(peak_rss_mb(), 0), rows=rows_out)
 
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def table(results: list[dict]) -> str:
@@ -170,7 +157,7 @@ def main() -> None:
                str(args.threads), "--ivf-at", *map(str, args.ivf_at)]
         r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         results.append(json.loads(r.stdout.strip().splitlines()[-1]))
-    meta = dict(cpu=cpu_model(), cores=__import__("os").cpu_count(), python=platform.python_version(),
+    meta = dict(cpu=cpu_name(), cores=__import__("os").cpu_count(), python=platform.python_version(),
                 numpy=np.__version__, faiss=faiss.__version__, build_threads=args.threads, query_threads=1,
                 data=f"synthetic: {args.clusters} Gaussian clusters in 24-dim subspaces on the unit sphere, "
                      f"{args.dim}-d, L2-normalised; queries = {args.queries} perturbed held-out points",

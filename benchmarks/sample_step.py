@@ -11,7 +11,6 @@ work; on a GPU each avoided copy is a device->host transfer and a sync (not meas
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -20,6 +19,7 @@ import torch
 from lmstack.generate import SamplingParams, make_generator
 from lmstack.generate.engine import _steps as new_steps  # noqa: F401  (this module's own private: benchmark only)
 from lmstack.generate.sampling import process_logits, sample_next
+from lmstack.generate.bench import cpu_name
 
 
 def old_engine_step(logits, p, gen, hist):
@@ -54,15 +54,6 @@ def new_batch_sample(logits):
     logp = torch.log_softmax(logits, dim=-1)
     return list(zip(toks.tolist(), logp.gather(-1, toks.view(-1, 1)).squeeze(-1).tolist()))
 
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timeit(fn, reps: int) -> float:

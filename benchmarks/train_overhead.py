@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmstack.config import ModelConfig  # noqa: E402
 from lmstack.models.lora import LoRAConfig, LoRALinear, apply_lora, lora_parameters  # noqa: E402
 from lmstack.models.transformer import Transformer  # noqa: E402
+from lmstack.generate.bench import cpu_name
 
 
 def old_factors(self):
@@ -50,16 +49,6 @@ def old_factors(self):
 
 NEW_FACTORS = LoRALinear._factors
 
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for ln in out.splitlines():
-            if ln.startswith("Model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def lora_model() -> Transformer:

@@ -4,6 +4,7 @@ Used by `lmstack bench-generate` and benchmarks/generate_speed.py. Greedy decodi
 generates exactly `new_tokens` tokens."""
 from __future__ import annotations
 
+import platform
 import resource
 import sys
 import time
@@ -24,6 +25,17 @@ def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for benchmark reports: timings differ across machines."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 @dataclass
