@@ -197,3 +197,34 @@ def test_embedder_cache_is_bounded_and_lru():
     assert e.calls == 4
     e.embed(["a"])                                      # a was evicted first: embedded again
     assert e.calls == 5 and sent.count("a") == 2
+
+
+def test_causal_lm_embeddings_are_mean_pooled_final_hidden_states(tmp_path):
+    """A causal LM as the embedding model: its final (normed) hidden states mean-pooled over the tokens and
+    L2-normalised, equal to transformers' own hidden states of the same checkpoint."""
+    import torch
+    import transformers as T
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    from lmstack.rag.embedder import local_embedder
+    words = ["[UNK]"] + "the cat sat on a mat dog ran far".split()
+    tok = HFTok(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    torch.manual_seed(0)
+    hf = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=48,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          max_position_embeddings=64)).eval()
+    hf.save_pretrained(tmp_path)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    e = local_embedder(str(tmp_path))
+    texts = ["the cat sat on a mat", "a dog ran far", "the dog sat"]
+    got = e.embed(texts)
+    with torch.no_grad():
+        ref = []
+        for t in texts:
+            ids = torch.tensor([tok.encode(t).ids])
+            h = hf(ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
+            ref.append((h / h.norm()).numpy())
+    assert e.dim == 32 and np.allclose(got, np.stack(ref), atol=1e-5)
