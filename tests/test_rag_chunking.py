@@ -261,3 +261,13 @@ def test_random_texts(minilm, blocks, seps, budget, frac):
     overlap = int(budget * frac)
     chunks = chunk_text(text, minilm, budget, overlap)
     check_invariants(text, chunks, minilm, budget)
+
+
+def test_unclosed_fence_at_the_end_keeps_no_trailing_blank_lines(minilm):
+    """Found by hypothesis: a fence whose closing line has text after it never closes, so the code block runs to the
+    end of the text; its span must still end at the last non-blank line."""
+    text = "# Head\n\n```\ncode  here\n\nmore code\n``` # Head\n\n"
+    chunks = chunk_text(text, minilm, 12, 0)
+    check_invariants(text, chunks, minilm, 12)
+    assert chunks[-1].text.endswith("``` # Head")
+

@@ -127,7 +127,10 @@ class _SectionParser:
         lines, n, j = self.lines, len(self.lines), i + 1
         while j < n and not (lines[j].strip().startswith(fence[0] * len(fence)) and not lines[j].strip().strip(fence[0])):
             j += 1
-        return self.body(i, min(j + 1, n), "code")
+        j = min(j + 1, n)
+        while j > i + 1 and not lines[j - 1].strip():  # an unclosed fence runs to the end: not its blank lines
+            j -= 1
+        return self.body(i, j, "code")
 
     def indented(self, i: int, ind: int) -> int:
         lines, n = self.lines, len(self.lines)
