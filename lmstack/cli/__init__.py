@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import evaluate, finetune, models, rag, rlhf, run, serving, train
+from . import evaluate, finetune, models, rag, rlhf, run, scaling, serving, train
 
-GROUPS = (train, run, models, serving, evaluate, finetune, rlhf, rag)  # the order of `lmstack --help`
+GROUPS = (train, run, models, serving, evaluate, finetune, rlhf, rag, scaling)  # the order of `lmstack --help`
 
 
 def build_parser() -> argparse.ArgumentParser:
