@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -64,19 +65,19 @@ def as_matrix(matrix: np.ndarray) -> np.ndarray:
     return m
 
 
-class Vectors:
-    """The common interface. `search(queries, k)` -> (scores, rows): queries (Q, d) give (Q, k) arrays, a single
+class Vectors(ABC):
+    """The common interface (Exact, HNSW, IVF implement the abstract methods). `search(queries, k)` -> (scores, rows): queries (Q, d) give (Q, k) arrays, a single
     (d,) query gives (k,) arrays; best first; k is capped at N; an ANN backend pads with row -1 / score -inf when it
     finds fewer than k rows."""
     kind = "?"
     dim = 0
 
-    def __len__(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def __len__(self) -> int: ...
 
     @property
-    def nbytes(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def nbytes(self) -> int: ...
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -91,11 +92,11 @@ class Vectors:
             scores, rows = self._search(q, k)
         return (scores[0], rows[0]) if single else (scores, rows)
 
-    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        raise NotImplementedError
+    @abstractmethod
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
-    def save(self, path: str | Path) -> Path:
-        raise NotImplementedError
+    @abstractmethod
+    def save(self, path: str | Path) -> Path: ...
 
 
 class Exact(Vectors):
@@ -144,8 +145,9 @@ class FaissVectors(Vectors):
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
+    @abstractmethod
     def _params(self, k: int):
-        raise NotImplementedError
+        """faiss search parameters for k results (efSearch / nprobe)."""
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         scores, rows = self.index.search(q, k, params=self._params(k))
