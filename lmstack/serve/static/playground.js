@@ -134,32 +134,15 @@ async function generate() {
       try { msg += ": " + (await res.json()).error.message; } catch (e) { /* not JSON */ }
       throw new Error(msg);
     }
-    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) break;
-      buf += value;
-      let i;
-      while ((i = buf.indexOf("\n\n")) >= 0) {  // one SSE event per blank-line-terminated block
-        const event = buf.slice(0, i);
-        buf = buf.slice(i + 2);
-        for (const line of event.split("\n")) {
-          if (!line.startsWith("data:")) continue;
-          const data = line.slice(5).trim();
-          if (data === "[DONE]") continue;
-          const chunk = JSON.parse(data);
-          if (chunk.error) throw new Error(chunk.error.message);
-          const [text, toks] = parseChunk(chunk, isChat);
-          const c = (chunk.choices || [])[0];
-          if (c && c.finish_reason) finish = c.finish_reason;
-          $("output").textContent += text;
-          reply.content += text;
-          for (const [t, lp, top] of toks) { addToken(t, lp, top); nTokens++; }
-          if (isChat) renderChat(reply);
-        }
-      }
-    }
+    await readSSE(res, (chunk) => {
+      const [text, toks] = parseChunk(chunk, isChat);
+      const c = (chunk.choices || [])[0];
+      if (c && c.finish_reason) finish = c.finish_reason;
+      $("output").textContent += text;
+      reply.content += text;
+      for (const [t, lp, top] of toks) { addToken(t, lp, top); nTokens++; }
+      if (isChat) renderChat(reply);
+    });
     const secs = (performance.now() - t0) / 1000;
     status(`done: ${nTokens} tokens in ${secs.toFixed(2)} s` + (finish ? ` (${finish})` : ""));
   } catch (e) {

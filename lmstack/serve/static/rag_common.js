@@ -47,26 +47,7 @@ async function api(path, body, signal) {
 async function apiStream(path, body, onEvent, signal) {
   const res = await fetch(path, { method: "POST", headers: headers(), body: JSON.stringify(body), signal });
   if (!res.ok) throw await errorOf(res);
-  const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buf = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buf += value;
-    let i;
-    while ((i = buf.indexOf("\n\n")) >= 0) {
-      const event = buf.slice(0, i);
-      buf = buf.slice(i + 2);
-      for (const line of event.split("\n")) {
-        if (!line.startsWith("data:")) continue;
-        const data = line.slice(5).trim();
-        if (data === "[DONE]") return;
-        const obj = JSON.parse(data);
-        if (obj.error) throw new Error(obj.error.message);
-        onEvent(obj);
-      }
-    }
-  }
+  await readSSE(res, onEvent);
 }
 
 // The page config: shows the model and the key box, fills the store selector; resolves to the config.
