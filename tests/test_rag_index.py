@@ -228,3 +228,40 @@ def test_causal_lm_embeddings_are_mean_pooled_final_hidden_states(tmp_path):
             h = hf(ids, output_hidden_states=True).hidden_states[-1][0].mean(0)
             ref.append((h / h.norm()).numpy())
     assert e.dim == 32 and np.allclose(got, np.stack(ref), atol=1e-5)
+
+
+def test_remote_embedder_over_an_openai_style_endpoint():
+    """remote_embedder POSTs {model, input} with the bearer key, puts rows back in `index` order and normalises."""
+    import http.server
+    import threading
+
+    from lmstack.rag.embedder import remote_embedder
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization"), body))
+            rows = [{"index": i, "embedding": [float(len(t)), 3.0, 4.0]} for i, t in enumerate(body["input"])]
+            out = json.dumps({"data": rows[::-1]}).encode()  # out of order on purpose
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        e = remote_embedder(f"http://127.0.0.1:{srv.server_port}/v1", "emb-model", api_key="sk-x")
+        v = e.embed(["", "abcd"])
+        assert e.dim == 3 and e.name == "emb-model"
+        assert np.allclose(v, [[0, 0.6, 0.8], [4 / np.sqrt(41), 3 / np.sqrt(41), 4 / np.sqrt(41)]])
+        assert seen[-1][0] == "/v1/embeddings" and seen[-1][1] == "Bearer sk-x" and seen[-1][2]["model"] == "emb-model"
+    finally:
+        srv.shutdown()
+        srv.server_close()  # the port now refuses connections
+    with pytest.raises(LMStackError, match="embeddings request to .* failed"):
+        remote_embedder(f"http://127.0.0.1:{srv.server_port}/v1", "emb-model")

@@ -19,6 +19,13 @@ from typing import Iterator
 
 from ..errors import LMStackError
 
+
+def json_request(url: str, body: dict, api_key: str | None = None) -> urllib.request.Request:
+    """A POST of `body` as JSON to an OpenAI-compatible endpoint, with the bearer key when there is one."""
+    return urllib.request.Request(url, data=json.dumps(body).encode(),
+                                  headers={"Content-Type": "application/json",
+                                           **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+
 CHARS_PER_TOKEN = 3  # the remote estimate: deliberately below the ~4 characters of an average English BPE token
 
 
@@ -76,9 +83,7 @@ class ChatClient:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "stream": True,
                 "max_tokens": max_new_tokens, "temperature": sampling.pop("temperature", 0.0)}
         body.update({k: v for k, v in sampling.items() if k in ("top_p", "stop", "seed") and v is not None})
-        req = urllib.request.Request(self.url, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json",
-                                              **({"Authorization": f"Bearer {self.api_key}"} if self.api_key else {})})
+        req = json_request(self.url, body, self.api_key)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
                 for raw in r:

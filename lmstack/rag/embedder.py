@@ -15,6 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import LMStackError
+from .chat import json_request
 
 HUB_MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -94,9 +95,7 @@ def remote_embedder(base_url: str, model: str, api_key: str | None = None, batch
     url = base_url.rstrip("/") + "/embeddings"
 
     def encode(texts: list[str]):
-        req = urllib.request.Request(url, data=json.dumps({"model": model, "input": texts}).encode(),
-                                     headers={"Content-Type": "application/json",
-                                              **({"Authorization": f"Bearer {api_key}"} if api_key else {})})
+        req = json_request(url, {"model": model, "input": texts}, api_key)
         try:
             with urllib.request.urlopen(req, timeout=300) as r:
                 data = json.loads(r.read())
