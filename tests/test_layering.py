@@ -19,7 +19,7 @@ LAYERS = [
     {"lm", "__init__"},
     {"train", "eval", "rag", "scaling"},
     {"serve"},
-    {"cli"},
+    {"cli", "__main__"},
 ]
 
 

@@ -3,6 +3,7 @@ its flags (`register(sub)`) and calls one library function; user errors print on
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import evaluate, finetune, models, rag, rlhf, run, scaling, serving, train
@@ -21,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ..errors import LMStackError
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun only rank 0 prints results (errors still go to stderr)
+        sys.stdout = open(os.devnull, "w")
     try:
         args.fn(args)
     except LMStackError as e:

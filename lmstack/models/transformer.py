@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -196,6 +197,7 @@ class Transformer(nn.Module):
             cos, sin = rope_frequencies(cfg, cfg.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # training switch (TrainConfig.activation_checkpointing), not config
         self.apply(self._init_weights)
         for block in self.blocks:  # hidden weight matrices: the ones Muon may orthogonalise
             for m in block.modules():
@@ -260,8 +262,12 @@ class Transformer(nn.Module):
             attn_mask = torch.ones(T, end, dtype=torch.bool, device=idx.device).tril(diagonal=pos)
         if padding_mask is not None:
             attn_mask = _with_padding(attn_mask, padding_mask.bool(), T, end, pos, self.config.causal)
+        recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, rope, cache, pos, attn_mask)
+            if recompute:  # keep only each block's input; rebuild the rest in backward (same dropout masks)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, cache, pos, attn_mask, use_reentrant=False)
+            else:
+                x = block(x, rope, cache, pos, attn_mask)
         x = self.norm_f(x)
         return x if return_hidden else self.lm_head(x)
 

@@ -77,6 +77,9 @@ class TrainConfig:
     # speed
     dtype: str = "float32"          # float32 | bfloat16 (autocast)
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1/3 slower)
+    # several processes (torchrun): ddp | fsdp | none | auto (= ddp under torchrun); see train/distributed.py
+    distributed: str = "auto"
     # sample printed at the end
     sample_prompt: str = "\n"
     sample_tokens: int = 200
@@ -88,7 +91,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         choices = {"optimizer": ("adamw", "sgd", "rmsprop", "muon"), "lr_schedule": ("cosine", "linear", "constant", "wsd"),
-                   "dtype": ("float32", "bfloat16")}
+                   "dtype": ("float32", "bfloat16"),
+                   "distributed": ("auto", "none", "ddp", "fsdp")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise ConfigError(f"{k}={getattr(self, k)!r} is not supported; choose one of {', '.join(allowed)}")

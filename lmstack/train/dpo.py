@@ -42,6 +42,7 @@ from ..data.sampler import epoch_batch
 from ..errors import ConfigError, LMStackError
 from ..models.lora import LoRAConfig, apply_lora, lora_disabled, trainable_summary
 from ..models.utils import eval_mode
+from . import distributed
 from .config import TrainConfig
 from .losses import IGNORE_INDEX
 from .losses import sequence_logprobs as labelled_sequence_logprobs
@@ -180,7 +181,8 @@ class DPOObjective:
 
     # ---- the Trainer's hooks ---------------------------------------------------------------------------------
     def get_batch(self, step: int, micro: int) -> tuple:
-        idx = epoch_batch(len(self.train), self.bs, self.cfg.seed, step * self.cfg.grad_accum + micro)
+        idx = epoch_batch(len(self.train), self.bs, self.cfg.seed,
+                          distributed.stream_index(step, micro, self.cfg.grad_accum))
         return self.batch_for("train", self.train, idx)
 
     def loss(self, net: nn.Module, batch) -> torch.Tensor:
@@ -262,6 +264,7 @@ def train_dpo(model_path: str, data: str, cfg: TrainConfig, dpo: DPOConfig | Non
     obj.window.clear()
     history = trainer.fit()
     final = trainer.run_eval() if val else {}
-    with JsonlLog(Path(cfg.out_dir) / "metrics.jsonl") as f:
-        f.append({"step": trainer.step, **{"final_" + k: v for k, v in final.items()}})
+    if distributed.info().is_main:
+        with JsonlLog(Path(cfg.out_dir) / "metrics.jsonl") as f:
+            f.append({"step": trainer.step, **{"final_" + k: v for k, v in final.items()}})
     return obj.summary(trainer.step, start, final, history)

@@ -39,6 +39,7 @@ from ..generate import SamplingParams, generate_batch
 from ..models.lora import LoRAConfig, apply_lora, lora_disabled, trainable_summary
 from ..models.utils import eval_mode
 from .config import TrainConfig
+from .distributed import launched_world
 from .plot import plot_ppo  # noqa: F401  (its home is plot.py; importable from here too)
 from .reward import HeadModel, HeadTrainer, load_for_training, load_reward_fn
 from .trainer import base_model_path
@@ -347,6 +348,9 @@ def train_ppo(model_path: str, reward: str | Callable, prompts: str | list[str],
               ppo: PPOConfig | None = None, rollouts: int = 50, log=print) -> dict[str, Any]:
     """PPO on `model_path` for `rollouts` rollouts; returns a summary (reward and KL at start and end)."""
     ppo = ppo or PPOConfig()
+    if launched_world() > 1:
+        raise LMStackError("ppo runs in one process for now (each rank would repeat the same rollouts); launch it "
+                           "without torchrun")
     backbone, tok, device = load_for_training(model_path, cfg)
     prompt_texts = load_prompts(prompts, tok) if isinstance(prompts, (str, Path)) else list(prompts)
     reward_fn = load_reward_fn(reward, device)

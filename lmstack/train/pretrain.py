@@ -19,7 +19,12 @@ from ..models.transformer import Transformer
 from ..tokenizer import Tokenizer, train_bpe, train_char
 from .config import TrainConfig
 from .losses import masked_lm_loss
-from .trainer import Trainer, resolve_device
+from . import distributed
+from .trainer import Trainer, setup_device
+
+
+def _quiet(*_a, **_k) -> None:
+    """The log of ranks other than 0."""
 
 
 def lm_loss(model, batch) -> torch.Tensor:
@@ -108,34 +113,54 @@ def make_evaluator(ds: TokenDataset, block: int, batch_size: int, seed: int, byt
 
 def pretrain(cfg: TrainConfig, log=print) -> dict[str, Any]:
     """Run a pretraining recipe end to end. Returns a summary (final metrics, paths)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = setup_device(cfg)
+    rank = distributed.info()
+    if not rank.is_main:
+        log = _quiet
+    if rank.enabled:  # rank 0 tokenizes; the others open what it wrote
+        if rank.is_main:
+            prepare_data(cfg, log)
+        distributed.barrier()
     ds = prepare_data(cfg, log)
     tok = ds.tokenizer
     mcfg = model_config_for(cfg, tok)
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).to(device)
     block, bs = mcfg.block_size, cfg.batch_size
-    tokens_per_step = bs * block * cfg.grad_accum
+    tokens_per_step = bs * block * cfg.grad_accum * rank.world
     if cfg.epochs is not None:
         max_steps = max(1, math.ceil(cfg.epochs * ds.num_tokens("train") / tokens_per_step))
     else:
         max_steps = int(cfg.max_steps)
-    log(f"model: {model.num_params():,} parameters ({mcfg.n_layer} layers, {mcfg.n_embd} wide, "
-        f"{mcfg.pos_emb}/{mcfg.norm}/{mcfg.mlp}), {max_steps} steps of {tokens_per_step:,} tokens on {device}")
+    n_params = model.num_params()
+    log(f"model: {n_params:,} parameters ({mcfg.n_layer} layers, {mcfg.n_embd} wide, "
+        f"{mcfg.pos_emb}/{mcfg.norm}/{mcfg.mlp}), {max_steps} steps of {tokens_per_step:,} tokens on {device}"
+        + (f", {rank.world} processes ({rank.strategy})" if rank.enabled else ""))
+    a, b = ds.split_range("train")
+    if b - a < block + 1:
+        ds.batch("train", 1, block, np.random.default_rng(0))  # raises the clear "split too small" error
 
     def get_batch(step: int, micro: int):
-        rng = np.random.default_rng([cfg.seed, step, micro])
-        x, y = ds.batch("train", bs, block, rng)
-        return x.to(device), y.to(device)
+        # the step's global batch (all micro-steps of all ranks) is a pure function of (seed, step)
+        lo, hi, n = distributed.global_rows(bs, micro, cfg.grad_accum)
+        starts = np.random.default_rng([cfg.seed, step]).integers(a, b - block, size=n)[lo:hi]
+        t = torch.from_numpy(np.stack([ds.read(int(s), block + 1) for s in starts]).astype(np.int64))
+        return t[:, :-1].to(device), t[:, 1:].to(device)
 
     evaluator = make_evaluator(ds, block, bs, cfg.seed, tok.byte_lengths())
     trainer = Trainer(model, cfg, lm_loss, get_batch, max_steps,
                       evaluate=lambda m, **kw: evaluator(m, iters=cfg.eval_iters, **kw), tokenizer=tok,
                       param_groups=model.configure_optimizer_groups(cfg.weight_decay))
     history = trainer.fit()
-    summary: dict[str, Any] = {"out_dir": cfg.out_dir, "steps": trainer.step, "params": model.num_params()}
+    summary: dict[str, Any] = {"out_dir": cfg.out_dir, "steps": trainer.step, "params": n_params}
+    if rank.enabled:  # what follows reads the consolidated checkpoint in one process
+        summary["world_size"] = rank.world
+        if not rank.is_main:
+            distributed.shutdown()
+            return {**summary, "rank": rank.rank}
+        from ..checkpoint import load_model
+        model = load_model(Path(cfg.out_dir) / "last", device=device)[0]
+        trainer.model = model
     if history:
         summary.update({k: v for k, v in history[-1].items() if k in ("train_loss", "val_loss", "val_bpb", "elapsed_s")})
     if cfg.final_eval_windows:
@@ -154,5 +179,7 @@ def pretrain(cfg: TrainConfig, log=print) -> dict[str, Any]:
         sp = SamplingParams(max_new_tokens=n, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
                             seed=cfg.seed)
         summary["sample"] = cfg.sample_prompt + generate_text(model, tok, cfg.sample_prompt, sp, truncate="left")
+    if rank.enabled:
+        distributed.shutdown()
     return summary
 

@@ -29,7 +29,8 @@ from ..data.sampler import epoch_batch
 from ..errors import LMStackError
 from ..models.utils import eval_mode
 from .config import TrainConfig, merge_dicts, parse_set
-from .trainer import Trainer, resolve_device
+from . import distributed
+from .trainer import Trainer, setup_device
 
 REWARD_MARKER = "reward_config.json"
 
@@ -60,10 +61,13 @@ class HeadModel(nn.Module):
         return self.backbone(ids, padding_mask=pm, return_hidden=True)
 
 
-def write_head(model: HeadModel, d: Path, marker: dict | None = None) -> None:
-    """Write `<head_name>.safetensors` (and the marker file) into directory `d`."""
+def write_head(model: HeadModel, d: Path, marker: dict | None = None, full: dict | None = None) -> None:
+    """Write `<head_name>.safetensors` (and the marker file) into directory `d`. full: the whole model's gathered
+    weights (a distributed run's rank 0), used instead of the module's own (possibly sharded) tensors."""
     from safetensors.torch import save_file
-    head = {k: v.detach().contiguous().cpu() for k, v in model.head.state_dict().items()}
+    head = ({k[len("head."):]: v for k, v in full.items() if k.startswith("head.")} if full is not None
+            else model.head.state_dict())
+    head = {k: v.detach().contiguous().cpu() for k, v in head.items()}
     save_file(head, str(d / f"{model.head_name}.safetensors"), metadata={"format": "pt"})
     if marker is not None:
         (d / REWARD_MARKER).write_text(json.dumps(marker, indent=2))
@@ -95,7 +99,7 @@ class HeadTrainer(Trainer):
         return self.model.backbone
 
     def write_extra(self, d: Path) -> None:
-        write_head(self.model, d, self.marker)
+        write_head(self.model, d, self.marker, self._gathered)
 
     def read_extra(self, d: Path) -> None:
         load_head(self.model, d)
@@ -105,9 +109,7 @@ def load_for_training(model_path: str, cfg: TrainConfig):
     """(model, tokenizer, device) for a reward / DPO / PPO run from any source lmstack reads (checkpoint, LoRA
     checkpoint, Hugging Face dir, GGUF: convert.load.load_any): threads set, model on the run's device, float32
     weights when the run trains in float32 (GGUF / bf16 weights are upcast, as SFT does)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = setup_device(cfg)
     model, tok = load_any(model_path, device=device)
     if tok is None:
         raise LMStackError(f"{model_path} has no tokenizer (tokenizer.json); training needs one")
@@ -240,7 +242,7 @@ def train_reward(model_path: str, data: str, cfg: TrainConfig, val_fraction: flo
     bs = cfg.batch_size
 
     def get_batch(step: int, micro: int):
-        idx = epoch_batch(len(train), bs, cfg.seed, step * cfg.grad_accum + micro)
+        idx = epoch_batch(len(train), bs, cfg.seed, distributed.stream_index(step, micro, cfg.grad_accum))
         return pair_batch(tok, [train[i] for i in idx], L, device)
 
     def loss_fn(model, batch):

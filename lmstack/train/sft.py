@@ -31,7 +31,8 @@ from ..models.lora import (ADAPTER_CONFIG, LoRAConfig, apply_lora, load_adapter,
                            save_adapter, trainable_summary)
 from .config import TrainConfig
 from .losses import labelled_logits, sft_loss
-from .trainer import Trainer, base_model_path, resolve_device
+from . import distributed
+from .trainer import Trainer, base_model_path, setup_device
 
 # SFT defaults on top of TrainConfig's (pretraining) defaults; --set / explicit arguments override them
 SFT_DEFAULTS: dict[str, Any] = {"batch_size": 8, "max_steps": None, "epochs": 1.0, "warmup_steps": 10,
@@ -88,7 +89,7 @@ def make_sft_batches(ds: SFTDataset, batch_size: int, seed: int, grad_accum: int
                      device) -> Callable:
     """get_batch(step, micro) -> (x, y) on `device`: the rows of micro-batch step * grad_accum + micro."""
     def get_batch(step: int, micro: int):
-        idx = batch_indices(len(ds), batch_size, seed, step * grad_accum + micro)
+        idx = batch_indices(len(ds), batch_size, seed, distributed.stream_index(step, micro, grad_accum))
         x, y = collate([ds.rows[i] for i in idx], pad_id)
         return x.to(device), y.to(device)
     return get_batch
@@ -97,9 +98,7 @@ def make_sft_batches(ds: SFTDataset, batch_size: int, seed: int, grad_accum: int
 def load_sft_model(model: str | Path, cfg: TrainConfig, seq_len: int | None):
     """(model on the run's device, tokenizer, device, seq_len): float32 weights when the run trains in float32;
     seq_len defaults to min(512, context window)."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = setup_device(cfg)
     net, tok = load_any(model)
     if tok is None:
         raise LMStackError(f"{model} has no tokenizer (tokenizer.json); fine-tuning needs one")
@@ -153,7 +152,7 @@ def trainable_groups(net: torch.nn.Module, lora: LoRAConfig | None, cfg: TrainCo
 
 def sft_max_steps(cfg: TrainConfig, n_rows: int) -> int:
     """cfg.epochs over `n_rows` rows (at least one step) when set, else cfg.max_steps."""
-    steps_per_epoch = math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum))
+    steps_per_epoch = math.ceil(n_rows / (cfg.batch_size * cfg.grad_accum * distributed.info().world))
     return max(1, math.ceil(cfg.epochs * steps_per_epoch)) if cfg.epochs is not None else int(cfg.max_steps)
 
 
@@ -210,7 +209,9 @@ def finetune(model: str | Path, data: str | Path, out_dir: str | Path | None = N
     if evaluator is not None and not cfg.resume:
         summary["initial_val_loss"] = trainer.run_eval()["val_loss"]
         log(f"initial validation loss {summary['initial_val_loss']:.4f}")
-    save_sft_outputs(summary, trainer.fit(), net, tok, out, lora_cfg, base, merge)
+    history = trainer.fit()
+    if distributed.info().is_main:  # the run's files: rank 0 only
+        save_sft_outputs(summary, history, net, tok, out, lora_cfg, base, merge)
     return summary
 
 

@@ -30,6 +30,7 @@ from ..data.jsonl import JsonlLog
 from ..errors import LMStackError
 from ..models.lora import LoRAConfig, save_adapter
 from ..models.utils import eval_mode
+from . import distributed
 from .config import TrainConfig
 
 
@@ -83,9 +84,16 @@ def base_model_path(model_path: str | Path) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return distributed.device_for(name)
+
+
+def setup_device(cfg: TrainConfig) -> torch.device:
+    """Every objective's first step: CPU threads, the process group under torchrun (train/distributed.py), and the
+    device this process trains on."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    distributed.setup(cfg.distributed, cfg.device)
+    return distributed.device_for(cfg.device)
 
 
 class Trainer:
@@ -108,9 +116,25 @@ class Trainer:
         self.base_model = base_model
         self.out_dir = Path(cfg.out_dir)
         self.device = next(model.parameters()).device
+        self.dist = distributed.info()
+        if self.dist.strategy == "fsdp" and (cfg.optimizer == "muon" or self.lora is not None):
+            raise LMStackError("distributed: fsdp does not run optimizer=muon or LoRA yet; use distributed: ddp (a LoRA "
+                               "run's trainable weights are small enough to replicate)")
+        self._gathered: dict | None = None  # rank 0, while saving a distributed run: the full weights
+        backbone = getattr(model, "backbone", model)
+        if hasattr(backbone, "activation_checkpointing"):
+            backbone.activation_checkpointing = cfg.activation_checkpointing
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
+        names = {id(p): n for n, p in model.named_parameters()}
+        wrapped = distributed.wrap(model, self.device, bf16=cfg.dtype == "bfloat16")
+        if self.dist.strategy == "fsdp":  # fully_shard swapped the parameters for sharded ones: same names
+            now = dict(model.named_parameters())
+            groups = [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in groups]
+        self.wrapped = wrapped
         self.optimizer = build_optimizer(groups, cfg)
-        self.fwd_model = torch.compile(model) if cfg.compile else model
+        if self.dist.enabled:  # each rank its own dropout stream (weights were initialised identically before)
+            torch.manual_seed(cfg.seed * 1000 + self.dist.rank)
+        self.fwd_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
                          else nullcontext())
         self.step, self.best_val, self.elapsed_before = 0, float("inf"), 0.0
@@ -129,37 +153,59 @@ class Trainer:
         """Hook: restore what `write_extra` wrote, on resume."""
 
     def state_dict(self) -> dict[str, Any]:
-        st = {"step": self.step, "optimizer": self.optimizer.state_dict(), "best_val": self.best_val,
+        st = {"step": self.step, "best_val": self.best_val,
+              # a distributed run keeps the optimizer in the sharded dcp/ directory
+              "optimizer": None if self.dist.enabled else self.optimizer.state_dict(),
               "elapsed_s": self.elapsed_before + (time.perf_counter() - self._t0), "torch_rng": torch.get_rng_state(),
               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
               "config": json.dumps(self.cfg.to_dict())}
         if self.extra_state is not None:
             st["objective"] = json.dumps(self.extra_state())
+        if self.dist.enabled:  # every rank's RNG
+            st["world_size"] = self.dist.world
+            st["rank_rng"] = distributed.all_gather_object(torch.get_rng_state())
         return st
 
     def load_state(self, ckpt_dir: Path) -> None:
+        from safetensors import safe_open
         from safetensors.torch import load_file
         ckpt_dir = resolve_checkpoint(ckpt_dir)
         st = load_train_state(ckpt_dir)
-        sd = load_file(str(ckpt_dir / "model.safetensors"))
-        if self.lora is not None and not all(".lora_" in k for k in sd):
+        with safe_open(str(ckpt_dir / "model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        if self.lora is not None and not all(".lora_" in k for k in keys):
             raise LMStackError(f"--resume: {ckpt_dir} is not a LoRA checkpoint; resume it without --lora")
-        if self.lora is None and any(".lora_" in k for k in sd):
+        if self.lora is None and any(".lora_" in k for k in keys):
             raise LMStackError(f"--resume: {ckpt_dir} is a LoRA checkpoint; resume it with the same --lora")
-        unexpected = self.net.load_state_dict(sd, strict=False).unexpected_keys
-        if unexpected:
-            raise LMStackError(f"--resume: {ckpt_dir} holds tensors this run's model has not (e.g. {unexpected[0]}); "
-                               "resume with the same model and LoRA settings")
-        self.read_extra(ckpt_dir)
-        self.optimizer.load_state_dict(st["optimizer"])
+        if (ckpt_dir / "dcp").is_dir():  # a distributed run's: the whole trained module, resharded to this world
+            distributed.load_sharded(ckpt_dir / "dcp", self.model, self.optimizer, self.lora is not None)
+        elif self.dist.strategy == "fsdp":
+            raise LMStackError(f"--resume: {ckpt_dir} was written by a single process; resume it with "
+                               "distributed: ddp (or one process), then later checkpoints resume under fsdp")
+        else:
+            unexpected = self.net.load_state_dict(load_file(str(ckpt_dir / "model.safetensors")),
+                                                  strict=False).unexpected_keys
+            if unexpected:
+                raise LMStackError(f"--resume: {ckpt_dir} holds tensors this run's model has not (e.g. "
+                                   f"{unexpected[0]}); resume with the same model and LoRA settings")
+            self.read_extra(ckpt_dir)
+            self.optimizer.load_state_dict(st["optimizer"])
         self.step, self.best_val, self.elapsed_before = int(st["step"]), float(st["best_val"]), float(st["elapsed_s"])
         torch.set_rng_state(st["torch_rng"])
+        rank_rng = st.get("rank_rng") or []
+        if self.dist.enabled:
+            if len(rank_rng) == self.dist.world:
+                torch.set_rng_state(rank_rng[self.dist.rank])
+            else:  # another world size: a fresh, deterministic stream per rank
+                torch.manual_seed((self.cfg.seed * 1000 + self.dist.rank) * 100_003 + self.step)
         if st.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(st["cuda_rng"])
         if self.load_extra is not None and st.get("objective"):
             self.load_extra(json.loads(st["objective"]))
 
     def save(self, name: str) -> None:
+        if self.dist.enabled:
+            return self._save_distributed(name)
         net, weights = self.net, None
         if self.lora is not None:  # adapter-only: the frozen base is never rewritten
             weights = {k: v.detach().contiguous() for k, v in net.state_dict().items() if ".lora_" in k}
@@ -169,6 +215,41 @@ class Trainer:
                 save_adapter(net, d, self.lora, self.base_model)
             self.write_extra(d)
         save_checkpoint(self.out_dir / name, net, self.tokenizer, self.state_dict(), weights=weights, extra=extra)
+
+    def _save_distributed(self, name: str) -> None:
+        """Every rank writes its shards of model + optimizer (dcp/) into a temp dir; rank 0 gathers the full weights
+        into model.safetensors and swaps everything in with one atomic rename (checkpoint.save_checkpoint)."""
+        import shutil
+        shards = self.out_dir / f".{name}.dcp-tmp"
+        if self.dist.is_main and shards.exists():
+            shutil.rmtree(shards)
+        distributed.barrier()
+        distributed.save_sharded(shards, self.model, self.optimizer, self.lora is not None)
+        full = distributed.full_model_state(self.model)
+        state = self.state_dict()  # collective (every rank's RNG)
+        if self.dist.is_main:
+            self._gathered = full
+            try:
+                self._write_gathered(name, full, state, shards)
+            finally:
+                self._gathered = None
+        distributed.barrier()
+
+    def _write_gathered(self, name: str, full: dict, state: dict, shards: Path) -> None:
+        net = self.net
+        prefix = next((n + "." for n, m in self.model.named_modules() if m is net and n), "")
+        weights = {k[len(prefix):]: v.contiguous() for k, v in full.items() if k.startswith(prefix)}
+        if self.lora is not None:
+            weights = {k: v for k, v in weights.items() if ".lora_" in k}
+        elif getattr(net.config, "tie_embeddings", False):
+            weights.pop("lm_head.weight", None)
+
+        def extra(d: Path) -> None:
+            shards.rename(d / "dcp")
+            if self.lora is not None:
+                save_adapter(net, d, self.lora, self.base_model)  # DDP only: the adapters are plain tensors
+            self.write_extra(d)
+        save_checkpoint(self.out_dir / name, net, self.tokenizer, state, weights=weights, extra=extra)
 
     # ---- loop ------------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
@@ -181,12 +262,13 @@ class Trainer:
                 raise LMStackError(f"--resume: no checkpoint at {last}; drop --resume to start a fresh run")
             self.load_state(last)
             resumed = self.step
+        main = self.dist.is_main  # metrics, progress and checkpoint files: rank 0 only
         log = JsonlLog(self.out_dir / "metrics.jsonl", truncate=resumed is None,
-                       keep=None if resumed is None else (lambda r: r.get("step", 0) <= resumed))
+                       keep=None if resumed is None else (lambda r: r.get("step", 0) <= resumed)) if main else None
         ckpt_every = cfg.ckpt_interval or cfg.eval_interval
         self._t0 = time.perf_counter()
         t_last, tok_since = time.perf_counter(), 0
-        progress = _Progress(cfg.progress, self.max_steps, self.step)
+        progress = _Progress(cfg.progress and main, self.max_steps, self.step)
         self.model.train()
         try:
             while self.step < self.max_steps:
@@ -196,9 +278,10 @@ class Trainer:
                 losses, ntok = [], 0
                 for micro in range(cfg.grad_accum):
                     batch = self.get_batch(self.step, micro)
-                    with self.autocast:
-                        loss = self.loss_fn(self.fwd_model, batch)
-                    (loss / cfg.grad_accum).backward()
+                    with distributed.grad_sync(self.wrapped, micro == cfg.grad_accum - 1):
+                        with self.autocast:
+                            loss = self.loss_fn(self.fwd_model, batch)
+                        (loss / cfg.grad_accum).backward()
                     losses.append(loss.detach())  # no .item() here: no device sync per micro-step
                     ntok += _count_tokens(batch)
                 grad_norm = None
@@ -207,11 +290,12 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
-                tok_since += ntok
+                tok_since += ntok * self.dist.world
                 is_last = self.step == self.max_steps
                 logged = self.step % cfg.log_interval == 0 or is_last
                 evals = self.evaluate is not None and (self.step % cfg.eval_interval == 0 or is_last)
-                loss_sum = _mean_loss(losses, cfg.grad_accum) if (logged or evals or progress.on) else None
+                loss_sum = (self._step_loss(losses, logged or evals) if (logged or evals or progress.on)
+                            else None)
                 rec = None
                 if logged:
                     now = time.perf_counter()
@@ -219,11 +303,11 @@ class Trainer:
                            "tokens_per_sec": tok_since / max(now - t_last, 1e-9),
                            "elapsed_s": self.elapsed_before + now - self._t0}
                     if grad_norm is not None:
-                        rec["grad_norm"] = float(grad_norm)
+                        rec["grad_norm"] = distributed.as_float(grad_norm)
                     t_last, tok_since = now, 0
                 if evals:
                     t_eval = time.perf_counter()
-                    ev = self.run_eval()
+                    ev = distributed.broadcast_object(self.run_eval())  # every rank keeps the same best
                     rec = rec or {"step": self.step, "train_loss": loss_sum, "lr": lr,
                                   "elapsed_s": self.elapsed_before + time.perf_counter() - self._t0}
                     rec.update(ev)
@@ -231,7 +315,7 @@ class Trainer:
                         self.best_val = ev["val_loss"]
                         self.save("best")
                     t_last += time.perf_counter() - t_eval  # keep eval time out of tokens/s
-                if rec is not None:
+                if rec is not None and log is not None:
                     log.append(rec)
                     self.history.append(rec)
                 if self.step % ckpt_every == 0 or is_last:
@@ -239,8 +323,15 @@ class Trainer:
                 progress.update(self.step, loss_sum, rec)
         finally:
             progress.close()
-            log.close()
+            if log is not None:
+                log.close()
         return self.history
+
+    def _step_loss(self, losses: list[torch.Tensor], global_mean: bool) -> float:
+        """The step's training loss; the mean over ranks when `global_mean` (a collective: the same on all ranks)."""
+        if not (self.dist.enabled and global_mean):
+            return _mean_loss(losses, self.cfg.grad_accum)
+        return float(distributed.mean_across_ranks(torch.stack(losses).float().mean()))
 
     @torch.no_grad()
     def run_eval(self, **kw) -> dict:
