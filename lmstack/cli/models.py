@@ -37,10 +37,21 @@ def cmd_info(a) -> None:
         else:
             import lmstack
             cfg = lmstack.load(a.model).config
+    from ..scaling.memory import STRATEGIES, format_report, memory_report
+    strategies = tuple(s for s in STRATEGIES if s in (a.strategy or STRATEGIES))
+    rep = memory_report(cfg, batch_size=a.batch_size, seq_len=a.seq_len, dtype=a.dtype, optimizer=a.optimizer,
+                        world_size=a.world_size, strategies=strategies, attention=a.attention,
+                        master_weights=a.master_weights)
+    if a.json:
+        import json
+        print(json.dumps(rep, indent=2))
+        return
     rows = describe(cfg, a.seq_len)
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
+    print()
+    print(format_report(rep))
 
 
 def register(sub) -> None:
@@ -63,9 +74,21 @@ def register(sub) -> None:
     t.add_argument("--include", action="append", help="only files matching this glob (repeatable)")
     t.set_defaults(fn=cmd_download)
 
-    t = sub.add_parser("info", help="parameters, FLOPs per token, weight and KV-cache memory")
+    t = sub.add_parser("info", help="parameters, FLOPs per token, training memory per device, KV-cache memory")
     g = t.add_mutually_exclusive_group(required=True)
     g.add_argument("--model")
     g.add_argument("--preset")
-    t.add_argument("--seq-len", type=int)
+    t.add_argument("--seq-len", type=int, help="tokens per sequence (default: the context window)")
+    t.add_argument("--batch-size", type=int, default=1, help="micro-batch per device for the activation estimate")
+    t.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="training precision (bfloat16: autocast over fp32 params, as the Trainer does)")
+    t.add_argument("--master-weights", action="store_true",
+                   help="with --dtype bfloat16: bf16 params and grads plus a separate fp32 master copy")
+    t.add_argument("--optimizer", choices=["adamw", "sgd", "rmsprop", "muon"], default="adamw")
+    t.add_argument("--world-size", type=int, default=8, help="devices for the ddp/fsdp columns (default 8)")
+    t.add_argument("--strategy", action="append", choices=["none", "ddp", "fsdp"],
+                   help="columns to show (repeatable; default all three)")
+    t.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
+                   help="sdpa: flash/memory-efficient kernel, no T x T scores kept; eager: keeps the T x T softmax")
+    t.add_argument("--json", action="store_true", help="print everything (describe rows included) as JSON")
     t.set_defaults(fn=cmd_info)
