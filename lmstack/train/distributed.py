@@ -136,9 +136,8 @@ def wrap(model: torch.nn.Module, device: torch.device, bf16: bool = False) -> to
     if not _INFO.enabled:
         return model
     if _INFO.strategy == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        return _ddp_class()(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if bf16 and device.type == "cuda" else MixedPrecisionPolicy()
@@ -147,6 +146,21 @@ def wrap(model: torch.nn.Module, device: torch.device, bf16: bool = False) -> to
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
+
+
+def _ddp_class():
+    from torch.nn.parallel import DistributedDataParallel
+
+    class DDP(DistributedDataParallel):
+        """DDP that lets a loss function read the wrapped model's attributes (`model.config`); calls still go
+        through forward, so gradients stay synchronised."""
+
+        def __getattr__(self, name: str):
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+    return DDP
 
 
 def grad_sync(wrapped: torch.nn.Module, sync: bool):
