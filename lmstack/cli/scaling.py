@@ -1,5 +1,6 @@
 """Verbs: scaling plan (compute-optimal N, D, loss and wall time from published laws), scaling fit (fit laws to your
-own sweep's runs and predict larger budgets)."""
+own sweep's runs and predict larger budgets), scaling sweep (train an IsoFLOP grid), scaling check (predict a larger
+budget from a sweep, train it, compare)."""
 from __future__ import annotations
 
 import json
@@ -38,6 +39,28 @@ def cmd_fit(a) -> None:
     print(json.dumps(res, indent=2) if a.json else fit_table(res) + (f"\nplot -> {a.plot}" if a.plot else ""))
 
 
+def cmd_sweep(a) -> None:
+    from pathlib import Path
+    from ..scaling import fit_table
+    from ..scaling.sweep import SweepSettings, fit_sweep, parse_budgets, plot_sweep, read_records, run_sweep, sweep_table
+    settings = SweepSettings(a.aspect, a.head_dim, a.warmup_fraction)
+    recs = run_sweep(a.out, parse_budgets(a.budgets), a.sizes, corpus=a.corpus, recipe=a.recipe, overrides=a.set,
+                     tokens_per_param=a.tokens_per_param, factor=a.factor, settings=settings,
+                     progress=False if a.no_progress else None, plot=None)
+    print(sweep_table(recs))
+    fit = fit_sweep(read_records(a.out))
+    plot_sweep(read_records(a.out), Path(a.out) / "sweep.png", fit=fit or False)
+    print(fit_table(fit) if fit else "(the runs do not fit yet: approach 2 needs >= 2 budgets of >= 3 sizes whose "
+          "loss dips, approach 3 >= 5 runs)")
+    print(f"runs -> {a.out}/runs.jsonl, plot -> {a.out}/sweep.png; next: lmstack scaling check {a.out}")
+
+
+def cmd_check(a) -> None:
+    from ..scaling.sweep import check, check_table
+    res = check(a.dir, a.budget_multiple, bootstrap=a.bootstrap, progress=False if a.no_progress else None)
+    print(json.dumps(res, indent=2) if a.json else check_table(res) + f"\n-> {a.dir}/check.json")
+
+
 def register(sub) -> None:
     from ..scaling import GPU_PEAK_FLOPS, LAWS
     s = sub.add_parser("scaling", help="compute-optimal model/data sizes from scaling laws; fit laws to your runs")
@@ -65,3 +88,33 @@ def register(sub) -> None:
     t.add_argument("--plot", metavar="OUT.png", help="write loss-vs-N and N/D-vs-C plots")
     t.add_argument("--json", action="store_true")
     t.set_defaults(fn=cmd_fit)
+    from ..scaling import sweep as sw
+    t = ss.add_parser("sweep", help="train an IsoFLOP grid: --sizes models per compute budget, each for exactly its "
+                      "budget; writes runs.jsonl for `scaling fit` / `scaling check`")
+    t.add_argument("--budgets", required=True, metavar="C1,C2,...", help="compute budgets in FLOPs, e.g. 1e12,3e12,1e13")
+    t.add_argument("--sizes", type=int, default=5, help="model sizes per budget (>= 3; default 5)")
+    t.add_argument("--corpus", help="corpus (default the recipe's: stdlib)")
+    t.add_argument("--out", default="runs/scaling-sweep", help="sweep directory (default runs/scaling-sweep); "
+                   "re-running resumes it")
+    t.add_argument("--recipe", help="base recipe YAML (default: recipes/scaling-sweep.yaml's settings, built in)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="any TrainConfig key (repeatable)")
+    t.add_argument("--tokens-per-param", type=float, default=sw.TOKENS_PER_PARAM,
+                   help=f"grid centre N_c = sqrt(C / (6 r)) (default r={sw.TOKENS_PER_PARAM:g})")
+    t.add_argument("--factor", type=float, default=sw.FACTOR, help=f"size ratio between neighbouring models "
+                   f"(default {sw.FACTOR:g})")
+    t.add_argument("--aspect", type=int, default=sw.ASPECT, help=f"shape rule: n_layer = round(n_embd / aspect) "
+                   f"(default {sw.ASPECT})")
+    t.add_argument("--head-dim", type=int, default=sw.HEAD_DIM, help=f"shape rule: n_embd is a multiple of it, "
+                   f"n_head = n_embd / head_dim (default {sw.HEAD_DIM})")
+    t.add_argument("--warmup-fraction", type=float, default=sw.WARMUP_FRACTION,
+                   help=f"LR warmup as a fraction of each run (default {sw.WARMUP_FRACTION:g})")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_sweep)
+    t = ss.add_parser("check", help="fit a sweep, predict the loss at a larger budget, train that model, compare")
+    t.add_argument("dir", help="a sweep directory (scaling sweep --out)")
+    t.add_argument("--budget-multiple", type=float, default=4.0, help="predict at this multiple of the largest "
+                   "budget (default 4)")
+    t.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for the fit's intervals")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(fn=cmd_check)

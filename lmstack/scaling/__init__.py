@@ -3,6 +3,14 @@ from __future__ import annotations
 
 from .fit import approach2, approach3, fit_runs, fit_table, load_runs, normalize, plot_fit
 from .laws import EPOCH, GPU_PEAK_FLOPS, HOFFMANN, LAWS, Law, Parametric, kaplan_loss, plan, plan_all, plan_table
+from .memory import (ParamCounts, activation_bytes, format_report, kv_cache_table, memory_report, param_counts,
+                     state_bytes, training_memory)
 
 __all__ = ["EPOCH", "GPU_PEAK_FLOPS", "HOFFMANN", "LAWS", "Law", "Parametric", "approach2", "approach3", "fit_runs",
-           "fit_table", "kaplan_loss", "load_runs", "normalize", "plan", "plan_all", "plan_table", "plot_fit"]
+           "fit_table", "kaplan_loss", "load_runs", "normalize", "plan", "plan_all", "plan_table", "plot_fit",
+           "ParamCounts", "activation_bytes", "format_report", "kv_cache_table", "memory_report", "param_counts",
+           "state_bytes", "training_memory"]
+from .sweep import check, check_table, flops_per_token, model_for_params, run_sweep, shape_for_width, size_grid, sweep_table
+
+__all__ += ["check", "check_table", "flops_per_token", "model_for_params", "shape_for_width", "size_grid", "run_sweep",
+            "sweep_table"]
