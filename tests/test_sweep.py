@@ -13,6 +13,7 @@ from lmstack.config import ModelConfig
 from lmstack.errors import LMStackError
 from lmstack.models import Transformer
 from lmstack.scaling import load_runs
+from lmstack.scaling import prediction as ck
 from lmstack.scaling import sweep as sw
 from lmstack.scaling.fit import approach2_predict, approach3_predict, budget_key
 from lmstack.scaling.laws import Parametric
@@ -182,11 +183,11 @@ def test_check_predicts_trains_and_skips(micro, corpus, monkeypatch, capsys):
         return {"runs": len(runs), "budgets": 2, "approach2": a2, "approach3": a3,
                 "predictions": [{"flops": c, "approach2": approach2_predict(a2, c, a3),
                                  "approach3": approach3_predict(a3, c)} for c in predict]}
-    monkeypatch.setattr(sw, "fit_runs", exact_fit)
+    monkeypatch.setattr(ck, "fit_runs", exact_fit)
     calls = []
     real = sw.pretrain
     monkeypatch.setattr(sw, "pretrain", lambda cfg, log=print: calls.append(cfg) or real(cfg, log))
-    res = sw.check(out, 2, log=lambda *a: None, progress=False)
+    res = ck.check(out, 2, log=lambda *a: None, progress=False)
     assert seen == [([r["params"] for r in synthetic], [6e9])]
     assert len(calls) == 1 and res["budget"] == 6e9
     p2 = res["predicted"]["approach2"]

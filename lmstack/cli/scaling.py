@@ -42,7 +42,8 @@ def cmd_fit(a) -> None:
 def cmd_sweep(a) -> None:
     from pathlib import Path
     from ..scaling import fit_table
-    from ..scaling.sweep import SweepSettings, fit_sweep, parse_budgets, plot_sweep, read_records, run_sweep, sweep_table
+    from ..scaling.report import fit_sweep, plot_sweep, sweep_table
+    from ..scaling.sweep import SweepSettings, parse_budgets, read_records, run_sweep
     settings = SweepSettings(a.aspect, a.head_dim, a.warmup_fraction)
     recs = run_sweep(a.out, parse_budgets(a.budgets), a.sizes, corpus=a.corpus, recipe=a.recipe, overrides=a.set,
                      tokens_per_param=a.tokens_per_param, factor=a.factor, settings=settings,
@@ -56,7 +57,7 @@ def cmd_sweep(a) -> None:
 
 
 def cmd_check(a) -> None:
-    from ..scaling.sweep import check, check_table
+    from ..scaling.prediction import check, check_table
     res = check(a.dir, a.budget_multiple, bootstrap=a.bootstrap, progress=False if a.no_progress else None)
     print(json.dumps(res, indent=2) if a.json else check_table(res) + f"\n-> {a.dir}/check.json")
 

@@ -10,7 +10,9 @@ __all__ = ["EPOCH", "GPU_PEAK_FLOPS", "HOFFMANN", "LAWS", "Law", "Parametric", "
            "fit_table", "kaplan_loss", "load_runs", "normalize", "plan", "plan_all", "plan_table", "plot_fit",
            "ParamCounts", "activation_bytes", "format_report", "kv_cache_table", "memory_report", "param_counts",
            "state_bytes", "training_memory"]
-from .sweep import check, check_table, flops_per_token, model_for_params, run_sweep, shape_for_width, size_grid, sweep_table
+from .prediction import check, check_table
+from .report import sweep_table
+from .sweep import flops_per_token, model_for_params, run_sweep, shape_for_width, size_grid
 
 __all__ += ["check", "check_table", "flops_per_token", "model_for_params", "shape_for_width", "size_grid", "run_sweep",
             "sweep_table"]

@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from ..atomic import write_text
 from ..config import ModelConfig
@@ -53,8 +52,9 @@ from ..data.jsonl import JsonlLog, read_log
 from ..errors import ConfigError, LMStackError
 from ..train.config import TrainConfig, load_recipe, merge_dicts, parse_set, yaml_load
 from ..train.pretrain import model_config_for, prepare_data, pretrain
-from .fit import budget_key, fit_runs, normalize
-from .laws import Parametric, human
+from .fit import budget_key
+from .laws import human
+from .report import plot_sweep
 
 #: the base recipe of a sweep (recipes/scaling-sweep.yaml holds the same values; a test keeps them equal)
 BASE: dict[str, Any] = {
@@ -412,7 +412,7 @@ def run_sweep(out: str | Path, budgets: list[float], sizes: int, corpus: str | N
             records.append(done[p.name])
             continue
         log(f"{head}: {'resuming' if _has_checkpoint(out / 'runs' / p.name) else 'training'}")
-        rec = run_one(p, cfg, settings, out, log=_quiet(log, cfg.progress), max_steps=max_steps)
+        rec = run_one(p, cfg, settings, out, log=quiet_log(log, cfg.progress), max_steps=max_steps)
         if rec is None:
             log(f"{head}: stopped at max_steps={max_steps}; run again to resume")
             continue
@@ -426,134 +426,6 @@ def run_sweep(out: str | Path, budgets: list[float], sizes: int, corpus: str | N
     return records
 
 
-def _quiet(log: Callable, verbose: bool) -> Callable:
+def quiet_log(log: Callable, verbose: bool) -> Callable:
     """pretrain's own log lines (model summary, final eval) only when progress is on."""
     return log if verbose else (lambda *a, **k: None)
-
-
-# ---- reporting --------------------------------------------------------------------------------------
-def sweep_table(records: list[dict]) -> str:
-    rows = ["| run | budget | params | non-emb | L x d | steps | tokens | tokens/param | FLOPs | final loss | bpb | "
-            "wall | tok/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(records, key=lambda r: (r["budget"], r["params"])):
-        rows.append(f"| {r['name']} | {r['budget']:.3g} | {human(r['params'])} | {human(r['non_embedding_params'])} | "
-                    f"{r['n_layer']} x {r['n_embd']} | {r['steps']:,} | {human(r['tokens'])} | "
-                    f"{r['tokens'] / r['params']:.1f} | {r['flops']:.3g} | {r['final_loss']:.4f} | "
-                    f"{(r.get('final_bpb') or float('nan')):.4f} | {r['wall_s']:.0f} s | {r['tokens_per_sec']:,.0f} |")
-    return "\n".join(rows)
-
-
-def fit_sweep(records: list[dict]) -> dict | None:
-    """fit.fit_runs over a sweep's records, or None while they do not fit (too few budgets/sizes, no dip)."""
-    try:
-        return fit_runs(normalize([r for r in records if r.get("kind", "sweep") == "sweep"], "runs.jsonl"))
-    except (LMStackError, ValueError, FloatingPointError, np.linalg.LinAlgError):
-        return None
-
-
-def plot_sweep(records: list[dict], path: str | Path, fit: bool | dict | None = True) -> Path:
-    """PNG of loss vs N per budget: fit.plot_fit (with the fitted parabolas and frontier) when `fit` (True: fit
-    here; a dict: fit_sweep's result) and the runs fit, else the raw points."""
-    sweep_recs = [r for r in records if r.get("kind", "sweep") == "sweep"]
-    result = fit_sweep(records) if fit is True else (fit or None)
-    if result is not None:
-        from .fit import plot_fit
-        return plot_fit(normalize(sweep_recs, "runs.jsonl"), result, path)
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(6, 4.5))
-    ax = fig.subplots()
-    by: dict[float, list[dict]] = {}
-    for r in sweep_recs:
-        by.setdefault(budget_key(r["budget"]), []).append(r)
-    for c, g in sorted(by.items()):
-        g = sorted(g, key=lambda r: r["params"])
-        ax.plot([r["params"] for r in g], [r["final_loss"] for r in g], "o-", ms=4, label=f"{c:.2g} FLOPs")
-    ax.set(xscale="log", xlabel="parameters N", ylabel="final val loss", title="IsoFLOP profiles")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, format="png", dpi=110)
-    return out
-
-
-# ---- the prediction check ---------------------------------------------------------------------------
-def check(out: str | Path, budget_multiple: float = 4.0, bootstrap: int = 0, log: Callable = print,
-          progress: bool | None = None, max_steps: int | None = None) -> dict[str, Any]:
-    """Fit the sweep in `out`, predict N_opt, D_opt and loss at budget_multiple x its largest budget, train the
-    shape-rule model nearest approach 2's N_opt there with the sweep's settings, and compare. Writes check.json;
-    a finished check is returned as it is."""
-    out = Path(out)
-    if not (math.isfinite(budget_multiple) and budget_multiple > 1):
-        raise LMStackError(f"--budget-multiple must be > 1 (a budget beyond the sweep's), got {budget_multiple}")
-    f = out / "check.json"
-    if f.exists():
-        res = json.loads(f.read_text())
-        if res.get("budget_multiple") == budget_multiple and "measured_loss" in res:
-            log(f"check already done: {f}")
-            return res
-    cfg, settings = load_sweep(out)
-    if progress is not None:
-        cfg.progress = progress
-    records = [r for r in read_records(out) if r.get("kind", "sweep") == "sweep"]
-    if not records:
-        raise LMStackError(f"{out}/runs.jsonl holds no finished runs; run the sweep first")
-    runs = normalize(records, str(out / "runs.jsonl"))
-    c_max = max(r["budget"] for r in records)
-    target = budget_multiple * c_max
-    fit = fit_runs(runs, [target], bootstrap=bootstrap)
-    pred = fit["predictions"][0]
-    p2, p3 = pred["approach2"], pred["approach3"]
-    law = Parametric(*(fit["approach3"][k] for k in ("E", "A", "B", "alpha", "beta")))
-    ds = sweep_data(out, cfg, log)
-    base = base_model(cfg, ds.tokenizer)
-    model = model_for_params(p2["params"], base, settings.aspect, settings.head_dim)
-    tps = cfg.batch_size * base.block_size * cfg.grad_accum
-    plan = plan_run(target, model, tps, kind="check")
-    pred_trained = law.loss(model.num_params(), plan.tokens)
-    res = {"budget_multiple": budget_multiple, "sweep_max_budget": c_max, "budget": target,
-           "fit": {"approach2": {k: fit["approach2"][k] for k in ("a", "b", "log_kn", "log_kd", "budgets", "n_opt",
-                                                                 "loss_min")},
-                   "approach3": {k: v for k, v in fit["approach3"].items()}},
-           "predicted": {"approach2": p2, "approach3": p3,
-                         "at_trained_model": {"params": model.num_params(), "tokens": plan.tokens,
-                                              "loss": pred_trained}},
-           "predicted_loss": pred_trained, "run": plan.describe()}
-    write_text(f, json.dumps(res, indent=2) + "\n")
-    log(f"fit of {len(runs)} runs: predict at {target:.3g} FLOPs: N_opt {human(p2['params'])} (approach 2) / "
-        f"{human(p3['params'])} (approach 3), loss {p2['loss']:.4f} / {p3['loss']:.4f}")
-    log(f"training {plan.name}: {human(model.num_params())} params, {plan.steps:,} steps, {human(plan.tokens)} tokens; "
-        f"approach-3 loss there {pred_trained:.4f}")
-    rec = run_one(plan, cfg, settings, out, log=_quiet(log, cfg.progress), max_steps=max_steps)
-    if rec is None:
-        log(f"check run stopped at max_steps={max_steps}; run again to resume")
-        return res
-    measured = rec["final_loss"]
-    res.update({"measured": rec, "measured_loss": measured,
-                "rel_error": {"at_trained_model": (pred_trained - measured) / measured,
-                              "approach2": (p2["loss"] - measured) / measured,
-                              "approach3": (p3["loss"] - measured) / measured}})
-    write_text(f, json.dumps(res, indent=2) + "\n")
-    return res
-
-
-def check_table(res: dict) -> str:
-    p = res["predicted"]
-    lines = [f"prediction at {res['budget']:.3g} FLOPs ({res['budget_multiple']:g} x the sweep's largest budget "
-             f"{res['sweep_max_budget']:.3g})",
-             "| | N | D | loss | rel. error |", "|---|---|---|---|---|"]
-    err = res.get("rel_error", {})
-
-    def e(k: str) -> str:
-        return f"{100 * err[k]:+.2f}%" if k in err else "-"
-    lines.append(f"| approach 2 N_opt, approach 3 L(N, D) | {human(p['approach2']['params'])} | "
-                 f"{human(p['approach2']['tokens'])} | {p['approach2']['loss']:.4f} | {e('approach2')} |")
-    lines.append(f"| approach 3 optimum | {human(p['approach3']['params'])} | {human(p['approach3']['tokens'])} | "
-                 f"{p['approach3']['loss']:.4f} | {e('approach3')} |")
-    lines.append(f"| approach 3 L at the trained model | {human(p['at_trained_model']['params'])} | "
-                 f"{human(p['at_trained_model']['tokens'])} | {p['at_trained_model']['loss']:.4f} | "
-                 f"{e('at_trained_model')} |")
-    if "measured_loss" in res:
-        m = res["measured"]
-        lines.append(f"| measured ({m['name']}) | {human(m['params'])} | {human(m['tokens'])} | "
-                     f"{res['measured_loss']:.4f} | |")
-    return "\n".join(lines)
