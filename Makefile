@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lmstack train recipes/pydocs-demo.yaml
+	$(BIN)/lmstack train recipes/stdlib-demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

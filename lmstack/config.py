@@ -10,7 +10,10 @@ from typing import Any
 
 from .errors import ConfigError
 
+ARCHS = ("transformer", "lstm", "gru", "gcnn")
+
 _CHOICES = {
+    "arch": ARCHS,
     "pos_emb": ("learned", "rope", "none"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu"),
@@ -21,8 +24,13 @@ _CHOICES = {
 
 @dataclass
 class ModelConfig:
-    """Everything needed to build the Transformer. GPT-2 and Llama families differ only in these fields."""
+    """Everything needed to build a model. GPT-2 and Llama families differ only in these fields; `arch` picks the
+    Transformer (default) or one of the earlier language models: stacked LSTM / GRU (models/rnn.py) or the gated
+    dilated causal CNN (models/cnn.py). Those read vocab_size, block_size (the context window generation and eval
+    keep to), n_layer, n_embd, dropout, bias, norm / norm_eps (gcnn), tie_embeddings, init_std and the token ids,
+    plus the rnn_* / conv_* fields below; the attention fields are ignored."""
 
+    arch: str = "transformer"       # transformer | lstm | gru | gcnn
     vocab_size: int = 50304
     block_size: int = 1024          # context window (max positions)
     n_layer: int = 12
@@ -45,10 +53,15 @@ class ModelConfig:
     norm_position: str = "pre"      # pre: x + f(norm(x)), final norm (GPT-2/Llama) | post: norm(x + f(x)), no final norm (BERT)
     type_vocab_size: int = 0        # >0: token-type (segment) embeddings added to the input (BERT); type 0 unless given
     embedding_norm: bool = False    # norm right after the embeddings (BERT)
+    mlm_head: bool = False          # BERT masked-LM head: dense -> activation -> norm before the (tied) output
+                                    # projection, which then has a bias (BertForMaskedLM's cls.predictions)
     init_std: float = 0.02
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    rnn_hidden: int | None = None   # lstm/gru hidden size; None = n_embd (a projection to n_embd when they differ)
+    conv_kernel: int = 3            # gcnn kernel width k
+    conv_dilations: list[int] | None = None  # gcnn dilation per layer, cycled over the layers; None = 1, 2, 4, 8, ...
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -75,6 +88,25 @@ class ModelConfig:
     def use_qkv_bias(self) -> bool:
         return self.bias if self.qkv_bias is None else self.qkv_bias
 
+    @property
+    def hidden_size(self) -> int:
+        """The LSTM/GRU hidden (state) size."""
+        return self.rnn_hidden or self.n_embd
+
+    def dilations(self) -> list[int]:
+        """gcnn: the dilation of each of the n_layer convolutions (conv_dilations cycled; default 1, 2, 4, 8, 1, ...)."""
+        cycle = list(self.conv_dilations) if self.conv_dilations else [1, 2, 4, 8]
+        return [int(cycle[i % len(cycle)]) for i in range(self.n_layer)]
+
+    @property
+    def receptive_field(self) -> int | None:
+        """Tokens a gcnn's last-position output depends on: 1 + sum over layers of (k - 1) * dilation
+        (k=3, dilations 1,2,4,8 cycling: 31 for 4 layers, 61 for 8). None for the other architectures (an RNN's
+        reaches back to the first token, a Transformer's to the context window)."""
+        if self.arch != "gcnn":
+            return None
+        return 1 + sum((self.conv_kernel - 1) * d for d in self.dilations())
+
     def validate(self) -> None:
         for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
@@ -83,6 +115,11 @@ class ModelConfig:
             v = getattr(self, key)
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"model.{key} must be a positive integer, got {v!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.arch != "transformer":
+            self._validate_zoo()
+            return
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
@@ -93,8 +130,21 @@ class ModelConfig:
             raise ConfigError(f"RoPE needs an even head size, got n_embd/n_head={self.head_dim}")
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             raise ConfigError(f"model.type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    def _validate_zoo(self) -> None:
+        """The LSTM / GRU / gated-CNN fields (the attention ones are not used by these architectures)."""
+        if self.rnn_hidden is not None and (not isinstance(self.rnn_hidden, int) or self.rnn_hidden <= 0):
+            raise ConfigError(f"model.rnn_hidden must be a positive integer (or null for n_embd), got {self.rnn_hidden!r}")
+        if self.arch == "gcnn":
+            if not isinstance(self.conv_kernel, int) or self.conv_kernel < 1:
+                raise ConfigError(f"model.conv_kernel must be a positive integer, got {self.conv_kernel!r}")
+            if self.conv_dilations is not None and (
+                    not isinstance(self.conv_dilations, (list, tuple)) or not self.conv_dilations
+                    or not all(isinstance(d, int) and d >= 1 for d in self.conv_dilations)):
+                raise ConfigError(f"model.conv_dilations must be a non-empty list of positive integers (cycled over "
+                                  f"the layers), got {self.conv_dilations!r}")
+            if self.conv_dilations is not None:
+                self.conv_dilations = list(self.conv_dilations)
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +167,8 @@ class ModelConfig:
 
     # ---- accounting (used by `lmstack info` and the scaling maths) ------------------------
     def num_params(self, include_embeddings: bool = True) -> int:
+        if self.arch != "transformer":
+            return self._zoo_params(include_embeddings)
         d, L, V, f = self.n_embd, self.n_layer, self.vocab_size, self.ffn_size
         kv = self.kv_heads * self.head_dim
         attn = d * (d + 2 * kv) + d * d
@@ -130,16 +182,38 @@ class ModelConfig:
         emb = V * d + (self.block_size * d if self.pos_emb == "learned" else 0) + self.type_vocab_size * d
         emb += norm if self.embedding_norm else 0
         head = 0 if self.tie_embeddings else V * d
+        if self.mlm_head:  # transform dense (d*d + d) + its norm + the output bias
+            head += d * d + d + norm + V
         return total + head + (emb if include_embeddings else 0)
+
+    def _zoo_params(self, include_embeddings: bool) -> int:
+        d, L, V = self.n_embd, self.n_layer, self.vocab_size
+        if self.arch in ("lstm", "gru"):
+            H, gates = self.hidden_size, 4 if self.arch == "lstm" else 3
+            total = sum(gates * H * ((d if i == 0 else H) + H) + (2 * gates * H if self.bias else 0) for i in range(L))
+            total += H * d if H != d else 0  # projection back to the embedding width
+        else:  # gcnn: per layer a norm and a (d -> 2d, kernel k) convolution; a final norm
+            norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+            conv = 2 * d * d * self.conv_kernel + (2 * d if self.bias else 0)
+            total = L * (norm + conv) + norm
+        head = 0 if self.tie_embeddings else V * d
+        return total + head + (V * d if include_embeddings else 0)
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward = 3x forward), Kaplan/Chinchilla style:
-        6 * non-embedding params (+ output head) + attention scores 6 * L * T * d."""
+        6 * non-embedding params (+ output head) + attention scores 6 * L * T * d (Transformer only: an RNN's or a
+        CNN's cost per token does not grow with the context)."""
         T = seq_len or self.block_size
         n = self.num_params(include_embeddings=False) + self.vocab_size * self.n_embd
-        return 6 * n + 6 * self.n_layer * T * self.n_embd
+        return 6 * n + (6 * self.n_layer * T * self.n_embd if self.arch == "transformer" else 0)
 
     def kv_cache_bytes(self, seq_len: int | None = None, batch: int = 1, bytes_per_elem: int = 4) -> int:
+        """Decoding-state memory: the KV cache at seq_len tokens; for lstm/gru the hidden (and cell) state, for gcnn
+        the per-layer receptive-field buffers (both independent of seq_len)."""
+        if self.arch in ("lstm", "gru"):
+            return (2 if self.arch == "lstm" else 1) * self.n_layer * batch * self.hidden_size * bytes_per_elem
+        if self.arch == "gcnn":
+            return batch * sum((self.conv_kernel - 1) * d for d in self.dilations()) * self.n_embd * bytes_per_elem
         T = seq_len or self.block_size
         return 2 * self.n_layer * batch * T * self.kv_heads * self.head_dim * bytes_per_elem
 
@@ -158,15 +232,27 @@ def describe(cfg: ModelConfig, seq_len: int | None = None) -> list[tuple[str, st
     T = seq_len or cfg.block_size
     n = cfg.num_params()
     kv32, kv16 = cfg.kv_cache_bytes(T), cfg.kv_cache_bytes(T, bytes_per_elem=2)
+    if cfg.arch in ("lstm", "gru"):
+        arch = (f"{cfg.arch.upper()}, {cfg.n_layer} layers, hidden {cfg.hidden_size}, {cfg.n_embd}-wide embeddings"
+                f"{' (tied head)' if cfg.tie_embeddings else ''}")
+        state = ("recurrent state", f"{human_bytes(kv32)} fp32, {human_bytes(kv16)} bf16 (any length)")
+    elif cfg.arch == "gcnn":
+        arch = (f"gated CNN, {cfg.n_layer} layers, {cfg.n_embd} wide, kernel {cfg.conv_kernel}, dilations "
+                f"{','.join(map(str, cfg.dilations()))}, receptive field {cfg.receptive_field} tokens, {cfg.norm}")
+        state = ("conv buffers", f"{human_bytes(kv32)} fp32, {human_bytes(kv16)} bf16 (any length)")
+    else:
+        arch = (f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), {cfg.n_embd} wide, "
+                f"ffn {cfg.ffn_size}, {cfg.pos_emb}/{cfg.norm}/{cfg.mlp}")
+        state = (f"KV cache @ {T} tokens", f"{human_bytes(kv32)} fp32, {human_bytes(kv16)} bf16")
     return [
-        ("architecture", f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), {cfg.n_embd} wide, "
-                         f"ffn {cfg.ffn_size}, {cfg.pos_emb}/{cfg.norm}/{cfg.mlp}"),
+        ("architecture", arch),
         ("vocab / context", f"{cfg.vocab_size:,} / {cfg.block_size:,}"),
         ("parameters", f"{n:,} ({cfg.num_params(include_embeddings=False):,} non-embedding)"),
-        ("training FLOPs/token", f"{cfg.flops_per_token(T):,} (~6N + 6·L·T·d at T={T})"),
+        ("training FLOPs/token", f"{cfg.flops_per_token(T):,} "
+                                 + (f"(~6N + 6·L·T·d at T={T})" if cfg.arch == "transformer" else "(~6N, any length)")),
         ("inference FLOPs/token", f"{cfg.flops_per_token(T) // 3:,}"),
         ("weights fp32 / bf16", f"{human_bytes(4 * n)} / {human_bytes(2 * n)}"),
-        (f"KV cache @ {T} tokens", f"{human_bytes(kv32)} fp32, {human_bytes(kv16)} bf16"),
+        state,
     ]
 
 
@@ -191,6 +277,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                        tie_embeddings=True),
     "smollm2-135m": dict(_LLAMA, n_layer=30, n_head=9, n_kv_head=3, n_embd=576, intermediate_size=1536,
                          block_size=8192, vocab_size=49152, rope_theta=100000.0, tie_embeddings=True),
+    # the earlier language models (arch: lstm | gru | gcnn), sized like tiny-char
+    "lstm-char": dict(arch="lstm", n_layer=2, n_embd=256, block_size=64, vocab_size=384, dropout=0.0,
+                      tie_embeddings=True, bias=True),
+    "gru-char": dict(arch="gru", n_layer=2, n_embd=256, block_size=64, vocab_size=384, dropout=0.0,
+                     tie_embeddings=True, bias=True),
+    "gcnn-char": dict(arch="gcnn", n_layer=6, n_embd=128, block_size=64, vocab_size=384, conv_kernel=3,
+                      conv_dilations=[1, 2, 4, 8], norm="layernorm", bias=True, tie_embeddings=True),
     "llama2-7b": dict(_LLAMA, n_layer=32, n_head=32, n_embd=4096, intermediate_size=11008, block_size=4096,
                       vocab_size=32000, tie_embeddings=False, norm_eps=1e-5),
 }

@@ -15,6 +15,8 @@ from .errors import LMStackError
 EOT = "<|endoftext|>"
 DEFAULT_SPECIALS = [EOT]
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|eom_id|>")
+MASK = "[MASK]"
+MASK_TOKENS = (MASK, "<mask>")  # masked-LM mask tokens (BERT, RoBERTa) recognised in any vocabulary
 
 
 class Tokenizer:
@@ -49,6 +51,15 @@ class Tokenizer:
     @property
     def pad_id(self) -> int | None:
         return self.token_id(self.pad_token)
+
+    @property
+    def mask_token(self) -> str | None:
+        """The masked-LM mask token ([MASK] or <mask>) when the vocabulary has one (masked-LM training, fill-mask)."""
+        return next((t for t in MASK_TOKENS if self.hf.token_to_id(t) is not None), None)
+
+    @property
+    def mask_id(self) -> int | None:
+        return self.token_id(self.mask_token)
 
     @property
     def start_id(self) -> int | None:

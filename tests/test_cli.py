@@ -133,7 +133,7 @@ def test_tokenizer_train_prepare_train_end_to_end(tmp_path, corpus_file, corpus_
                                                            "n_embd": 32, "block_size": 32},
         "batch_size": 4, "max_steps": 6, "warmup_steps": 2, "eval_interval": 3, "eval_iters": 1,
         "final_eval_windows": 2, "sample_tokens": 8, "sample_prompt": "The"}))
-    r = run_cli("train", str(recipe), "--out-dir", str(run_dir), "--no-progress")
+    r = run_cli("train", str(recipe), "--out-dir", str(run_dir), "--no-progress", "--json")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout[r.stdout.index("{\n"):r.stdout.index("\n}") + 2])
     assert summary["steps"] == 6 and "final_val_loss" in summary

@@ -258,7 +258,7 @@ def test_export_qwen2_when_tokenizer_is_qwen_style(tmp_path, bpe):
 
 
 def test_export_unsupported_model_raises(tmp_path):
-    enc = ModelConfig(**tiny_cfg_dict(causal=False, norm_position="post", embedding_norm=True, type_vocab_size=2))
+    enc = ModelConfig(**tiny_cfg_dict(causal=False))  # a pre-norm encoder (post-norm ones export as BERT)
     with pytest.raises(LMStackError, match="Llama family"):
         export_hf(Transformer(enc), None, tmp_path / "a")
     mixed = ModelConfig(**tiny_cfg_dict(pos_emb="rope"))  # rope + layernorm + gelu: neither family

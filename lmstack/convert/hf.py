@@ -4,8 +4,10 @@ In:  `load_hf(dir)` reads config.json + weights (*.safetensors, sharded or not, 
      Llama (SmolLM, TinyLlama, ...), Mistral, Qwen2 or BERT model into the one lmstack Transformer, and the
      directory's tokenizer.json into a lmstack Tokenizer.
 Out: `export_hf(model, tokenizer, dir)` (hf_export.py, re-exported here) writes a directory that
-     `transformers.AutoModelForCausalLM` and `AutoTokenizer` load (LlamaForCausalLM / Qwen2ForCausalLM /
-     GPT2LMHeadModel).
+     `transformers.AutoModelForCausalLM` (LlamaForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel) or, for BERT
+     encoders, `AutoModelForMaskedLM` / `AutoModel` (BertForMaskedLM / BertModel) and `AutoTokenizer` load.
+A BERT checkpoint with an MLM head (`cls.predictions.*`: BertForMaskedLM, BertForPreTraining) loads with it
+(ModelConfig.mlm_head); the pooler and next-sentence head are dropped.
 
 Weight layouts. lmstack fuses attention q/k/v into `attn.qkv` (rows [q; k; v]) and the SwiGLU gate/up into
 `mlp.fc` (rows [gate; up]); GPT-2's Conv1D stores weights as (in, out), so they are transposed both ways.
@@ -13,6 +15,7 @@ RoPE uses the same rotate-half layout as Hugging Face, so q/k need no permutatio
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -299,7 +302,18 @@ def _map_bert(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             out[f"{b}mlp.fc.{p}"] = w(f"{h}intermediate.dense.{p}")
             out[f"{b}mlp.proj.{p}"] = w(f"{h}output.dense.{p}")
             out[f"{b}norm2.{p}"] = w(f"{h}output.LayerNorm.{p}")
-    for k in [k for k in w.sd if k.startswith(("pooler.", "cls."))]:  # pooler / MLM head: not part of the encoder
+    if cfg.mlm_head:  # BertForMaskedLM / BertForPreTraining: cls.predictions.{transform.*, bias, decoder.*}
+        c = "cls.predictions."
+        for p in ("weight", "bias"):
+            out[f"lm_head.dense.{p}"] = w(f"{c}transform.dense.{p}")
+            out[f"lm_head.norm.{p}"] = w(f"{c}transform.LayerNorm.{p}")
+        # the decoder's bias is the one its forward adds; tied models tie it to `bias` and often save that only
+        bias, dec_bias = w.opt(c + "bias"), w.opt(c + "decoder.bias")
+        out["lm_head.bias"] = dec_bias if dec_bias is not None else bias if bias is not None else w(c + "bias")
+        decoder = w.opt(c + "decoder.weight")  # tied checkpoints may store the embedding again here
+        if not cfg.tie_embeddings:
+            out["lm_head.weight"] = decoder if decoder is not None else w(c + "decoder.weight")
+    for k in [k for k in w.sd if k.startswith(("pooler.", "cls."))]:  # pooler / next-sentence head: not used
         w.sd.pop(k)
     return out
 
@@ -333,7 +347,10 @@ def load_hf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Transfo
                            f"{_supported_msg()}")
     mt = hf["model_type"]
     cfg = hf_config_to_model_config(hf)
-    state = _hf_to_lmstack_state(_read_weights(path), mt, cfg, path)
+    weights = _read_weights(path)
+    if mt == "bert" and "cls.predictions.transform.dense.weight" in weights:  # a masked-LM checkpoint: keep its head
+        cfg = dataclasses.replace(cfg, mlm_head=True, tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+    state = _hf_to_lmstack_state(weights, mt, cfg, path)
     model = build_model(cfg, state, f"{path} (converted weights)")
     if dtype is not None:
         model.to(dtype)

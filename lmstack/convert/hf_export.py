@@ -1,6 +1,7 @@
 """lmstack -> Hugging Face model directories: `export_hf(model, tokenizer, dir)` writes config.json,
 generation_config.json, model.safetensors and the tokenizer files that `transformers.AutoModelForCausalLM` and
-`AutoTokenizer` load (LlamaForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel / BertModel), atomically. The weight
+`AutoTokenizer` load (LlamaForCausalLM / Qwen2ForCausalLM / GPT2LMHeadModel / BertModel / BertForMaskedLM),
+atomically. The weight
 layout conversions mirror hf.py's import mappings."""
 from __future__ import annotations
 
@@ -45,10 +46,15 @@ def _export_kind(cfg: ModelConfig, tok: Tokenizer | None = None) -> str:
     if (common and cfg.pos_emb == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.bias
             and cfg.use_qkv_bias and cfg.kv_heads == cfg.n_head and cfg.activation in ACT_OUT):
         return "gpt2"
+    if (not cfg.causal and cfg.norm_position == "post" and cfg.embedding_norm and cfg.pos_emb == "learned"
+            and cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.bias and cfg.use_qkv_bias
+            and cfg.kv_heads == cfg.n_head and cfg.activation in ACT_OUT):
+        return "bert_mlm" if cfg.mlm_head else "bert"
     raise LMStackError(
         "this model has no Hugging Face equivalent lmstack can write: export supports the Llama family "
         "(pos_emb=rope, norm=rmsnorm, mlp=swiglu, bias=false; qkv_bias=true -> Qwen2) and the GPT-2 family "
-        "(pos_emb=learned, norm=layernorm, mlp=gelu, bias=true, no grouped-query attention), causal and pre-norm; "
+        "(pos_emb=learned, norm=layernorm, mlp=gelu, bias=true, no grouped-query attention), causal and pre-norm, "
+        "and BERT (the same but causal=false, norm_position=post, embedding_norm=true; mlm_head -> BertForMaskedLM); "
         f"got pos_emb={cfg.pos_emb}, norm={cfg.norm}, mlp={cfg.mlp}, bias={cfg.bias}, causal={cfg.causal}, "
         f"norm_position={cfg.norm_position}")
 
@@ -76,6 +82,8 @@ def _export_state(model: Transformer, kind: str) -> dict[str, torch.Tensor]:
                              ("mlp.c_fc", "mlp.fc"), ("mlp.c_proj", "mlp.proj")):
                 out[h + dst + ".weight"] = sd[b + src + ".weight"].t()
                 out[h + dst + ".bias"] = sd[b + src + ".bias"]
+    elif kind in ("bert", "bert_mlm"):
+        out = _export_bert(sd, cfg, "bert." if kind == "bert_mlm" else "")
     else:
         out["model.embed_tokens.weight"], out["model.norm.weight"] = sd["tok_emb.weight"], sd["norm_f.weight"]
         q, kv = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
@@ -93,9 +101,40 @@ def _export_state(model: Transformer, kind: str) -> dict[str, torch.Tensor]:
             gate, up = sd[b + "mlp.fc.weight"].chunk(2)
             out[m + "gate_proj.weight"], out[m + "up_proj.weight"] = gate, up
             out[m + "down_proj.weight"] = sd[b + "mlp.proj.weight"]
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings and kind not in ("bert", "bert_mlm"):
         out["lm_head.weight"] = sd["lm_head.weight"]
     return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def _export_bert(sd: dict[str, torch.Tensor], cfg: ModelConfig, prefix: str) -> dict[str, torch.Tensor]:
+    """BertModel weights (under `prefix`: "bert." for BertForMaskedLM) + cls.predictions.* of the MLM head.
+    A model without token-type embeddings gets one zero type embedding (adding it changes nothing)."""
+    e = prefix + "embeddings."
+    types = sd.get("type_emb.weight")
+    out = {e + "word_embeddings.weight": sd["tok_emb.weight"], e + "position_embeddings.weight": sd["pos_emb.weight"],
+           e + "token_type_embeddings.weight": types if types is not None else torch.zeros(1, cfg.n_embd,
+                                                                                           dtype=sd["tok_emb.weight"].dtype),
+           e + "LayerNorm.weight": sd["emb_norm.weight"], e + "LayerNorm.bias": sd["emb_norm.bias"]}
+    q = cfg.n_embd
+    for i in range(cfg.n_layer):
+        h, b = f"{prefix}encoder.layer.{i}.", f"blocks.{i}."
+        s = h + "attention.self."
+        for p in ("weight", "bias"):
+            out[f"{s}query.{p}"], out[f"{s}key.{p}"], out[f"{s}value.{p}"] = sd[f"{b}attn.qkv.{p}"].split([q, q, q])
+            out[f"{h}attention.output.dense.{p}"] = sd[f"{b}attn.proj.{p}"]
+            out[f"{h}attention.output.LayerNorm.{p}"] = sd[f"{b}norm1.{p}"]
+            out[f"{h}intermediate.dense.{p}"] = sd[f"{b}mlp.fc.{p}"]
+            out[f"{h}output.dense.{p}"] = sd[f"{b}mlp.proj.{p}"]
+            out[f"{h}output.LayerNorm.{p}"] = sd[f"{b}norm2.{p}"]
+    if cfg.mlm_head:
+        c = "cls.predictions."
+        for p in ("weight", "bias"):
+            out[f"{c}transform.dense.{p}"] = sd[f"lm_head.dense.{p}"]
+            out[f"{c}transform.LayerNorm.{p}"] = sd[f"lm_head.norm.{p}"]
+        out[c + "bias"] = sd["lm_head.bias"]
+        if not cfg.tie_embeddings:  # untied, transformers keeps the decoder's own weight and bias (the one it adds)
+            out[c + "decoder.weight"], out[c + "decoder.bias"] = sd["lm_head.weight"], sd["lm_head.bias"]
+    return out
 
 
 def _export_config(cfg: ModelConfig, kind: str, ids: dict, dtype: torch.dtype) -> dict:
@@ -107,6 +146,15 @@ def _export_config(cfg: ModelConfig, kind: str, ids: dict, dtype: torch.dtype) -
                 "activation_function": ACT_OUT[cfg.activation], "layer_norm_epsilon": cfg.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "initializer_range": cfg.init_std,
                 "tie_word_embeddings": cfg.tie_embeddings, "dtype": dtype_name, "use_cache": True, **ids}
+    if kind in ("bert", "bert_mlm"):
+        return {"architectures": ["BertForMaskedLM" if kind == "bert_mlm" else "BertModel"], "model_type": "bert",
+                "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "num_hidden_layers": cfg.n_layer,
+                "num_attention_heads": cfg.n_head, "intermediate_size": cfg.ffn_size,
+                "hidden_act": ACT_OUT[cfg.activation], "hidden_dropout_prob": cfg.dropout,
+                "attention_probs_dropout_prob": cfg.dropout, "max_position_embeddings": cfg.block_size,
+                "type_vocab_size": max(1, cfg.type_vocab_size), "layer_norm_eps": cfg.norm_eps,
+                "initializer_range": cfg.init_std, "position_embedding_type": "absolute", "is_decoder": False,
+                "tie_word_embeddings": cfg.tie_embeddings, "dtype": dtype_name, **ids}
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     legacy_scaling, max_pos = None, cfg.block_size
     kind_ = rope_scaling_type(cfg)
@@ -158,11 +206,11 @@ def _write_hf_files(out: Path, model: Transformer, tokenizer: Tokenizer | None, 
         tokenizer.hf.save(str(out / "tokenizer.json"))
         meta: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
                                 "clean_up_tokenization_spaces": False}
-        for key in ("bos_token", "eos_token", "pad_token"):
+        for key in ("bos_token", "eos_token", "pad_token", "mask_token"):
             if getattr(tokenizer, key):
                 meta[key] = getattr(tokenizer, key)
         if tokenizer.chat_template:
             meta["chat_template"] = tokenizer.chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        smap = {k: v for k, v in meta.items() if k in ("bos_token", "eos_token", "pad_token")}
+        smap = {k: v for k, v in meta.items() if k in ("bos_token", "eos_token", "pad_token", "mask_token")}
         (out / "special_tokens_map.json").write_text(json.dumps(smap, indent=2) + "\n")

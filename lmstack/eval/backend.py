@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ContextLengthError, LMStackError
-from ..models.kv_cache import KVCache
+from ..models.kv_cache import KVCache, is_state_cache_model
 from ..models.utils import eval_mode
 
 
@@ -74,6 +74,12 @@ def score_batch(model, items: Sequence[tuple[Sequence[int], Sequence[Sequence[in
                 ids = (ctx + c)[-(L + 1):][:-1]
                 out[q][i] = _gather(_forward_logits(model, ids, len(ids) - len(c)), c)
     if not rows:
+        return out
+    if is_state_cache_model(model):  # LSTM / GRU / gated CNN: no KV cache to share a context through
+        with eval_mode(model):
+            for q, i in rows:
+                ctx, c = list(items[q][0]), list(items[q][1][i])
+                out[q][i] = _gather(_forward_logits(model, (ctx + c)[:-1], len(ctx) - 1), c)
         return out
     qs = sorted({q for q, _ in rows})
     ctxs = [list(items[q][0]) for q in qs]

@@ -14,6 +14,11 @@ position embeddings, so a row decodes exactly as it would alone. When `pos` reac
 shifted left by the smallest start (their common empty prefix) or the cache grows, up to the context window; a
 prompt longer than `pos` shifts the batch right to make room. A finished row is swap-removed (the last row moves
 into its place), so the forward pass only ever covers active rows.
+
+Models that carry state instead of keys/values (LSTM, GRU, gated CNN: `model.new_cache`) keep one StateCache of
+max_batch rows instead: each row's state is its own whatever its length, so there are no slots, masks or shifts. A
+joiner is prefilled alone (a pad would enter its state) and its state copied into its row; a finished row is
+swap-removed the same way; a decode step feeds every row its pending token from its own state.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from typing import Callable, Iterable
 import torch
 
 from ..errors import LMStackError
-from ..models.kv_cache import KVCache
+from ..models.kv_cache import KVCache, is_state_cache_model
 from ..models.utils import eval_mode
 from .engine import TokenStep, fit_context, make_generator, stop_set
 from .sampling import SamplingParams, sample_next
@@ -75,6 +80,8 @@ class ContinuousBatcher:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.shape = (cfg.n_layer, cfg.kv_heads, cfg.head_dim)
+        # LSTM / GRU / gated CNN: one state row per request (see the module docstring)
+        self.state = model.new_cache(max_batch, self.block) if is_state_cache_model(model) else None
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.cap = 0            # C: cache slots per row
@@ -203,6 +210,8 @@ class ContinuousBatcher:
         reqs = [r for r in reqs if not r.finished]
         if not reqs:
             return
+        if self.state is not None:
+            return self._admit_stateful(reqs)
         lens = [len(r.prompt) for r in reqs]
         B, Lm = len(reqs), max(lens)
         cache = KVCache.for_model(self.model, B, Lm)
@@ -236,6 +245,19 @@ class ContinuousBatcher:
                 self.v[layer][row, :, s:self.pos] = cache.v[layer][b, :, Lm - lens[b]:]
             self.rows.append(reqs[b])
             self.starts.append(s)
+
+    def _admit_stateful(self, reqs: list[Request]) -> None:
+        """Prefill each joiner alone into a fresh state, sample its first token, copy the state into its row."""
+        for r in reqs:
+            cache = self.model.new_cache(1, len(r.prompt))
+            ids = torch.tensor([r.prompt], dtype=torch.long, device=self.device)
+            self._sample([r], self.model(ids, cache=cache, pos=0)[:, -1])
+            if r.finished or r.cancelled:
+                r._finish()
+                continue
+            self.state.copy_rows([len(self.rows)], cache, [0])
+            self.rows.append(r)
+            self.starts.append(0)
 
     def _relayout(self, delta: int, cap: int) -> None:
         """Move every active row's slots by `delta` into a cache of `cap` slots (allocated anew)."""
@@ -271,10 +293,13 @@ class ContinuousBatcher:
         req, last = self.rows[r], len(self.rows) - 1
         req._finish()
         if r != last:  # swap-remove: the last row moves into this one's place
-            s = self.starts[last]
-            for layer in range(self.shape[0]):
-                self.k[layer][r, :, s:self.pos] = self.k[layer][last, :, s:self.pos]
-                self.v[layer][r, :, s:self.pos] = self.v[layer][last, :, s:self.pos]
+            if self.state is not None:
+                self.state.move_row(last, r)
+            else:
+                s = self.starts[last]
+                for layer in range(self.shape[0]):
+                    self.k[layer][r, :, s:self.pos] = self.k[layer][last, :, s:self.pos]
+                    self.v[layer][r, :, s:self.pos] = self.v[layer][last, :, s:self.pos]
             self.rows[r], self.starts[r] = self.rows[last], self.starts[last]
         self.rows.pop()
         self.starts.pop()
@@ -282,6 +307,13 @@ class ContinuousBatcher:
             self.pos = 0
 
     def _decode(self) -> None:
+        if self.state is not None:  # every row continues from its own state: no slots, masks or positions
+            toks = torch.tensor([[r.pending] for r in self.rows], dtype=torch.long, device=self.device)
+            logits = self.model(toks, cache=self.state.view(len(self.rows)), pos=0)[:, -1]
+            self.steps_run += 1
+            self._sample(list(self.rows), logits)
+            self._drop_cancelled()
+            return
         self._ensure_room()
         n, pos = len(self.rows), self.pos
         view = KVCache.__new__(KVCache)

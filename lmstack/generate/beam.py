@@ -20,7 +20,7 @@ from typing import Iterable
 import torch
 
 from ..errors import LMStackError
-from ..models.kv_cache import KVCache
+from ..models.kv_cache import KVCache, StateCache, make_cache
 from ..models.utils import eval_mode
 from .engine import fit_context, stop_set
 from .sampling import SamplingParams, process_logits
@@ -68,7 +68,7 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
     improvable = True
 
     with eval_mode(model):
-        cache = KVCache.for_model(model, K, P + max_new_tokens)
+        cache = make_cache(model, K, P + max_new_tokens)
         ids = torch.tensor([prompt] * K, dtype=torch.long, device=device)
         logits = model(ids, cache=cache, pos=0)[:, -1]
         for t in range(max_new_tokens):
@@ -117,8 +117,11 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
     return [BeamHypothesis(fin_seqs[i], float(fin_scores[i])) for i in range(num_return_sequences)]
 
 
-def cache_reorder(cache: KVCache, rows: torch.Tensor, length: int) -> None:
-    """Make cache row i a copy of row rows[i] (positions [0, length))."""
+def cache_reorder(cache: KVCache | StateCache, rows: torch.Tensor, length: int) -> None:
+    """Make cache row i a copy of row rows[i] (positions [0, length); a StateCache's whole state)."""
+    if isinstance(cache, StateCache):
+        cache.reorder(rows)
+        return
     for layer in range(len(cache.k)):
         cache.k[layer][:, :, :length] = cache.k[layer][rows, :, :length]
         cache.v[layer][:, :, :length] = cache.v[layer][rows, :, :length]

@@ -79,10 +79,10 @@ def bench_generate(model, prompt_ids: list[int], new_tokens: int = 128, batch: i
         prefill = len(prompt_ids) / ttft
     else:
         # prefill alone (one batched forward), then the whole batched generation
-        from ..models.kv_cache import KVCache
+        from ..models.kv_cache import make_cache
         with torch.inference_mode():
             ids = torch.tensor([prompt_ids] * batch, device=next(model.parameters()).device)
-            cache = KVCache.for_model(model, batch, len(prompt_ids) + 1)
+            cache = make_cache(model, batch, len(prompt_ids) + 1)
             t0 = time.perf_counter()
             model(ids, cache=cache, pos=0)
             ttft = time.perf_counter() - t0

@@ -8,7 +8,7 @@ from typing import Iterable, Iterator
 import torch
 
 from ..errors import ContextLengthError, LMStackError
-from ..models.kv_cache import KVCache
+from ..models.kv_cache import make_cache
 from ..models.utils import eval_mode
 from .sampling import SamplingParams, sample_next
 from .text import TextStream
@@ -85,7 +85,8 @@ def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int |
     history = list(prompt)
     with eval_mode(model):
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
-        cache = KVCache.for_model(model, 1, len(prompt) + params.max_new_tokens) if use_cache else None
+        # the model's own cache: a KVCache for the Transformer, the carried state of an RNN / a CNN's buffers
+        cache = make_cache(model, 1, len(prompt) + params.max_new_tokens) if use_cache else None
         logits = model(ids, cache=cache, pos=0)[:, -1]
         pos = ids.shape[1]
         for _ in range(params.max_new_tokens):

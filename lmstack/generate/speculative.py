@@ -24,7 +24,7 @@ from typing import Iterable
 import torch
 
 from ..errors import LMStackError
-from ..models.kv_cache import KVCache
+from ..models.kv_cache import KVCache, is_state_cache_model
 from ..models.utils import eval_mode
 from .engine import fit_context, make_generator, stop_set
 from .sampling import SamplingParams, process_logits
@@ -66,6 +66,11 @@ def speculative_generate(target, draft, prompt_ids: list[int], params: SamplingP
         raise LMStackError(f"num_draft_tokens must be >= 0, got {num_draft_tokens}")
     if not prompt_ids:
         raise LMStackError("the prompt is empty; give at least one token (e.g. the BOS/EOS token)")
+    for role, m in (("target", target), ("draft", draft)):
+        if is_state_cache_model(m):
+            raise LMStackError(f"speculative decoding needs caches that can rewind to the last accepted token; the "
+                               f"{role} model ({m.config.arch}) carries its state forward only. Use Transformer "
+                               f"models for both, or generate without a draft model")
     V = target.config.vocab_size
     if draft.config.vocab_size != V:
         raise LMStackError(f"the draft model's vocabulary ({draft.config.vocab_size} ids) differs from the target's "

@@ -1,5 +1,8 @@
-from .kv_cache import KVCache
+from .cnn import GatedCNN
+from .kv_cache import KVCache, StateCache, is_state_cache_model, make_cache
+from .rnn import RNNLM
 from .transformer import Transformer
-from .utils import build_model, eval_mode
+from .utils import build_model, eval_mode, make_model
 
-__all__ = ["Transformer", "KVCache", "build_model", "eval_mode"]
+__all__ = ["Transformer", "RNNLM", "GatedCNN", "KVCache", "StateCache", "make_cache", "is_state_cache_model",
+           "build_model", "make_model", "eval_mode"]

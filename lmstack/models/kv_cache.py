@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import LMStackError
+
 
 class KVCache:
     """Holds keys and values for `n_layer` layers, shape (batch, n_kv_head, max_len, head_dim) each.
@@ -34,3 +36,81 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class StateCache:
+    """The decoding cache of a model that carries state instead of keys/values: an LSTM/GRU's hidden (and cell)
+    state, a gated CNN's rolling receptive-field buffer per layer. `tensors` are batch-first, one row per sequence;
+    the model reads and rewrites them in place as tokens arrive, so the memory does not grow with the length.
+
+    The call shape is the Transformer's: `model(idx, cache=c, pos=p)` continues every row from its state. The state
+    only moves forward: `pos` must be the number of tokens already fed (`length`), since what came before is not
+    kept; a view of some rows of a batch whose rows are at different positions (the continuous batcher) has
+    length None and skips that check. What the engine does with a KVCache it does here through methods:
+    `reorder` (beam search), `view` / `copy_rows` / `move_row` (continuous batching), `reset`."""
+
+    rewindable = False  # a KVCache can be rewritten from any earlier position; a state cannot go back
+
+    def __init__(self, tensors: list[torch.Tensor], max_len: int, kind: str = "state"):
+        self.tensors, self.max_len, self.kind = list(tensors), max_len, kind
+        self.length: int | None = 0
+
+    @property
+    def batch(self) -> int:
+        return self.tensors[0].shape[0]
+
+    def advance(self, pos: int, T: int, arch: str) -> None:
+        """Check a forward of T tokens at `pos` against the state, then count them (the models call this)."""
+        if self.length is not None:
+            if pos != self.length:
+                raise LMStackError(f"the {arch} cache holds the state after {self.length} tokens but the call "
+                                   f"continues at position {pos}; a {self.kind} cannot rewind or skip (feed the "
+                                   f"tokens in order, or start a fresh cache with model.new_cache)")
+            if pos + T > self.max_len:
+                raise LMStackError(f"{arch} cache overflow: position {pos + T} exceeds the cache length "
+                                   f"{self.max_len}")
+            self.length = pos + T
+
+    def reset(self) -> None:
+        for t in self.tensors:
+            t.zero_()
+        self.length = 0
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes a copy of row rows[i] (beam search)."""
+        for t in self.tensors:
+            t.copy_(t[rows.to(t.device)])
+
+    def view(self, n: int) -> "StateCache":
+        """The first n rows, sharing this cache's storage; rows may be at different positions (length None)."""
+        v = StateCache([t[:n] for t in self.tensors], self.max_len, self.kind)
+        v.length = None
+        return v
+
+    def copy_rows(self, dst: list[int], src: "StateCache", src_rows: list[int]) -> None:
+        """Rows dst of this cache become copies of rows src_rows of `src`."""
+        d = torch.tensor(dst, device=self.tensors[0].device)
+        s = torch.tensor(src_rows, device=src.tensors[0].device)
+        for t, u in zip(self.tensors, src.tensors):
+            t[d] = u[s].to(t.device, t.dtype)
+
+    def move_row(self, src: int, dst: int) -> None:
+        for t in self.tensors:
+            t[dst] = t[src]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+def make_cache(model, batch: int, max_len: int | None = None):
+    """The cache `model` decodes with: its own (`model.new_cache`: an RNN's state, a CNN's buffers) when it has
+    one, else a KVCache of max_len positions (default: the context window)."""
+    new = getattr(model, "new_cache", None)
+    if new is not None:
+        return new(batch, max_len or model.config.block_size)
+    return KVCache.for_model(model, batch, max_len)
+
+
+def is_state_cache_model(model) -> bool:
+    """Whether `model` decodes with a forward-only StateCache (LSTM, GRU, gated CNN) rather than a KVCache."""
+    return getattr(model, "new_cache", None) is not None

@@ -2,7 +2,8 @@
 
 GPT-2 family: learned positions, LayerNorm, GELU MLP, biases, tied head.
 Llama family: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases (qkv bias for Qwen2), tied or untied head.
-BERT family: bidirectional (`causal=False`), post-norm blocks, token-type embeddings, LayerNorm after the embeddings.
+BERT family: bidirectional (`causal=False`), post-norm blocks, token-type embeddings, LayerNorm after the embeddings,
+and the masked-LM head (`mlm_head`: BertForMaskedLM's prediction-head transform before the output projection).
 Causal (decoder) or bidirectional (encoder) by `config.causal`. Everything is chosen by ModelConfig fields.
 """
 from __future__ import annotations
@@ -142,6 +143,9 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu, "relu": F.relu}
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -150,8 +154,7 @@ class MLP(nn.Module):
         self.fc = nn.Linear(cfg.n_embd, 2 * f if self.gated else f, bias=cfg.bias)  # swiglu: [gate; up] fused
         self.proj = nn.Linear(f, cfg.n_embd, bias=cfg.bias)
         self.proj.residual_scale = True
-        self.act = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-                    "silu": F.silu, "relu": F.relu}["silu" if self.gated else cfg.activation]
+        self.act = ACTIVATIONS["silu" if self.gated else cfg.activation]
 
     def forward(self, x):
         h = self.fc(x)
@@ -179,6 +182,23 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+class MLMHead(nn.Module):
+    """BERT's masked-LM head (`config.mlm_head`): dense -> activation -> norm, then the output projection with a
+    bias. It stands in for `lm_head` (same `weight`, tied to the token embedding like BertForMaskedLM's decoder), so
+    `model(x)` and `model.lm_head(hidden)` give MLM logits and every `lm_head` caller works unchanged."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.act = ACTIVATIONS[cfg.activation]
+        self.norm = make_norm(cfg)
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.n_embd))
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.norm(self.act(self.dense(h))), self.weight, self.bias)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -190,7 +210,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()  # post-norm blocks end normed
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = MLMHead(cfg) if cfg.mlm_head else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos_emb == "rope":
@@ -213,6 +233,8 @@ class Transformer(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, std)
+        elif isinstance(m, MLMHead) and not self.config.tie_embeddings:
             nn.init.normal_(m.weight, 0.0, std)
 
     def num_params(self) -> int:

@@ -7,15 +7,29 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from ..config import ModelConfig
+from ..config import ARCHS, ModelConfig
 from ..errors import LMStackError
+from .cnn import GatedCNN
+from .rnn import RNNLM
 from .transformer import Transformer
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> Transformer:
-    """A Transformer for `cfg` holding exactly the weights in `state` (the tied head may be absent); a mismatch
-    is an error naming `source`."""
-    model = Transformer(cfg)
+def make_model(cfg: ModelConfig) -> nn.Module:
+    """A freshly initialised model of architecture `cfg.arch`: the Transformer, an LSTM/GRU (rnn.RNNLM) or the
+    gated CNN (cnn.GatedCNN). Every caller that builds a model from a config goes through here."""
+    if cfg.arch == "transformer":
+        return Transformer(cfg)
+    if cfg.arch in ("lstm", "gru"):
+        return RNNLM(cfg)
+    if cfg.arch == "gcnn":
+        return GatedCNN(cfg)
+    raise LMStackError(f"model.arch={cfg.arch!r} is not supported; choose one of {', '.join(ARCHS)}")
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """The model for `cfg` (any arch) holding exactly the weights in `state` (the tied head may be absent); a
+    mismatch is an error naming `source`."""
+    model = make_model(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:

@@ -38,12 +38,21 @@ class TrainConfig:
     resume: bool = False            # continue from <out_dir>/last
     progress: bool = True           # rich progress bar
     # data
-    corpus: str = "pydocs"          # pydocs | shakespeare | file / directory / glob (.txt .md .jsonl)
+    # pydocs | stdlib | shakespeare | hf:NAME[:CONFIG][:SPLIT] | file / directory / glob (.txt .md .jsonl .parquet
+    # .arrow .csv); options after '#', e.g. "data/*.parquet#text_column=content" (lmstack/data/corpora.py)
+    corpus: str = "pydocs"
     data_path: str | None = None    # local file for a named corpus (e.g. Tiny Shakespeare)
     data_dir: str | None = None     # prepared shards (lmstack prepare); default <out_dir>/data
     tokenizer: str = "bpe"          # bpe | char | path to a tokenizer.json or a directory holding one
     vocab_size: int = 2048          # for tokenizer=bpe
+    text_column: str | None = None  # text column/field of table, hf: and .jsonl corpora (default "text")
+    tokenize_workers: int | None = None  # tokenizer processes for data preparation; None = min(4, CPUs)
     val_fraction: float = 0.1       # validation = the last fraction of the token stream
+    # objective of `lmstack train`: clm = next-token prediction (decoder) | mlm = BERT masked-LM (bidirectional
+    # encoder; train/mlm.py): mlm_probability of the tokens chosen, of those 80% -> [MASK], 10% random, 10% kept
+    objective: str = "clm"
+    mlm_probability: float = 0.15
+    whole_word_masking: bool = False  # mlm: choose whole words (all their tokens) instead of single tokens
     # model: a preset name plus ModelConfig overrides, e.g. {preset: tiny-char, n_layer: 6}
     model: dict = field(default_factory=lambda: {"preset": "tiny-char"})
     # optimisation
@@ -91,7 +100,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         choices = {"optimizer": ("adamw", "sgd", "rmsprop", "muon"), "lr_schedule": ("cosine", "linear", "constant", "wsd"),
-                   "dtype": ("float32", "bfloat16"),
+                   "dtype": ("float32", "bfloat16"), "objective": ("clm", "mlm"),
                    "distributed": ("auto", "none", "ddp", "fsdp")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
@@ -103,6 +112,8 @@ class TrainConfig:
             raise ConfigError("set max_steps or epochs")
         if self.lr <= 0 or self.min_lr < 0:
             raise ConfigError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if not (isinstance(self.mlm_probability, (int, float)) and 0.0 < self.mlm_probability < 1.0):
+            raise ConfigError(f"mlm_probability must be in (0, 1), got {self.mlm_probability!r}")
         if not isinstance(self.model, dict):
             raise ConfigError("model must be a mapping, e.g. {preset: tiny-char, n_layer: 4}")
 

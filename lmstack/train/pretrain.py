@@ -1,4 +1,5 @@
-"""Pretraining by next-token prediction: tokenizer + shards + Transformer + the Trainer core."""
+"""Pretraining by next-token prediction (objective: clm) or BERT masked-LM (objective: mlm, train/mlm.py):
+tokenizer + shards + model + the Trainer core."""
 from __future__ import annotations
 
 import json
@@ -9,16 +10,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import AddedToken
 
 from ..config import ModelConfig, preset
 from ..data.corpora import iter_texts
 from ..data.jsonl import JsonlLog
 from ..data.shards import TokenDataset, prepare_dataset
 from ..errors import ConfigError, LMStackError
-from ..models.transformer import Transformer
-from ..tokenizer import Tokenizer, train_bpe, train_char
+from ..models.utils import make_model
+from ..tokenizer import DEFAULT_SPECIALS, MASK, Tokenizer, train_bpe, train_char
 from .config import TrainConfig
 from .losses import masked_lm_loss
+from .mlm import MLMMasker, make_mlm_evaluator, mlm_loss
 from . import distributed
 from .trainer import Trainer, setup_device
 
@@ -35,10 +38,15 @@ def lm_loss(model, batch) -> torch.Tensor:
 
 
 def build_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    mlm = cfg.objective == "mlm"  # a [MASK] token; in byte-level BPE it absorbs the space before it (as RoBERTa's
+    # <mask> does), so "is [MASK]." asks for the token " Paris" that training masked, space included
     if cfg.tokenizer == "char":
-        return train_char(iter_texts(cfg.corpus, cfg.data_path))
+        return train_char(iter_texts(cfg.corpus, cfg.data_path, cfg.text_column),
+                          special_tokens=DEFAULT_SPECIALS + [MASK] if mlm else None)
     if cfg.tokenizer == "bpe":
-        return train_bpe(iter_texts(cfg.corpus, cfg.data_path), cfg.vocab_size)
+        mask = AddedToken(MASK, lstrip=True, special=True, normalized=False)
+        return train_bpe(iter_texts(cfg.corpus, cfg.data_path, cfg.text_column), cfg.vocab_size,
+                         special_tokens=DEFAULT_SPECIALS + [mask] if mlm else None)
     return Tokenizer.load(cfg.tokenizer)
 
 
@@ -49,6 +57,10 @@ def prepare_data(cfg: TrainConfig, log=print) -> TokenDataset:
     d = Path(cfg.out_dir) / "data"
     spec = {"corpus": cfg.corpus, "data_path": cfg.data_path, "tokenizer": cfg.tokenizer,
             "vocab_size": cfg.vocab_size if cfg.tokenizer == "bpe" else None, "val_fraction": cfg.val_fraction}
+    if cfg.text_column:
+        spec["text_column"] = cfg.text_column
+    if cfg.objective == "mlm" and cfg.tokenizer in ("bpe", "char"):
+        spec["mask_token"] = MASK
     spec_file = d / "spec.json"
     if spec_file.exists() and json.loads(spec_file.read_text()) == spec:
         return TokenDataset(d)
@@ -57,7 +69,8 @@ def prepare_data(cfg: TrainConfig, log=print) -> TokenDataset:
     log(f"tokenizer: {cfg.tokenizer} on corpus {cfg.corpus!r}")
     tok = build_tokenizer(cfg)
     log(f"tokenizing {cfg.corpus!r} (vocab {tok.vocab_size}) -> {d}")
-    prepare_dataset(cfg.corpus, tok, d, cfg.val_fraction, cfg.data_path)
+    prepare_dataset(cfg.corpus, tok, d, cfg.val_fraction, cfg.data_path, text_column=cfg.text_column,
+                    workers=cfg.tokenize_workers)
     spec_file.write_text(json.dumps(spec))
     ds = TokenDataset(d)
     log(f"data: {ds.num_tokens('train'):,} train tokens, {ds.num_tokens('val'):,} val tokens")
@@ -75,7 +88,14 @@ def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
         m["vocab_size"] = 64 * math.ceil(tokenizer.vocab_size / 64)  # pad for fast matmuls
     m.setdefault("eos_token_id", tokenizer.eos_id)
     m.setdefault("bos_token_id", tokenizer.bos_id)
-    return preset(name, **m) if name else ModelConfig.from_dict(m)
+    if cfg.objective == "mlm":  # a bidirectional encoder with BERT's masked-LM head unless the recipe says otherwise
+        m.setdefault("causal", False)
+        m.setdefault("mlm_head", True)
+    mcfg = preset(name, **m) if name else ModelConfig.from_dict(m)
+    if cfg.objective == "mlm" and (mcfg.causal or getattr(mcfg, "arch", "transformer") != "transformer"):
+        raise ConfigError("objective: mlm trains a bidirectional Transformer encoder; set model.causal: false "
+                          "(and model.arch: transformer)")
+    return mcfg
 
 
 def make_evaluator(ds: TokenDataset, block: int, batch_size: int, seed: int, byte_lengths: list[int] | None):
@@ -125,7 +145,7 @@ def pretrain(cfg: TrainConfig, log=print) -> dict[str, Any]:
     tok = ds.tokenizer
     mcfg = model_config_for(cfg, tok)
     torch.manual_seed(cfg.seed)
-    model = Transformer(mcfg).to(device)
+    model = make_model(mcfg).to(device)
     block, bs = mcfg.block_size, cfg.batch_size
     tokens_per_step = bs * block * cfg.grad_accum * rank.world
     if cfg.epochs is not None:
@@ -145,10 +165,15 @@ def pretrain(cfg: TrainConfig, log=print) -> dict[str, Any]:
         lo, hi, n = distributed.global_rows(bs, micro, cfg.grad_accum)
         starts = np.random.default_rng([cfg.seed, step]).integers(a, b - block, size=n)[lo:hi]
         t = torch.from_numpy(np.stack([ds.read(int(s), block + 1) for s in starts]).astype(np.int64))
+        if masker is not None:  # mlm: the same windows, masked; the mask is a pure function of (seed, step, row)
+            x, y = masker(t[:, :-1], [(cfg.seed, step, r) for r in range(lo, hi)])
+            return x.to(device), y.to(device)
         return t[:, :-1].to(device), t[:, 1:].to(device)
 
-    evaluator = make_evaluator(ds, block, bs, cfg.seed, tok.byte_lengths())
-    trainer = Trainer(model, cfg, lm_loss, get_batch, max_steps,
+    masker = (MLMMasker(tok, cfg.mlm_probability, cfg.whole_word_masking) if cfg.objective == "mlm" else None)
+    evaluator = (make_mlm_evaluator(ds, block, bs, cfg.seed, masker) if masker is not None
+                 else make_evaluator(ds, block, bs, cfg.seed, tok.byte_lengths()))
+    trainer = Trainer(model, cfg, lm_loss if masker is None else mlm_loss, get_batch, max_steps,
                       evaluate=lambda m, **kw: evaluator(m, iters=cfg.eval_iters, **kw), tokenizer=tok,
                       param_groups=model.configure_optimizer_groups(cfg.weight_decay))
     history = trainer.fit()
@@ -162,18 +187,20 @@ def pretrain(cfg: TrainConfig, log=print) -> dict[str, Any]:
         model = load_model(Path(cfg.out_dir) / "last", device=device)[0]
         trainer.model = model
     if history:
-        summary.update({k: v for k, v in history[-1].items() if k in ("train_loss", "val_loss", "val_bpb", "elapsed_s")})
+        summary.update({k: v for k, v in history[-1].items() if k in ("train_loss", "val_loss", "val_bpb", "val_acc",
+                                                                          "elapsed_s")})
     if cfg.final_eval_windows:
         final = trainer.run_eval(windows=cfg.final_eval_windows)
         summary.update({"final_" + k: v for k, v in final.items()})
-        log(f"final eval on {final['val_tokens']:,} validation tokens: val_loss {final['val_loss']:.4f}  "
-            f"val_bpb {final.get('val_bpb', float('nan')):.4f}")
+        last = (f"val_acc {final['val_acc']:.4f}" if "val_acc" in final  # mlm: masked-token accuracy
+                else f"val_bpb {final.get('val_bpb', float('nan')):.4f}")
+        log(f"final eval on {final['val_tokens']:,} validation tokens: val_loss {final['val_loss']:.4f}  {last}")
         with JsonlLog(Path(cfg.out_dir) / "metrics.jsonl") as f:
             f.append({"step": trainer.step, "final_val_loss": final["val_loss"],
                       "final_val_bpb": final.get("val_bpb"), "final_val_tokens": final["val_tokens"]})
     from .plot import plot_run
     summary["plot"] = str(plot_run(cfg.out_dir))
-    if cfg.sample_tokens:
+    if cfg.sample_tokens and masker is None:  # an encoder does not generate
         from ..generate import SamplingParams, generate_text
         n = min(cfg.sample_tokens, block - 1)
         sp = SamplingParams(max_new_tokens=n, temperature=cfg.sample_temperature, top_k=cfg.sample_top_k,
