@@ -1,6 +1,7 @@
 """Run every `lmstack ...` line of README.md as written, top to bottom, the way a new user would: in a fresh clone
 of this repository with ../shared beside it and the clone's .venv on PATH. Shell variable lines of the README's
-code blocks (GGUF=..., SHAKES=..., MINILM=$(...)) and their `mkdir`/`head` helper lines run too, in one bash
+code blocks (GGUF=..., SHAKES=..., MINILM=$(...)), `torchrun ...` and `python -c ...` lines and their `mkdir`/`head`
+helper lines run too, in one bash
 session, so each command sees what the ones before it made.
 
     python benchmarks/readme_check.py [--clone /tmp/readme-clone] [--timeout 900] [--only PATTERN]
@@ -42,7 +43,8 @@ def commands(readme: str) -> list[str]:
                 buf = ""
             continue
         s = line.strip()
-        if s.startswith("lmstack ") or re.match(r"^[A-Z_]+=", s) or s.startswith(("mkdir ", "head ")):
+        if s.startswith(("lmstack ", "torchrun ", "python -c ")) or re.match(r"^[A-Z_]+=", s) or \
+                s.startswith(("mkdir ", "head ")):
             if s.endswith("\\"):
                 buf = s
             else:

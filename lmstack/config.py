@@ -10,11 +10,12 @@ from typing import Any
 
 from .errors import ConfigError
 
-ARCHS = ("transformer", "lstm", "gru", "gcnn")
+ARCHS = ("transformer", "lstm", "gru", "gcnn", "encoder-decoder")
+ZOO_ARCHS = ("lstm", "gru", "gcnn")  # the non-attention language models (models/rnn.py, models/cnn.py)
 
 _CHOICES = {
     "arch": ARCHS,
-    "pos_emb": ("learned", "rope", "none"),
+    "pos_emb": ("learned", "rope", "sinusoidal", "none"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu"),
     "activation": ("gelu", "gelu_tanh", "silu", "relu"),
@@ -30,7 +31,7 @@ class ModelConfig:
     keep to), n_layer, n_embd, dropout, bias, norm / norm_eps (gcnn), tie_embeddings, init_std and the token ids,
     plus the rnn_* / conv_* fields below; the attention fields are ignored."""
 
-    arch: str = "transformer"       # transformer | lstm | gru | gcnn
+    arch: str = "transformer"       # transformer | lstm | gru | gcnn | encoder-decoder (models/seq2seq.py)
     vocab_size: int = 50304
     block_size: int = 1024          # context window (max positions)
     n_layer: int = 12
@@ -62,6 +63,15 @@ class ModelConfig:
     rnn_hidden: int | None = None   # lstm/gru hidden size; None = n_embd (a projection to n_embd when they differ)
     conv_kernel: int = 3            # gcnn kernel width k
     conv_dilations: list[int] | None = None  # gcnn dilation per layer, cycled over the layers; None = 1, 2, 4, 8, ...
+    # encoder-decoder (arch: encoder-decoder, models/seq2seq.py): the attention fields above describe both stacks;
+    # n_layer is the decoder's depth, n_encoder_layer the encoder's. The decoder's blocks add a cross-attention
+    # sublayer (cross_attention, set on the decoder stack's own config). vocab_size is the target vocabulary;
+    # src_vocab_size a separate source vocabulary (None: one shared embedding for source, target and output head).
+    n_encoder_layer: int | None = None
+    src_vocab_size: int | None = None
+    cross_attention: bool = False   # blocks attend to an encoder's output after self-attention (a decoder stack)
+    scale_embedding: bool = False   # token embeddings * sqrt(n_embd) (the original Transformer, Marian; not BART)
+    decoder_start_token_id: int | None = None  # the first decoder input (None: bos, else eos)
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -117,9 +127,13 @@ class ModelConfig:
                 raise ConfigError(f"model.{key} must be a positive integer, got {v!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.arch != "transformer":
+        if self.arch in ZOO_ARCHS:
             self._validate_zoo()
             return
+        for key in ("n_encoder_layer", "src_vocab_size"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ConfigError(f"model.{key} must be a positive integer (or null), got {v!r}")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
@@ -167,8 +181,16 @@ class ModelConfig:
 
     # ---- accounting (used by `lmstack info` and the scaling maths) ------------------------
     def num_params(self, include_embeddings: bool = True) -> int:
-        if self.arch != "transformer":
+        if self.arch in ZOO_ARCHS:
             return self._zoo_params(include_embeddings)
+        if self.arch == "encoder-decoder":  # the two stacks (models/seq2seq.py), the shared parts counted once
+            enc, dec = self.encoder_config(), self.decoder_config()
+            n = enc.num_params(include_embeddings) + dec.num_params(include_embeddings)
+            d = self.n_embd
+            n -= (0 if enc.tie_embeddings else enc.vocab_size * d)  # the encoder has no output head
+            if include_embeddings and self.src_vocab_size is None:
+                n -= self.vocab_size * d  # one shared token embedding
+            return n
         d, L, V, f = self.n_embd, self.n_layer, self.vocab_size, self.ffn_size
         kv = self.kv_heads * self.head_dim
         attn = d * (d + 2 * kv) + d * d
@@ -176,6 +198,9 @@ class ModelConfig:
             attn += d + 2 * kv
         if self.bias:
             attn += d
+        if self.cross_attention:  # a second attention (q, kv, proj) and its norm per block
+            attn *= 2
+            attn += d * (2 if self.norm == "layernorm" and self.bias else 1)
         mlp = (3 if self.mlp == "swiglu" else 2) * d * f + ((2 * f if self.mlp == "swiglu" else f) + d if self.bias else 0)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
         total = L * (attn + mlp + 2 * norm) + (norm if self.norm_position == "pre" else 0)
@@ -185,6 +210,18 @@ class ModelConfig:
         if self.mlm_head:  # transform dense (d*d + d) + its norm + the output bias
             head += d * d + d + norm + V
         return total + head + (emb if include_embeddings else 0)
+
+    def encoder_config(self) -> "ModelConfig":
+        """encoder-decoder: the encoder stack's config (bidirectional, n_encoder_layer blocks, source vocabulary)."""
+        return dataclasses.replace(self, arch="transformer", causal=False, cross_attention=False,
+                                   n_layer=self.n_encoder_layer or self.n_layer,
+                                   vocab_size=self.src_vocab_size or self.vocab_size,
+                                   n_encoder_layer=None, src_vocab_size=None)
+
+    def decoder_config(self) -> "ModelConfig":
+        """encoder-decoder: the decoder stack's config (causal, cross-attention in every block)."""
+        return dataclasses.replace(self, arch="transformer", causal=True, cross_attention=True,
+                                   n_encoder_layer=None, src_vocab_size=None)
 
     def _zoo_params(self, include_embeddings: bool) -> int:
         d, L, V = self.n_embd, self.n_layer, self.vocab_size
@@ -240,6 +277,12 @@ def describe(cfg: ModelConfig, seq_len: int | None = None) -> list[tuple[str, st
         arch = (f"gated CNN, {cfg.n_layer} layers, {cfg.n_embd} wide, kernel {cfg.conv_kernel}, dilations "
                 f"{','.join(map(str, cfg.dilations()))}, receptive field {cfg.receptive_field} tokens, {cfg.norm}")
         state = ("conv buffers", f"{human_bytes(kv32)} fp32, {human_bytes(kv16)} bf16 (any length)")
+    elif cfg.arch == "encoder-decoder":
+        arch = (f"encoder-decoder, {cfg.n_encoder_layer or cfg.n_layer} + {cfg.n_layer} layers, {cfg.n_head} heads, "
+                f"{cfg.n_embd} wide, ffn {cfg.ffn_size}, {cfg.pos_emb}/{cfg.norm}/{cfg.mlp}, {cfg.norm_position}-norm, "
+                + ("shared vocabulary" if cfg.src_vocab_size is None else f"source vocabulary {cfg.src_vocab_size:,}"))
+        state = (f"decoder KV cache @ {T} tokens", f"{human_bytes(kv32)} fp32, {human_bytes(kv16)} bf16 "
+                                                   "(+ cross-attention K/V of the source)")
     else:
         arch = (f"{cfg.n_layer} layers, {cfg.n_head} heads ({cfg.kv_heads} kv), {cfg.n_embd} wide, "
                 f"ffn {cfg.ffn_size}, {cfg.pos_emb}/{cfg.norm}/{cfg.mlp}")

@@ -37,7 +37,12 @@ def cmd_train(a) -> None:
         overrides.append("resume=true")
     if a.no_progress:
         overrides.append("progress=false")
-    summary = pretrain(load_recipe(a.recipe, overrides))
+    cfg = load_recipe(a.recipe, overrides)
+    if cfg.objective == "seq2seq":  # encoder-decoder on parallel text (train/seq2seq.py)
+        from ..train.seq2seq import train_seq2seq
+        summary = train_seq2seq(cfg)
+    else:
+        summary = pretrain(cfg)
     sample = summary.pop("sample", None)
     print(json.dumps(summary, indent=2) if a.json else summary_table(summary))
     if sample is not None:

@@ -28,7 +28,7 @@ from ..models.transformer import Transformer
 from ..models.utils import build_model
 from ..tokenizer import Tokenizer
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert", "bart")
 _LLAMA_LIKE = ("llama", "mistral", "qwen2")
 _ACT_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
            "relu": "relu", "silu": "silu", "swish": "silu"}
@@ -130,6 +130,8 @@ def hf_config_to_model_config(hf_cfg: dict) -> ModelConfig:
                            intermediate_size=hf.get("n_inner"), pos_emb="learned", norm="layernorm",
                            norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", activation=_ACT_IN[act],
                            bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), **ids)
+    if mt == "bart":
+        return _bart_config(hf, ids)
     if mt == "bert":
         act = hf.get("hidden_act", "gelu")
         if act not in _ACT_IN:
@@ -174,6 +176,28 @@ def hf_config_to_model_config(hf_cfg: dict) -> ModelConfig:
                        norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", bias=bias, qkv_bias=qkv_bias,
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=theta,
                        rope_scaling=scaling, **ids)
+
+
+def _bart_config(hf: dict, ids: dict) -> ModelConfig:
+    """BART (BartForConditionalGeneration) as an lmstack encoder-decoder: post-norm blocks, an embedding LayerNorm
+    in each stack, learned positions (BART's table has 2 extra leading rows, dropped: its position offset), one
+    shared embedding tied to the output head, q/k/v/out biases."""
+    act = hf.get("activation_function", "gelu")
+    if act not in _ACT_IN:
+        raise LMStackError(f"BART activation_function {act!r} is not supported; use one of {', '.join(_ACT_IN)}")
+    if hf.get("encoder_attention_heads") != hf.get("decoder_attention_heads") or \
+            hf.get("encoder_ffn_dim") != hf.get("decoder_ffn_dim"):
+        raise LMStackError("BART with different encoder/decoder head counts or FFN sizes is not supported")
+    if hf.get("normalize_before") or hf.get("add_final_layer_norm"):
+        raise LMStackError("pre-norm BART variants (mBART: normalize_before / add_final_layer_norm) are not supported")
+    return ModelConfig(arch="encoder-decoder", vocab_size=hf["vocab_size"],
+                       block_size=hf.get("max_position_embeddings", 1024), n_layer=hf["decoder_layers"],
+                       n_encoder_layer=hf["encoder_layers"], n_head=hf["encoder_attention_heads"],
+                       n_embd=hf["d_model"], intermediate_size=hf["encoder_ffn_dim"], pos_emb="learned",
+                       norm="layernorm", norm_eps=1e-5, mlp="gelu", activation=_ACT_IN[act], bias=True,
+                       tie_embeddings=bool(hf.get("tie_word_embeddings", True)), norm_position="post",
+                       embedding_norm=True, scale_embedding=bool(hf.get("scale_embedding", False)),
+                       decoder_start_token_id=hf.get("decoder_start_token_id"), **ids)
 
 
 # ---- weights ------------------------------------------------------------------------------------------------
@@ -318,6 +342,40 @@ def _map_bert(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
+def _map_bart(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    shared = w.opt("model.shared.weight")
+    for side in ("encoder", "decoder"):
+        emb = w.opt(f"model.{side}.embed_tokens.weight")
+        if side == "encoder":
+            out["encoder.tok_emb.weight"] = shared if shared is not None else emb
+        out[f"{side}.pos_emb.weight"] = w(f"model.{side}.embed_positions.weight")[2:]  # BART's offset of 2
+        out[f"{side}.emb_norm.weight"] = w(f"model.{side}.layernorm_embedding.weight")
+        out[f"{side}.emb_norm.bias"] = w(f"model.{side}.layernorm_embedding.bias")
+        n = cfg.n_layer if side == "decoder" else (cfg.n_encoder_layer or cfg.n_layer)
+        for i in range(n):
+            h, o = f"model.{side}.layers.{i}.", f"{side}.blocks.{i}."
+            for t in ("weight", "bias"):
+                out[o + f"attn.qkv.{t}"] = torch.cat([w(h + f"self_attn.{x}_proj.{t}") for x in "qkv"])
+                out[o + f"attn.proj.{t}"] = w(h + f"self_attn.out_proj.{t}")
+                out[o + f"norm1.{t}"] = w(h + f"self_attn_layer_norm.{t}")
+                out[o + f"mlp.fc.{t}"] = w(h + f"fc1.{t}")
+                out[o + f"mlp.proj.{t}"] = w(h + f"fc2.{t}")
+                out[o + f"norm2.{t}"] = w(h + f"final_layer_norm.{t}")
+                if side == "decoder":
+                    out[o + f"cross.q.{t}"] = w(h + f"encoder_attn.q_proj.{t}")
+                    out[o + f"cross.kv.{t}"] = torch.cat([w(h + f"encoder_attn.{x}_proj.{t}") for x in "kv"])
+                    out[o + f"cross.proj.{t}"] = w(h + f"encoder_attn.out_proj.{t}")
+                    out[o + f"cross_norm.{t}"] = w(h + f"encoder_attn_layer_norm.{t}")
+    head = w.opt("lm_head.weight")
+    if not cfg.tie_embeddings:
+        out["decoder.lm_head.weight"] = head
+    bias = w.opt("final_logits_bias")
+    if bias is not None and bool(bias.abs().max() > 0):
+        raise LMStackError("this BART has a non-zero final_logits_bias, which lmstack's output head does not hold")
+    return out
+
+
 def _hf_to_lmstack_state(sd: dict[str, torch.Tensor], mt: str, cfg: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
     if mt == "gpt2":
         sd = _strip_prefix(sd, "wte wpe h ln_f", ("transformer.",))
@@ -325,6 +383,9 @@ def _hf_to_lmstack_state(sd: dict[str, torch.Tensor], mt: str, cfg: ModelConfig,
     elif mt == "bert":
         sd = _strip_prefix(sd, "embeddings encoder pooler", ("bert.", "model."))
         mapper = _map_bert
+    elif mt == "bart":
+        sd = {k if k.startswith(("model.", "lm_head", "final_logits_bias")) else "model." + k: v for k, v in sd.items()}
+        mapper = _map_bart
     else:
         mapper = _map_llama
     src = _Source(dict(sd), where)

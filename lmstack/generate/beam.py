@@ -56,65 +56,98 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
     prompt = fit_context(list(prompt), max_new_tokens, model.config.block_size, truncate)
     device = next(model.parameters()).device
     K, P = num_beams, len(prompt)
-    keep = max(2, 1 + len(stop_ids)) * K
-    eos = torch.tensor(sorted(stop_ids), dtype=torch.long)
-
-    run_seqs = torch.zeros(K, 0, dtype=torch.long)          # running beams' generated tokens
-    run_scores = torch.zeros(K)                             # summed logprobs; only beam 0 is live at the start
-    run_scores[1:] = NEG
-    fin_seqs: list[list[int]] = [[] for _ in range(K)]      # finished hypotheses, best first
-    fin_scores = torch.full((K,), NEG)
-    fin_done = torch.zeros(K, dtype=torch.bool)
-    improvable = True
+    greedy_params = None if params is None else SamplingParams(**{**params.to_dict(), "temperature": 0})
 
     with eval_mode(model):
         cache = make_cache(model, K, P + max_new_tokens)
         ids = torch.tensor([prompt] * K, dtype=torch.long, device=device)
-        logits = model(ids, cache=cache, pos=0)[:, -1]
-        for t in range(max_new_tokens):
-            logp = torch.log_softmax(logits.float().cpu(), dim=-1)
-            if params is not None:
-                hist = [prompt + r for r in run_seqs.tolist()]
-                logp = process_logits(logp, SamplingParams(**{**params.to_dict(), "temperature": 0}), hist, P,
-                                      stop_ids)
-            V = logp.shape[-1]
-            acc = (logp + run_scores[:, None]).view(-1)
-            top_scores, top_idx = torch.topk(acc, k=min(keep, acc.numel()))
-            beam, tok = top_idx // V, top_idx % V
-            cand = torch.cat([run_seqs[beam], tok[:, None]], dim=1)
-            hits = torch.isin(tok, eos) if len(eos) else torch.zeros_like(tok, dtype=torch.bool)
-            if t + 1 >= max_new_tokens:
-                hits = torch.ones_like(hits)
+        first = model(ids, cache=cache, pos=0)[:, -1]
 
-            # running beams for the next step: the best K candidates that did not finish
-            nxt = torch.topk(top_scores + hits.float() * NEG, k=K).indices
-            run_seqs, run_scores, run_beam = cand[nxt], (top_scores + hits.float() * NEG)[nxt], beam[nxt]
+        def step(tokens: torch.Tensor, rows: torch.Tensor, t: int) -> torch.Tensor:
+            cache_reorder(cache, rows.to(device), P + t)
+            return model(tokens[:, None].to(device), cache=cache, pos=P + t)[:, -1]
 
-            # finished hypotheses: merge the candidates that finished among the top K with the kept ones
-            cand_scores = top_scores / ((t + 1) ** length_penalty)
-            if bool(fin_done.all()) and early_stopping is True:
-                cand_scores = cand_scores + NEG
-            if not improvable:
-                cand_scores = cand_scores + NEG
-            just_done = hits.clone()
-            just_done[K:] = False
-            cand_scores = cand_scores + (~just_done).float() * NEG
-            merged = torch.cat([fin_scores, cand_scores])
-            best = torch.topk(merged, k=K).indices.tolist()
-            all_seqs = fin_seqs + cand.tolist()
-            all_done = torch.cat([fin_done, just_done])
-            fin_seqs, fin_scores, fin_done = [all_seqs[i] for i in best], merged[best], all_done[best]
+        def process(logp: torch.Tensor, seqs: torch.Tensor) -> torch.Tensor:
+            return process_logits(logp, greedy_params, [prompt + r for r in seqs[0].tolist()], P, stop_ids)
 
-            # stop?
-            length = (max_new_tokens if early_stopping == "never" and length_penalty > 0.0 else t + 1)
-            best_running = run_scores[0] / (length ** length_penalty)
-            worst_finished = fin_scores.min() if bool(fin_done.all()) else torch.tensor(NEG)
-            improvable = improvable and bool(best_running > worst_finished)
-            if not improvable or (bool(fin_done.all()) and early_stopping is True) or bool(hits.all()):
-                break
-            cache_reorder(cache, run_beam.to(device), P + t)
-            logits = model(run_seqs[:, -1:].to(device), cache=cache, pos=P + t)[:, -1]
-    return [BeamHypothesis(fin_seqs[i], float(fin_scores[i])) for i in range(num_return_sequences)]
+        seqs, scores = beam_search_core(first, step, 1, K, max_new_tokens, length_penalty, early_stopping, stop_ids,
+                                        process if params is not None else None)
+    return [BeamHypothesis(seqs[0][i], float(scores[0, i])) for i in range(num_return_sequences)]
+
+
+def beam_search_core(first_logits: torch.Tensor, step, batch: int, num_beams: int, max_new_tokens: int,
+                     length_penalty: float, early_stopping: bool | str, stop_ids: Iterable[int],
+                     process=None) -> tuple[list[list[list[int]]], torch.Tensor]:
+    """The beam search loop (semantics in the module docstring), batched: `batch` independent searches of
+    num_beams rows each; row b * num_beams + k is beam k of search b, and rows never move between searches.
+
+    first_logits (batch * K, V): the next-token logits after each search's prompt (all K rows alike).
+    step(tokens (batch * K,), rows (batch * K,), t) -> the next logits: first make row i of the model's cache a copy
+    of row rows[i] (the beam its continuation came from; rows stay within their search), then feed `tokens` at
+    generated position t + 1. process(logp (batch * K, V), running sequences (batch, K, t)) -> logp: optional
+    history-dependent processors. Returns (per search the K finished hypotheses' ids, best first; scores (batch, K))."""
+    B, K, N = batch, num_beams, max_new_tokens
+    eos = torch.tensor(sorted(set(stop_ids)), dtype=torch.long)
+    keep = max(2, 1 + len(eos)) * K
+    run_seqs = torch.zeros(B, K, 0, dtype=torch.long)      # running beams' generated tokens
+    run_scores = torch.zeros(B, K)                         # summed logprobs; only beam 0 of a search starts live
+    run_scores[:, 1:] = NEG
+    fin_seqs = torch.full((B, K, N), -1, dtype=torch.long)  # finished hypotheses (-1 padded), best first
+    fin_scores = torch.full((B, K), NEG)
+    fin_done = torch.zeros(B, K, dtype=torch.bool)
+    improvable = torch.ones(B, dtype=torch.bool)
+    base = (torch.arange(B) * K)[:, None]
+    logits = first_logits
+    for t in range(N):
+        logp = torch.log_softmax(logits.float().cpu(), dim=-1)
+        if process is not None:
+            logp = process(logp, run_seqs)
+        V = logp.shape[-1]
+        acc = (logp.view(B, K, V) + run_scores[..., None]).view(B, K * V)
+        top_scores, top_idx = torch.topk(acc, k=min(keep, K * V), dim=-1)
+        beam, tok = top_idx // V, top_idx % V
+        cand = torch.cat([torch.gather(run_seqs, 1, beam[..., None].expand(-1, -1, t)), tok[..., None]], -1)
+        hits = torch.isin(tok, eos) if len(eos) else torch.zeros_like(tok, dtype=torch.bool)
+        if t + 1 >= N:
+            hits = torch.ones_like(hits)
+
+        # running beams for the next step: the best K candidates that did not finish
+        masked = top_scores + hits.float() * NEG
+        nxt = torch.topk(masked, k=K, dim=-1).indices
+        run_seqs = torch.gather(cand, 1, nxt[..., None].expand(-1, -1, t + 1))
+        run_scores = torch.gather(masked, 1, nxt)
+        run_beam = torch.gather(beam, 1, nxt)
+
+        # finished hypotheses: merge the candidates that finished among the top K with the kept ones
+        cand_scores = top_scores / ((t + 1) ** length_penalty)
+        frozen = ~improvable
+        if early_stopping is True:
+            frozen = frozen | fin_done.all(-1)
+        cand_scores = cand_scores + frozen[:, None].float() * NEG
+        just_done = hits.clone()
+        just_done[:, K:] = False
+        cand_scores = cand_scores + (~just_done).float() * NEG
+        merged = torch.cat([fin_scores, cand_scores], 1)
+        best = torch.topk(merged, k=K, dim=-1).indices
+        padded = torch.full((B, cand.shape[1], N), -1, dtype=torch.long)
+        padded[..., : t + 1] = cand
+        fin_seqs = torch.gather(torch.cat([fin_seqs, padded], 1), 1, best[..., None].expand(-1, -1, N))
+        fin_scores = torch.gather(merged, 1, best)
+        fin_done = torch.gather(torch.cat([fin_done, just_done], 1), 1, best)
+
+        # stop?
+        length = N if early_stopping == "never" and length_penalty > 0.0 else t + 1
+        best_running = run_scores[:, 0] / (length ** length_penalty)
+        worst_finished = torch.where(fin_done.all(-1), fin_scores.min(-1).values, torch.full((B,), NEG))
+        improvable = improvable & (best_running > worst_finished)
+        done = ~improvable
+        if early_stopping is True:
+            done = done | fin_done.all(-1)
+        if bool(done.all()) or bool(hits.all()):
+            break
+        logits = step(run_seqs[:, :, -1].reshape(B * K), (base + run_beam).view(-1), t)
+    seqs = [[[x for x in fin_seqs[b, k].tolist() if x >= 0] for k in range(K)] for b in range(B)]
+    return seqs, fin_scores
 
 
 def cache_reorder(cache: KVCache | StateCache, rows: torch.Tensor, length: int) -> None:

@@ -38,6 +38,40 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+class EncoderDecoderCache(KVCache):
+    """The decoder cache of an encoder-decoder (models/seq2seq.py): the decoder's self-attention KVCache plus, per
+    layer, the cross-attention keys/values of the encoder output, shape (batch, n_head, src_len, head_dim).
+
+    The cross slots start empty (None); the decoder's first forward computes them from the encoder output and stores
+    them here, and every later step reads them (the encoder output is projected once per generation, not once per
+    token). memory_mask (batch, src_len) bool: the source key-padding mask the cross-attention applies.
+    Beam search: `reorder(rows, length)` permutes the self-attention rows; the cross rows are permuted too unless
+    `cross=False` (rows that only move within a group of beams of one source share identical cross keys/values)."""
+
+    def __init__(self, n_layer: int, batch: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 memory_mask: torch.Tensor | None = None):
+        super().__init__(n_layer, batch, n_kv_head, max_len, head_dim, dtype, device)
+        self.cross_k: list[torch.Tensor | None] = [None] * n_layer
+        self.cross_v: list[torch.Tensor | None] = [None] * n_layer
+        self.memory_mask = memory_mask
+
+    def reorder(self, rows: torch.Tensor, length: int, cross: bool = True) -> None:
+        """Row i becomes a copy of row rows[i] (self-attention positions [0, length), and the cross keys/values)."""
+        for layer in range(len(self.k)):
+            self.k[layer][:, :, :length] = self.k[layer][rows, :, :length]
+            self.v[layer][:, :, :length] = self.v[layer][rows, :, :length]
+            if cross and self.cross_k[layer] is not None:
+                self.cross_k[layer] = self.cross_k[layer][rows]
+                self.cross_v[layer] = self.cross_v[layer][rows]
+        if cross and self.memory_mask is not None:
+            self.memory_mask = self.memory_mask[rows]
+
+    def nbytes(self) -> int:
+        cross = [t for t in self.cross_k + self.cross_v if t is not None]
+        return super().nbytes() + sum(t.numel() * t.element_size() for t in cross)
+
+
 class StateCache:
     """The decoding cache of a model that carries state instead of keys/values: an LSTM/GRU's hidden (and cell)
     state, a gated CNN's rolling receptive-field buffer per layer. `tensors` are batch-first, one row per sequence;

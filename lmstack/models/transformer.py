@@ -5,6 +5,9 @@ Llama family: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases (qkv
 BERT family: bidirectional (`causal=False`), post-norm blocks, token-type embeddings, LayerNorm after the embeddings,
 and the masked-LM head (`mlm_head`: BertForMaskedLM's prediction-head transform before the output projection).
 Causal (decoder) or bidirectional (encoder) by `config.causal`. Everything is chosen by ModelConfig fields.
+Encoder-decoder (models/seq2seq.py): two of these Transformers, the decoder's blocks with a cross-attention sublayer
+(`config.cross_attention`) over the encoder's output (`memory`); sinusoidal positions (`pos_emb: sinusoidal`) and
+sqrt(d)-scaled token embeddings (`scale_embedding`) as in the original Transformer.
 """
 from __future__ import annotations
 
@@ -143,6 +146,56 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention: queries from the decoder stream, keys/values from the encoder output `memory`
+    (B, S, d); memory_mask (B, S) bool, True = real source token. With a cache that has cross-attention slots
+    (kv_cache.EncoderDecoderCache), the keys/values are computed from `memory` once, on the first call, and every
+    later decoding step reads them from the cache (memory may then be None)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.n_head, self.hd = layer_idx, cfg.n_head, cfg.head_dim
+        self.q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.use_qkv_bias)
+        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=cfg.use_qkv_bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.proj.residual_scale = True
+        self.dropout = cfg.dropout
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, S, D) of the encoder output."""
+        B, S, _ = memory.shape
+        k, v = self.kv(memory).view(B, S, 2, self.n_head, self.hd).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x, memory, memory_mask, cache):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.hd).transpose(1, 2)
+        slots = getattr(cache, "cross_k", None)
+        if slots is not None and slots[self.layer_idx] is not None:
+            k, v = slots[self.layer_idx], cache.cross_v[self.layer_idx]
+        else:
+            if memory is None:
+                raise ValueError("cross-attention needs the encoder output (memory) or a cache holding its keys/values")
+            k, v = self.memory_kv(memory)
+            if slots is not None:
+                cache.cross_k[self.layer_idx], cache.cross_v[self.layer_idx] = k, v
+        if memory_mask is None and cache is not None:
+            memory_mask = getattr(cache, "memory_mask", None)
+        mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """The original Transformer's position table (length, dim): sin on even, cos on odd dimensions."""
+    pos = torch.arange(length, dtype=torch.float64)[:, None]
+    div = torch.exp(torch.arange(0, dim, 2, dtype=torch.float64) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * div)
+    table[:, 1::2] = torch.cos(pos * div)[:, : dim // 2]
+    return table.float()
+
+
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu, "relu": F.relu}
 
 
@@ -171,14 +224,21 @@ class Block(nn.Module):
         super().__init__()
         self.norm1, self.attn = make_norm(cfg), Attention(cfg, layer_idx)
         self.norm2, self.mlp = make_norm(cfg), MLP(cfg)
+        if cfg.cross_attention:  # decoder of an encoder-decoder: self-attention -> cross-attention -> MLP
+            self.cross_norm, self.cross = make_norm(cfg), CrossAttention(cfg, layer_idx)
+        self.has_cross = cfg.cross_attention
         self.drop = nn.Dropout(cfg.dropout)
         self.post_norm = cfg.norm_position == "post"
 
-    def forward(self, x, rope, cache, pos, attn_mask):
-        if self.post_norm:  # BERT: norm(x + f(x))
+    def forward(self, x, rope, cache, pos, attn_mask, memory=None, memory_mask=None):
+        if self.post_norm:  # BERT, BART: norm(x + f(x))
             x = self.norm1(x + self.drop(self.attn(x, rope, cache, pos, attn_mask)))
+            if self.has_cross:
+                x = self.cross_norm(x + self.drop(self.cross(x, memory, memory_mask, cache)))
             return self.norm2(x + self.drop(self.mlp(x)))
         x = x + self.drop(self.attn(self.norm1(x), rope, cache, pos, attn_mask))
+        if self.has_cross:
+            x = x + self.drop(self.cross(self.cross_norm(x), memory, memory_mask, cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -213,6 +273,9 @@ class Transformer(nn.Module):
         self.lm_head = MLMHead(cfg) if cfg.mlm_head else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos_emb == "sinusoidal":
+            self.register_buffer("pos_table", sinusoidal_positions(cfg.block_size, cfg.n_embd), persistent=False)
+        self.emb_scale = math.sqrt(cfg.n_embd) if cfg.scale_embedding else 1.0
         if cfg.pos_emb == "rope":
             cos, sin = rope_frequencies(cfg, cfg.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
@@ -243,7 +306,8 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pos: int = 0,
                 attn_mask: torch.Tensor | None = None, return_hidden: bool = False,
                 padding_mask: torch.Tensor | None = None, token_type_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) token ids at absolute positions [pos, pos+T) -> logits (B, T, vocab).
 
         With a cache, keys/values are written into it and attention covers positions [0, pos+T).
@@ -252,14 +316,20 @@ class Transformer(nn.Module):
         for models with token-type embeddings (default 0). positions (B, T): each row's own position ids for the
         position embeddings (learned or RoPE), for left-padded batches where a row's first real token sits at a
         later slot; default pos..pos+T-1 for every row. Cache slots and masks still use `pos`.
+        memory (B, S, d) / memory_mask (B, S): the encoder output and its key-padding mask for the cross-attention
+        of a decoder stack (`config.cross_attention`; see models/seq2seq.py).
         """
         B, T = idx.shape
         end = pos + T
-        if end > self.config.block_size and self.config.pos_emb == "learned":
+        if end > self.config.block_size and self.config.pos_emb in ("learned", "sinusoidal"):
             raise ValueError(f"sequence of length {end} exceeds the context window block_size={self.config.block_size}")
         x = self.tok_emb(idx)
+        if self.emb_scale != 1.0:
+            x = x * self.emb_scale
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions if positions is not None else torch.arange(pos, end, device=idx.device))
+        elif self.config.pos_emb == "sinusoidal":
+            x = x + self.pos_table[positions if positions is not None else slice(pos, end)].to(x.dtype)
         if self.type_emb is not None:
             x = x + (self.type_emb(token_type_ids) if token_type_ids is not None else self.type_emb.weight[0])
         if self.emb_norm is not None:
@@ -287,9 +357,10 @@ class Transformer(nn.Module):
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:  # keep only each block's input; rebuild the rest in backward (same dropout masks)
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, cache, pos, attn_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, cache, pos, attn_mask, memory, memory_mask,
+                                                      use_reentrant=False)
             else:
-                x = block(x, rope, cache, pos, attn_mask)
+                x = block(x, rope, cache, pos, attn_mask, memory, memory_mask)
         x = self.norm_f(x)
         return x if return_hidden else self.lm_head(x)
 

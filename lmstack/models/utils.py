@@ -11,18 +11,22 @@ from ..config import ARCHS, ModelConfig
 from ..errors import LMStackError
 from .cnn import GatedCNN
 from .rnn import RNNLM
+from .seq2seq import Seq2SeqTransformer
 from .transformer import Transformer
 
 
 def make_model(cfg: ModelConfig) -> nn.Module:
     """A freshly initialised model of architecture `cfg.arch`: the Transformer, an LSTM/GRU (rnn.RNNLM) or the
-    gated CNN (cnn.GatedCNN). Every caller that builds a model from a config goes through here."""
+    gated CNN (cnn.GatedCNN), or the encoder-decoder (seq2seq.Seq2SeqTransformer: two Transformer stacks,
+    `arch: encoder-decoder`). Every caller that builds a model from a config goes through here."""
     if cfg.arch == "transformer":
         return Transformer(cfg)
     if cfg.arch in ("lstm", "gru"):
         return RNNLM(cfg)
     if cfg.arch == "gcnn":
         return GatedCNN(cfg)
+    if cfg.arch == "encoder-decoder":
+        return Seq2SeqTransformer(cfg)
     raise LMStackError(f"model.arch={cfg.arch!r} is not supported; choose one of {', '.join(ARCHS)}")
 
 
@@ -31,7 +35,8 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], source: str) -
     mismatch is an error naming `source`."""
     model = make_model(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
+    tied = getattr(model, "tied_weight_keys", ("lm_head.weight",) if cfg.tie_embeddings else ())
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise LMStackError(f"{source}: the weights do not fit the model config (missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]})")

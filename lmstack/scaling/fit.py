@@ -132,10 +132,15 @@ def approach2(runs: list[dict], bootstrap: int = 0, seed: int = 0) -> dict:
     samples = []
     for _ in range(bootstrap):
         res = {c: [g[i] for i in rng.integers(0, len(g), len(g))] for c, g in groups.items()}
+        if any(len({r["params"] for r in g}) < 3 for g in res.values()):
+            continue  # a parabola through fewer than 3 distinct sizes is not a fit: draw again
         try:
             p = _approach2_point(res)
         except (ValueError, np.linalg.LinAlgError):
             continue
+        if not all(min(r["params"] for r in res[c]) <= n <= max(r["params"] for r in res[c])
+                   for c, n in zip(p["budgets"], p["n_opt"])):
+            continue  # the resample's dip lies outside its sizes: an extrapolated vertex, not a measurement
         samples.append((p["a"], p["b"]))
     if len(samples) >= 10:
         s = np.array(samples)

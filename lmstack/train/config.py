@@ -53,6 +53,20 @@ class TrainConfig:
     objective: str = "clm"
     mlm_probability: float = 0.15
     whole_word_masking: bool = False  # mlm: choose whole words (all their tokens) instead of single tokens
+    # objective: seq2seq (train/seq2seq.py): an encoder-decoder (model.arch: encoder-decoder) on parallel text.
+    # src_path/tgt_path: two line-aligned files (.gz ok), or src_path a JSONL file of {src, tgt} records (tgt_path
+    # null); val_src_path/val_tgt_path likewise (default: the last val_fraction of the pairs, at most 1000).
+    # tokenizer bpe: shared_vocab true = one BPE (vocab_size) over both sides; false = one per side (the source's
+    # saved under <checkpoint>/source/). max_tokens: batch by padded tokens (per micro-batch) instead of batch_size.
+    src_path: str | None = None
+    tgt_path: str | None = None
+    val_src_path: str | None = None
+    val_tgt_path: str | None = None
+    shared_vocab: bool = True
+    label_smoothing: float = 0.0
+    max_tokens: int | None = None
+    max_source_length: int = 128
+    max_target_length: int = 128
     # model: a preset name plus ModelConfig overrides, e.g. {preset: tiny-char, n_layer: 6}
     model: dict = field(default_factory=lambda: {"preset": "tiny-char"})
     # optimisation
@@ -100,7 +114,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         choices = {"optimizer": ("adamw", "sgd", "rmsprop", "muon"), "lr_schedule": ("cosine", "linear", "constant", "wsd"),
-                   "dtype": ("float32", "bfloat16"), "objective": ("clm", "mlm"),
+                   "dtype": ("float32", "bfloat16"), "objective": ("clm", "mlm", "seq2seq"),
                    "distributed": ("auto", "none", "ddp", "fsdp")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
@@ -114,6 +128,11 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr}, min_lr={self.min_lr}")
         if not (isinstance(self.mlm_probability, (int, float)) and 0.0 < self.mlm_probability < 1.0):
             raise ConfigError(f"mlm_probability must be in (0, 1), got {self.mlm_probability!r}")
+        if not (isinstance(self.label_smoothing, (int, float)) and 0.0 <= self.label_smoothing < 1.0):
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens <= 0):
+            raise ConfigError(f"max_tokens must be a positive integer (or null for batch_size rows), got "
+                              f"{self.max_tokens!r}")
         if not isinstance(self.model, dict):
             raise ConfigError("model must be a mapping, e.g. {preset: tiny-char, n_layer: 4}")
 

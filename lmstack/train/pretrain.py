@@ -92,6 +92,9 @@ def model_config_for(cfg: TrainConfig, tokenizer: Tokenizer) -> ModelConfig:
         m.setdefault("causal", False)
         m.setdefault("mlm_head", True)
     mcfg = preset(name, **m) if name else ModelConfig.from_dict(m)
+    if mcfg.arch == "encoder-decoder":
+        raise ConfigError("model.arch: encoder-decoder trains on parallel text: set objective: seq2seq (with src_path/"
+                          "tgt_path; see recipes/multi30k-de-en.yaml)")
     if cfg.objective == "mlm" and (mcfg.causal or getattr(mcfg, "arch", "transformer") != "transformer"):
         raise ConfigError("objective: mlm trains a bidirectional Transformer encoder; set model.causal: false "
                           "(and model.arch: transformer)")
