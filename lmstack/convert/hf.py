@@ -27,10 +27,11 @@ from ..errors import LMStackError
 from ..models.transformer import Transformer
 from ..models.utils import build_model
 from ..tokenizer import Tokenizer
+from .hf_bart import bart_config, map_bart
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert", "bart")
 _LLAMA_LIKE = ("llama", "mistral", "qwen2")
-_ACT_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
+ACT_IN = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
            "relu": "relu", "silu": "silu", "swish": "silu"}
 ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
 
@@ -119,8 +120,8 @@ def hf_config_to_model_config(hf_cfg: dict) -> ModelConfig:
                name=hf.get("_name_or_path") or mt)
     if mt == "gpt2":
         act = hf.get("activation_function", "gelu_new")
-        if act not in _ACT_IN:
-            raise LMStackError(f"GPT-2 activation_function {act!r} is not supported; use one of {', '.join(_ACT_IN)}")
+        if act not in ACT_IN:
+            raise LMStackError(f"GPT-2 activation_function {act!r} is not supported; use one of {', '.join(ACT_IN)}")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn") \
                 or hf.get("scale_attn_weights", True) is False:
             raise LMStackError("GPT-2 attention variants (scale_attn_by_inverse_layer_idx, reorder_and_upcast_attn, "
@@ -128,21 +129,21 @@ def hf_config_to_model_config(hf_cfg: dict) -> ModelConfig:
         return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
                            n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"],
                            intermediate_size=hf.get("n_inner"), pos_emb="learned", norm="layernorm",
-                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", activation=_ACT_IN[act],
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", activation=ACT_IN[act],
                            bias=True, tie_embeddings=hf.get("tie_word_embeddings", True), **ids)
     if mt == "bart":
-        return _bart_config(hf, ids)
+        return bart_config(hf, ids, ACT_IN)
     if mt == "bert":
         act = hf.get("hidden_act", "gelu")
-        if act not in _ACT_IN:
-            raise LMStackError(f"BERT hidden_act {act!r} is not supported; use one of {', '.join(_ACT_IN)}")
+        if act not in ACT_IN:
+            raise LMStackError(f"BERT hidden_act {act!r} is not supported; use one of {', '.join(ACT_IN)}")
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise LMStackError(f"BERT position_embedding_type {hf['position_embedding_type']!r} is not supported "
                                "(only 'absolute')")
         return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("max_position_embeddings", 512),
                            n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], n_embd=hf["hidden_size"],
                            intermediate_size=hf.get("intermediate_size"), pos_emb="learned", norm="layernorm",
-                           norm_eps=hf.get("layer_norm_eps", 1e-12), mlp="gelu", activation=_ACT_IN[act], bias=True,
+                           norm_eps=hf.get("layer_norm_eps", 1e-12), mlp="gelu", activation=ACT_IN[act], bias=True,
                            tie_embeddings=True, causal=False, norm_position="post",
                            type_vocab_size=hf.get("type_vocab_size", 2), embedding_norm=True, **ids)
     # llama / mistral / qwen2
@@ -176,28 +177,6 @@ def hf_config_to_model_config(hf_cfg: dict) -> ModelConfig:
                        norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", bias=bias, qkv_bias=qkv_bias,
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=theta,
                        rope_scaling=scaling, **ids)
-
-
-def _bart_config(hf: dict, ids: dict) -> ModelConfig:
-    """BART (BartForConditionalGeneration) as an lmstack encoder-decoder: post-norm blocks, an embedding LayerNorm
-    in each stack, learned positions (BART's table has 2 extra leading rows, dropped: its position offset), one
-    shared embedding tied to the output head, q/k/v/out biases."""
-    act = hf.get("activation_function", "gelu")
-    if act not in _ACT_IN:
-        raise LMStackError(f"BART activation_function {act!r} is not supported; use one of {', '.join(_ACT_IN)}")
-    if hf.get("encoder_attention_heads") != hf.get("decoder_attention_heads") or \
-            hf.get("encoder_ffn_dim") != hf.get("decoder_ffn_dim"):
-        raise LMStackError("BART with different encoder/decoder head counts or FFN sizes is not supported")
-    if hf.get("normalize_before") or hf.get("add_final_layer_norm"):
-        raise LMStackError("pre-norm BART variants (mBART: normalize_before / add_final_layer_norm) are not supported")
-    return ModelConfig(arch="encoder-decoder", vocab_size=hf["vocab_size"],
-                       block_size=hf.get("max_position_embeddings", 1024), n_layer=hf["decoder_layers"],
-                       n_encoder_layer=hf["encoder_layers"], n_head=hf["encoder_attention_heads"],
-                       n_embd=hf["d_model"], intermediate_size=hf["encoder_ffn_dim"], pos_emb="learned",
-                       norm="layernorm", norm_eps=1e-5, mlp="gelu", activation=_ACT_IN[act], bias=True,
-                       tie_embeddings=bool(hf.get("tie_word_embeddings", True)), norm_position="post",
-                       embedding_norm=True, scale_embedding=bool(hf.get("scale_embedding", False)),
-                       decoder_start_token_id=hf.get("decoder_start_token_id"), **ids)
 
 
 # ---- weights ------------------------------------------------------------------------------------------------
@@ -247,7 +226,7 @@ def _strip_prefix(sd: dict[str, torch.Tensor], marker: str, prefixes: tuple[str,
     return out
 
 
-class _Source:
+class WeightSource:
     """Pops weights by name, so whatever is left over can be reported."""
 
     def __init__(self, sd: dict[str, torch.Tensor], where: Path):
@@ -262,7 +241,7 @@ class _Source:
         return self.sd.pop(name, None)
 
 
-def _map_gpt2(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _map_gpt2(w: WeightSource, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     out = {"tok_emb.weight": w("wte.weight"), "pos_emb.weight": w("wpe.weight"),
            "norm_f.weight": w("ln_f.weight"), "norm_f.bias": w("ln_f.bias")}
     for i in range(cfg.n_layer):
@@ -280,7 +259,7 @@ def _map_gpt2(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-def _map_llama(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _map_llama(w: WeightSource, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     out = {"tok_emb.weight": w("model.embed_tokens.weight"), "norm_f.weight": w("model.norm.weight")}
     for i in range(cfg.n_layer):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
@@ -310,7 +289,7 @@ def _map_llama(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-def _map_bert(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def _map_bert(w: WeightSource, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     e = "embeddings."
     out = {"tok_emb.weight": w(e + "word_embeddings.weight"), "pos_emb.weight": w(e + "position_embeddings.weight"),
            "type_emb.weight": w(e + "token_type_embeddings.weight"),
@@ -342,40 +321,6 @@ def _map_bert(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return out
 
 
-def _map_bart(w: _Source, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    shared = w.opt("model.shared.weight")
-    for side in ("encoder", "decoder"):
-        emb = w.opt(f"model.{side}.embed_tokens.weight")
-        if side == "encoder":
-            out["encoder.tok_emb.weight"] = shared if shared is not None else emb
-        out[f"{side}.pos_emb.weight"] = w(f"model.{side}.embed_positions.weight")[2:]  # BART's offset of 2
-        out[f"{side}.emb_norm.weight"] = w(f"model.{side}.layernorm_embedding.weight")
-        out[f"{side}.emb_norm.bias"] = w(f"model.{side}.layernorm_embedding.bias")
-        n = cfg.n_layer if side == "decoder" else (cfg.n_encoder_layer or cfg.n_layer)
-        for i in range(n):
-            h, o = f"model.{side}.layers.{i}.", f"{side}.blocks.{i}."
-            for t in ("weight", "bias"):
-                out[o + f"attn.qkv.{t}"] = torch.cat([w(h + f"self_attn.{x}_proj.{t}") for x in "qkv"])
-                out[o + f"attn.proj.{t}"] = w(h + f"self_attn.out_proj.{t}")
-                out[o + f"norm1.{t}"] = w(h + f"self_attn_layer_norm.{t}")
-                out[o + f"mlp.fc.{t}"] = w(h + f"fc1.{t}")
-                out[o + f"mlp.proj.{t}"] = w(h + f"fc2.{t}")
-                out[o + f"norm2.{t}"] = w(h + f"final_layer_norm.{t}")
-                if side == "decoder":
-                    out[o + f"cross.q.{t}"] = w(h + f"encoder_attn.q_proj.{t}")
-                    out[o + f"cross.kv.{t}"] = torch.cat([w(h + f"encoder_attn.{x}_proj.{t}") for x in "kv"])
-                    out[o + f"cross.proj.{t}"] = w(h + f"encoder_attn.out_proj.{t}")
-                    out[o + f"cross_norm.{t}"] = w(h + f"encoder_attn_layer_norm.{t}")
-    head = w.opt("lm_head.weight")
-    if not cfg.tie_embeddings:
-        out["decoder.lm_head.weight"] = head
-    bias = w.opt("final_logits_bias")
-    if bias is not None and bool(bias.abs().max() > 0):
-        raise LMStackError("this BART has a non-zero final_logits_bias, which lmstack's output head does not hold")
-    return out
-
-
 def _hf_to_lmstack_state(sd: dict[str, torch.Tensor], mt: str, cfg: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
     if mt == "gpt2":
         sd = _strip_prefix(sd, "wte wpe h ln_f", ("transformer.",))
@@ -385,10 +330,10 @@ def _hf_to_lmstack_state(sd: dict[str, torch.Tensor], mt: str, cfg: ModelConfig,
         mapper = _map_bert
     elif mt == "bart":
         sd = {k if k.startswith(("model.", "lm_head", "final_logits_bias")) else "model." + k: v for k, v in sd.items()}
-        mapper = _map_bart
+        mapper = map_bart
     else:
         mapper = _map_llama
-    src = _Source(dict(sd), where)
+    src = WeightSource(dict(sd), where)
     out = mapper(src, cfg)
     if src.sd:  # weights nobody consumed mean the architecture has something lmstack would silently drop
         raise LMStackError(f"{where}: {len(src.sd)} weight(s) have no place in the lmstack model, e.g. "
