@@ -35,6 +35,16 @@ class BeamHypothesis:
 
 
 @torch.inference_mode()
+def check_beam_args(num_beams: int, num_return_sequences: int, early_stopping: bool | str) -> None:
+    """The beam settings every beam search checks (decoder-only here, seq2seq in generate/seq2seq.py)."""
+    if num_beams < 1:
+        raise LMStackError(f"num_beams must be >= 1, got {num_beams}")
+    if not 1 <= num_return_sequences <= num_beams:
+        raise LMStackError(f"num_return_sequences must be in [1, num_beams={num_beams}], got {num_return_sequences}")
+    if early_stopping not in (True, False, "never"):
+        raise LMStackError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+
+
 def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: int = 32, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, num_return_sequences: int = 1,
                 eos_id: int | Iterable[int] | None = None, params: SamplingParams | None = None,
@@ -42,12 +52,7 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
     """Return the num_return_sequences best hypotheses, best first. `params` (optional): the history-dependent
     processors (logit_bias, repetition/frequency/presence penalties, min_new_tokens) applied to the log-probabilities
     each step, as transformers does; temperature and filters are ignored (beam search is deterministic)."""
-    if num_beams < 1:
-        raise LMStackError(f"num_beams must be >= 1, got {num_beams}")
-    if not 1 <= num_return_sequences <= num_beams:
-        raise LMStackError(f"num_return_sequences must be in [1, num_beams={num_beams}], got {num_return_sequences}")
-    if early_stopping not in (True, False, "never"):
-        raise LMStackError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    check_beam_args(num_beams, num_return_sequences, early_stopping)
     if max_new_tokens < 1:
         raise LMStackError(f"max_new_tokens must be >= 1 for beam search, got {max_new_tokens}")
     if not prompt:

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import LMStackError
 from ..models.utils import eval_mode
-from .beam import BeamHypothesis, beam_search_core
+from .beam import BeamHypothesis, beam_search_core, check_beam_args
 
 
 def _pad_sources(sources: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,12 +113,7 @@ def seq2seq_beam_search(model, sources: list[list[int]], num_beams: int = 4, max
                         pad_id: int | None = None) -> list[list[BeamHypothesis]]:
     """Batched beam search: for each source, its num_return_sequences best hypotheses, best first."""
     _check(model, sources, max_new_tokens)
-    if num_beams < 1:
-        raise LMStackError(f"num_beams must be >= 1, got {num_beams}")
-    if not 1 <= num_return_sequences <= num_beams:
-        raise LMStackError(f"num_return_sequences must be in [1, num_beams={num_beams}], got {num_return_sequences}")
-    if early_stopping not in (True, False, "never"):
-        raise LMStackError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    check_beam_args(num_beams, num_return_sequences, early_stopping)
     eos = model.config.eos_token_id if eos_id is None else eos_id
     N = min(max_new_tokens, model.decoder.config.block_size)
     with eval_mode(model):
