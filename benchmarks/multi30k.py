@@ -45,8 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
     import lmstack
     from lmstack.cli.translate import resolve_model_dir
     from lmstack.data.parallel import read_lines
-    from lmstack.generate.seq2seq import translate
-    from lmstack.tokenizer import Tokenizer
     if a.threads:
         torch.set_num_threads(a.threads)
     data = Path(a.data)
@@ -62,15 +60,12 @@ def main(argv: list[str] | None = None) -> dict:
         train_s = time.perf_counter() - t0
     path = resolve_model_dir(a.run)
     lm = lmstack.load(path)
-    src_dir = Path(path) / "source"
-    src_tok = Tokenizer.load(src_dir) if (src_dir / "tokenizer.json").exists() else None
     srcs = read_lines(data / f"{a.split}.{a.src}.gz")
     refs = read_lines(data / f"{a.split}.{a.tgt}.gz")
     if a.limit:
         srcs, refs = srcs[: a.limit], refs[: a.limit]
     t0 = time.perf_counter()
-    hyps = translate(lm.model, lm.tokenizer, srcs, num_beams=a.num_beams, length_penalty=a.length_penalty,
-                     batch_size=a.batch_size, src_tokenizer=src_tok)
+    hyps = lm.translate(srcs, num_beams=a.num_beams, length_penalty=a.length_penalty, batch_size=a.batch_size)
     decode_s = time.perf_counter() - t0
     bleu, bleu_lc = sacrebleu.BLEU(), sacrebleu.BLEU(lowercase=True)  # 13a tokenisation (the default)
     cased, lower = bleu.corpus_score(hyps, [refs]), bleu_lc.corpus_score(hyps, [refs])

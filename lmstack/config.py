@@ -72,6 +72,11 @@ class ModelConfig:
     cross_attention: bool = False   # blocks attend to an encoder's output after self-attention (a decoder stack)
     scale_embedding: bool = False   # token embeddings * sqrt(n_embd) (the original Transformer, Marian; not BART)
     decoder_start_token_id: int | None = None  # the first decoder input (None: bos, else eos)
+    # sliding-window attention (Mistral, Qwen2, Gemma-2/3): a "sliding" layer attends to the last sliding_window
+    # positions only (query i sees keys j with i - sliding_window < j <= i); layer_types: "full" | "sliding" per
+    # layer (None: every layer slides when sliding_window is set)
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -117,6 +122,28 @@ class ModelConfig:
             return None
         return 1 + sum((self.conv_kernel - 1) * d for d in self.dilations())
 
+    def layer_window(self, i: int) -> int | None:
+        """The attention window of layer i: sliding_window for a sliding layer, None for full attention."""
+        if self.sliding_window is None or (self.layer_types is not None and self.layer_types[i] != "sliding"):
+            return None
+        return self.sliding_window
+
+    def _validate_window(self) -> None:
+        w, types = self.sliding_window, self.layer_types
+        if w is not None and (not isinstance(w, int) or isinstance(w, bool) or w <= 0):
+            raise ConfigError(f"model.sliding_window must be a positive integer (or null), got {w!r}")
+        if w is not None and not self.causal:
+            raise ConfigError("model.sliding_window is for causal decoders; drop it or set causal: true")
+        if types is None:
+            return
+        if not isinstance(types, (list, tuple)) or len(types) != self.n_layer or \
+                any(t not in ("full", "sliding") for t in types):
+            raise ConfigError(f"model.layer_types must list 'full' or 'sliding' for each of the {self.n_layer} layers, "
+                              f"got {types!r}")
+        self.layer_types = list(types)
+        if "sliding" in self.layer_types and w is None:
+            raise ConfigError("model.layer_types has sliding layers but model.sliding_window is not set")
+
     def validate(self) -> None:
         for key, allowed in _CHOICES.items():
             if getattr(self, key) not in allowed:
@@ -142,6 +169,7 @@ class ModelConfig:
             raise ConfigError(f"model.n_kv_head={self.n_kv_head} must divide model.n_head={self.n_head}")
         if self.pos_emb == "rope" and self.head_dim % 2:
             raise ConfigError(f"RoPE needs an even head size, got n_embd/n_head={self.head_dim}")
+        self._validate_window()
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             raise ConfigError(f"model.type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}")
 

@@ -132,6 +132,31 @@ class LM:
     def chat(self, messages: list[dict], **params) -> str:
         return "".join(self.chat_stream(messages, **params))
 
+    @property
+    def source_tokenizer(self):
+        """An encoder-decoder's source-side tokenizer when it has its own vocabulary (<checkpoint>/source/, written
+        by `objective: seq2seq` with shared_vocab: false), else None (the one tokenizer serves both sides)."""
+        if not hasattr(self, "_source_tok"):
+            from .tokenizer import Tokenizer
+            d = Path(self.path) / "source" if self.path else None
+            self._source_tok = Tokenizer.load(d) if d is not None and (d / "tokenizer.json").exists() else None
+        return self._source_tok
+
+    def translate(self, texts: str | list[str], num_beams: int = 5, length_penalty: float = 1.0,
+                  max_new_tokens: int | None = None, batch_size: int = 32, truncate: bool = False):
+        """Encoder-decoder models: translate one sentence (str -> str) or a list (-> list, batched by length) with
+        beam search (num_beams=1: greedy). truncate=True cuts sources longer than the encoder's context (else an
+        error names them)."""
+        if getattr(self.config, "arch", None) != "encoder-decoder":
+            raise LMStackError(f"translate needs an encoder-decoder model (model.arch: encoder-decoder); "
+                               f"{self.path or 'this model'} is arch {getattr(self.config, 'arch', '?')!r}")
+        from .generate.seq2seq import translate
+        one = isinstance(texts, str)
+        outs = translate(self.model, self.tokenizer, [texts] if one else list(texts), num_beams=num_beams,
+                         length_penalty=length_penalty, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                         src_tokenizer=self.source_tokenizer, truncate=truncate)
+        return outs[0] if one else outs
+
     def embed(self, texts: list[str], normalize: bool = True) -> torch.Tensor:
         """Mean-pooled (and L2-normalised) sentence embeddings, the sentence-transformers convention."""
         return embed(self.model, self.tokenizer, texts, normalize=normalize)

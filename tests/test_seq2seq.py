@@ -205,7 +205,19 @@ def test_separate_vocabularies(parallel, tmp_path):
     src_tok = Tokenizer.load(tmp_path / "sep" / "last" / "source")
     assert lm.model.config.src_vocab_size >= src_tok.vocab_size  # its own (padded) source vocabulary
     assert lm.model.encoder.tok_emb.weight is not lm.model.decoder.tok_emb.weight
-    assert len(translate(lm.model, lm.tokenizer, ["rot"], num_beams=2, max_new_tokens=3, src_tokenizer=src_tok)) == 1
+    ref = translate(lm.model, lm.tokenizer, ["rot", "zwei hund"], num_beams=2, max_new_tokens=3, src_tokenizer=src_tok)
+    assert lm.source_tokenizer is not None and lm.source_tokenizer.vocab_size == src_tok.vocab_size
+    assert lm.translate(["rot", "zwei hund"], num_beams=2, max_new_tokens=3) == ref  # LM.translate reads source/
+    assert lm.translate("rot", num_beams=2, max_new_tokens=3) == ref[0]
+    with pytest.raises(LMStackError, match="longer than the encoder's context"):
+        lm.translate(["rot " * 200], num_beams=1, max_new_tokens=3)
+    assert isinstance(lm.translate(["rot " * 200], num_beams=1, max_new_tokens=3, truncate=True), list)
+
+
+def test_translate_needs_an_encoder_decoder(tiny_run):
+    import lmstack
+    with pytest.raises(LMStackError, match="encoder-decoder"):
+        lmstack.load(tiny_run[0] / "last").translate("hallo")
 
 
 def test_label_smoothing_loss():

@@ -14,8 +14,16 @@ def cmd_convert(a) -> None:
 
 def cmd_export(a) -> None:
     import lmstack
-    from ..convert.hf import export_hf
+    from ..errors import LMStackError
+    if a.format == "hf" and a.quant:
+        raise LMStackError("--quant is for --format gguf; a Hugging Face export keeps the model's dtype")
     lm = lmstack.load(a.model)
+    if a.format == "gguf":
+        from ..convert.gguf_export import export_gguf
+        path = export_gguf(lm.model, lm.tokenizer, a.out, quant=a.quant or "f32")
+        print(f"exported {a.model} as GGUF ({a.quant or 'f32'}, {path.stat().st_size:,} bytes) -> {a.out}")
+        return
+    from ..convert.hf import export_hf
     export_hf(lm.model, lm.tokenizer, a.out)
     print(f"exported {a.model} as a Hugging Face model directory -> {a.out}")
 
@@ -26,7 +34,7 @@ def cmd_download(a) -> None:
 
 
 def cmd_info(a) -> None:
-    from ..config import ModelConfig, describe, preset
+    from ..config import ModelConfig, preset
     if a.preset:
         cfg = preset(a.preset)
     else:
@@ -37,11 +45,20 @@ def cmd_info(a) -> None:
         else:
             import lmstack
             cfg = lmstack.load(a.model).config
-    from ..scaling.memory import STRATEGIES, format_report, memory_report
+    from ..scaling.memory import STRATEGIES, format_other_arch, format_report, memory_report, other_arch_report
+    if cfg.arch != "transformer":  # lstm / gru / gcnn / encoder-decoder: parameters and decoding state only
+        rep = other_arch_report(cfg, a.batch_size)
+        _print_info(cfg, a, rep, format_other_arch(rep))
+        return
     strategies = tuple(s for s in STRATEGIES if s in (a.strategy or STRATEGIES))
     rep = memory_report(cfg, batch_size=a.batch_size, seq_len=a.seq_len, dtype=a.dtype, optimizer=a.optimizer,
                         world_size=a.world_size, strategies=strategies, attention=a.attention,
                         master_weights=a.master_weights)
+    _print_info(cfg, a, rep, format_report(rep))
+
+
+def _print_info(cfg, a, rep: dict, tables: str) -> None:
+    from ..config import describe
     if a.json:
         import json
         print(json.dumps(rep, indent=2))
@@ -51,7 +68,7 @@ def cmd_info(a) -> None:
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
     print()
-    print(format_report(rep))
+    print(tables)
 
 
 def register(sub) -> None:
@@ -61,10 +78,13 @@ def register(sub) -> None:
     t.add_argument("--dtype", choices=DTYPES)
     t.set_defaults(fn=cmd_convert)
 
-    t = sub.add_parser("export", help="write a model as a Hugging Face directory (transformers can load it)")
-    t.add_argument("model")
-    t.add_argument("--format", choices=["hf"], default="hf")
-    t.add_argument("--out", required=True)
+    t = sub.add_parser("export", help="write a model as a Hugging Face directory (transformers can load it) or a "
+                       "GGUF file (llama.cpp can load it)")
+    t.add_argument("model", help="an lmstack checkpoint, a Hugging Face directory or a GGUF file")
+    t.add_argument("--format", choices=["hf", "gguf"], default="hf")
+    t.add_argument("--quant", choices=["f32", "f16", "q8_0", "q4_0", "q4_1"],
+                   help="GGUF tensor type of the weight matrices (default f32; norms stay f32)")
+    t.add_argument("--out", required=True, help="a directory (hf) or a .gguf file (gguf)")
     t.set_defaults(fn=cmd_export)
 
     t = sub.add_parser("download", help="download a model from the Hugging Face Hub (needs network)")

@@ -19,22 +19,15 @@ def resolve_model_dir(path: str) -> str:
 
 def cmd_translate(a) -> None:
     import lmstack
-    from ..errors import LMStackError
-    from ..generate.seq2seq import translate
-    from ..tokenizer import Tokenizer
     path = resolve_model_dir(a.model)
     lm = lmstack.load(path, dtype=dtype(a.dtype))
-    if lm.tokenizer is None:
-        raise LMStackError(f"{path} has no tokenizer.json; translate needs one")
-    src_dir = Path(path) / "source"  # a separate source vocabulary (train/seq2seq.py, shared_vocab: false)
-    src_tok = Tokenizer.load(src_dir) if (src_dir / "tokenizer.json").exists() else None
     if a.input == "-":
         lines = [line.rstrip("\n") for line in sys.stdin]
     else:
         from ..data.parallel import read_lines
         lines = read_lines(a.input)
-    outs = translate(lm.model, lm.tokenizer, lines, num_beams=a.num_beams, length_penalty=a.length_penalty,
-                     max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, src_tokenizer=src_tok)
+    outs = lm.translate(lines, num_beams=a.num_beams, length_penalty=a.length_penalty,
+                        max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, truncate=a.truncate)
     text = "".join(o + "\n" for o in outs)
     if a.output:
         from ..atomic import write_text
@@ -43,6 +36,7 @@ def cmd_translate(a) -> None:
         sys.stdout.write(text)
     if a.reference:
         from ..data.parallel import read_lines
+        from ..errors import LMStackError
         try:
             import sacrebleu
         except ImportError:
@@ -68,5 +62,7 @@ def register(sub) -> None:
     t.add_argument("--max-new-tokens", type=int, help="default: 2 * source length + 10")
     t.add_argument("--batch-size", type=int, default=32, help="sources decoded together")
     t.add_argument("--reference", help="reference translations: print sacreBLEU (cased and -lc) to stderr")
+    t.add_argument("--truncate", action="store_true", help="cut sources longer than the encoder's context (default: "
+                   "an error naming them)")
     t.add_argument("--dtype", choices=["float32", "bfloat16"])
     t.set_defaults(fn=cmd_translate)

@@ -155,13 +155,13 @@ def _config_from_metadata(reader, tensor_names: set[str], path: Path) -> ModelCo
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------------------
-_SPLITS = {  # pre-tokenizer regexes for `tokenizer.ggml.pre` values whose merges were learned on another split
+SPLITS = {  # pre-tokenizer regexes for `tokenizer.ggml.pre` values whose merges were learned on another split
     "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
               r"|\s*[\r\n]+|\s+(?!\S)|\s+",
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
              r"|\s+(?!\S)|\s+",
 }
-_SPLITS["llama-bpe"] = _SPLITS["llama-v3"] = _SPLITS["llama3"]
+SPLITS["llama-bpe"] = SPLITS["llama-v3"] = SPLITS["llama3"]
 
 
 def tokenizer_from_reader(reader, path: Path | str = "<gguf>") -> Tokenizer:
@@ -186,7 +186,7 @@ def tokenizer_from_reader(reader, path: Path | str = "<gguf>") -> Tokenizer:
         key = t if set(t) <= alphabet.keys() else "".join(to_char[b] for b in t.encode("utf-8"))
         vocab.setdefault(key, i)
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    split = _SPLITS.get(_field(reader, "tokenizer.ggml.pre"))
+    split = SPLITS.get(_field(reader, "tokenizer.ggml.pre"))
     if split:
         hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
                                                     pre_tokenizers.ByteLevel(add_prefix_space=False,

@@ -28,6 +28,7 @@ from ..models.transformer import Transformer
 from ..models.utils import build_model
 from ..tokenizer import Tokenizer
 from .hf_bart import bart_config, map_bart
+from .hf_positions import ROPE_KEYS, rope_settings, window_settings
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "bert", "bart")
 _LLAMA_LIKE = ("llama", "mistral", "qwen2")
@@ -49,58 +50,6 @@ def _read_json(path: Path) -> dict:
 
 
 # ---- config -------------------------------------------------------------------------------------------------
-ROPE_KEYS = {  # the rope-scaling fields lmstack keeps per kind (besides the kind itself)
-    "linear": ("factor",),
-    "dynamic": ("factor", "original_max_position_embeddings"),
-    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-             "attention_factor", "truncate"),
-    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-}
-
-
-def _rope_settings(hf: dict) -> tuple[float, dict | None]:
-    """(theta, scaling) from either transformers-5 `rope_parameters` or the older `rope_theta`/`rope_scaling`.
-
-    scaling is lmstack's rope_scaling dict: {"type": kind, ...the fields of ROPE_KEYS[kind]}, with
-    original_max_position_embeddings filled in as transformers does (max_position_embeddings when absent)."""
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or None
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type", params.get("type"))
-    if scaling is None and kind not in (None, "default"):
-        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
-    if scaling is None:
-        return theta, None
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
-        return theta, None
-    if kind not in ROPE_KEYS:
-        raise LMStackError(f"RoPE scaling {kind!r} is not supported (lmstack implements {', '.join(ROPE_KEYS)})")
-    if float(scaling.get("partial_rotary_factor", hf.get("partial_rotary_factor") or 1.0)) != 1.0:
-        raise LMStackError("partial_rotary_factor != 1 is not supported (lmstack rotates the whole head)")
-    max_pos = hf.get("max_position_embeddings", 2048)
-    out: dict[str, Any] = {"type": kind}
-    for k in ROPE_KEYS[kind]:
-        if scaling.get(k) is not None:
-            out[k] = scaling[k]
-    if kind == "dynamic":  # transformers scales past max_position_embeddings itself
-        out["original_max_position_embeddings"] = max_pos
-    elif kind in ("yarn", "llama3"):
-        out.setdefault("original_max_position_embeddings", hf.get("original_max_position_embeddings") or max_pos)
-    if kind == "yarn" and out.get("factor") is None:
-        out["factor"] = max_pos / out["original_max_position_embeddings"]
-    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k in ROPE_KEYS[kind] and k not in out]
-    if missing:
-        raise LMStackError(f"RoPE scaling {kind!r} needs {', '.join(missing)} in rope_scaling/rope_parameters")
-    for k in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-              "attention_factor"):
-        if k in out:
-            out[k] = float(out[k])
-    if "original_max_position_embeddings" in out:
-        out["original_max_position_embeddings"] = int(out["original_max_position_embeddings"])
-    return theta, out
-
-
 def _first_id(v: Any) -> int | None:
     if isinstance(v, list):
         return v[0] if v else None
@@ -154,13 +103,8 @@ def hf_config_to_model_config(hf_cfg: dict) -> ModelConfig:
     if hf.get("hidden_act", "silu") not in ("silu", "swish"):
         raise LMStackError(f"{mt} hidden_act {hf['hidden_act']!r} is not supported (lmstack's SwiGLU uses silu)")
     block = hf.get("max_position_embeddings", 2048)
-    window = hf.get("sliding_window")
-    uses_window = window is not None and (mt == "mistral" or hf.get("use_sliding_window", False)
-                                          or "sliding_attention" in (hf.get("layer_types") or []))
-    if uses_window and window < block:
-        # within the window, sliding-window attention is plain causal attention: cap the context there (exact)
-        block = window
-    theta, scaling = _rope_settings(hf)
+    window, types = window_settings(hf, mt)
+    theta, scaling = rope_settings(hf)
     if scaling and scaling["type"] == "dynamic":  # dynamic NTK is meant to run up to factor x the trained length
         block = max(block, int(scaling["factor"] * scaling["original_max_position_embeddings"]))
     attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
@@ -176,7 +120,7 @@ def hf_config_to_model_config(hf_cfg: dict) -> ModelConfig:
                        intermediate_size=hf.get("intermediate_size"), pos_emb="rope", norm="rmsnorm",
                        norm_eps=hf.get("rms_norm_eps", 1e-6), mlp="swiglu", bias=bias, qkv_bias=qkv_bias,
                        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=theta,
-                       rope_scaling=scaling, **ids)
+                       rope_scaling=scaling, sliding_window=window, layer_types=types, **ids)
 
 
 # ---- weights ------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from ..config import ModelConfig
 from ..errors import LMStackError
 from ..models.transformer import Transformer, rope_original_length, rope_scaling_type
 from ..tokenizer import Tokenizer
-from .hf import ACT_OUT, ROPE_KEYS
+from .hf import ACT_OUT
+from .hf_positions import ROPE_KEYS
 
 # transformers always loads a qwen2 directory's tokenizer as Qwen2Tokenizer, which replaces tokenizer.json's
 # pre-tokenizer with this regex (+ NFC); other tokenizers are exported under the Llama architecture instead
@@ -38,10 +39,20 @@ def _export_kind(cfg: ModelConfig, tok: Tokenizer | None = None) -> str:
         kind = rope_scaling_type(cfg)
         if kind is not None and kind not in ROPE_KEYS:
             raise LMStackError(f"RoPE scaling {cfg.rope_scaling} cannot be exported")
+        if cfg.sliding_window is not None and not cfg.use_qkv_bias:
+            if cfg.layer_types is not None and "full" in cfg.layer_types:
+                raise LMStackError("a Llama-family model with both full and sliding layers has no Hugging Face class "
+                                   "lmstack writes (Mistral slides on every layer; Qwen2 needs q/k/v biases)")
+            return "mistral"
         if not cfg.use_qkv_bias:
             return "llama"
         # q/k/v bias: Qwen2 when its tokenizer survives transformers' Qwen2Tokenizer, else Llama with
         # attention_bias=true and a zero o_proj bias (exactly the same function)
+        if cfg.sliding_window is not None:  # Qwen2's layer_types carry the window
+            if not _is_qwen2_tokenizer(tok):
+                raise LMStackError("a sliding-window model with q/k/v biases exports as Qwen2, but transformers "
+                                   "would replace this tokenizer's pre-tokenizer with Qwen2's")
+            return "qwen2"
         return "qwen2" if _is_qwen2_tokenizer(tok) else "llama_qkv_bias"
     if (common and cfg.pos_emb == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.bias
             and cfg.use_qkv_bias and cfg.kv_heads == cfg.n_head and cfg.activation in ACT_OUT):
@@ -167,8 +178,9 @@ def _export_config(cfg: ModelConfig, kind: str, ids: dict, dtype: torch.dtype) -
             params["original_max_position_embeddings"] = rope_original_length(cfg)
         rope = {"rope_type": kind_, **params, "rope_theta": cfg.rope_theta}
         legacy_scaling = {"rope_type": kind_, "type": kind_, **params}
-    out = {"architectures": ["Qwen2ForCausalLM" if kind == "qwen2" else "LlamaForCausalLM"],
-           "model_type": "qwen2" if kind == "qwen2" else "llama",
+    arch = {"qwen2": ("Qwen2ForCausalLM", "qwen2"), "mistral": ("MistralForCausalLM", "mistral")}.get(
+        kind, ("LlamaForCausalLM", "llama"))
+    out = {"architectures": [arch[0]], "model_type": arch[1],
            "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_size,
            "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
            "head_dim": cfg.head_dim, "max_position_embeddings": max_pos, "hidden_act": "silu",
@@ -176,8 +188,14 @@ def _export_config(cfg: ModelConfig, kind: str, ids: dict, dtype: torch.dtype) -
            "rope_scaling": legacy_scaling,
            "tie_word_embeddings": cfg.tie_embeddings, "attention_dropout": 0.0, "initializer_range": cfg.init_std,
            "dtype": dtype_name, "use_cache": True, **ids}
-    if kind != "qwen2":
+    if kind == "mistral":
+        out.update(sliding_window=cfg.sliding_window)
+    elif kind != "qwen2":
         out.update(attention_bias=kind == "llama_qkv_bias", mlp_bias=False)
+    elif cfg.sliding_window is not None:
+        types = cfg.layer_types or ["sliding"] * cfg.n_layer
+        out.update(use_sliding_window=True, sliding_window=cfg.sliding_window, max_window_layers=0,
+                   layer_types=[f"{t}_attention" for t in types])
     else:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layer)
     return out

@@ -45,7 +45,8 @@ def md5_file(path: Path) -> str:
 
 
 def shakespeare_path(data_path: str | None = None, download: bool = True) -> Path:
-    """Local Tiny Shakespeare: --data-path, then $LMSTACK_DATA_DIR, then the cache, then a checked download."""
+    """Local Tiny Shakespeare: --data-path, then $LMSTACK_DATA_DIR, then a `shared/data` folder beside this checkout
+    (../shared/data of a source clone), then the cache, then a checked download."""
     if data_path:
         p = Path(data_path)
         if p.is_dir():
@@ -53,8 +54,9 @@ def shakespeare_path(data_path: str | None = None, download: bool = True) -> Pat
         if not p.exists():
             raise LMStackError(f"data path {p} does not exist; pass the Tiny Shakespeare text file with --data-path")
         return p
-    if os.environ.get("LMSTACK_DATA_DIR"):
-        d = Path(os.environ["LMSTACK_DATA_DIR"])
+    beside = Path(__file__).resolve().parents[3] / "shared" / "data"
+    env = os.environ.get("LMSTACK_DATA_DIR")
+    for d in ([Path(env)] if env else []) + [beside]:
         for n in SHAKESPEARE_NAMES:
             if (d / n).exists():
                 return d / n

@@ -131,15 +131,22 @@ def seq2seq_beam_search(model, sources: list[list[int]], num_beams: int = 4, max
 
 def translate(model, tokenizer, texts: Iterable[str], num_beams: int = 5, length_penalty: float = 1.0,
               max_new_tokens: int | None = None, batch_size: int = 32, early_stopping: bool | str = True,
-              src_tokenizer=None, progress=None) -> list[str]:
+              src_tokenizer=None, progress=None, truncate: bool = False) -> list[str]:
     """Translate `texts` (one sentence each) with beam search (greedy when num_beams == 1), in batches of
     similar-length sources. src_tokenizer: the source side's, when the model has separate vocabularies.
-    max_new_tokens default: 2 * source length + 10, within the decoder's context window."""
+    max_new_tokens default: 2 * source length + 10, within the decoder's context window. A source longer than the
+    encoder's context is an error naming it, unless truncate=True (then its first tokens are kept)."""
     src_tok = src_tokenizer or tokenizer
     texts = list(texts)
     eos = src_tok.eos_id
-    limit = model.encoder.config.block_size
-    sources = [(src_tok.encode(t)[: limit - 1] + ([eos] if eos is not None else [])) for t in texts]
+    limit = model.encoder.config.block_size - (eos is not None)
+    sources = [src_tok.encode(t) for t in texts]
+    long = [i for i, s in enumerate(sources) if len(s) > limit]
+    if long and not truncate:
+        raise LMStackError(f"{len(long)} source sentence(s) are longer than the encoder's context of {limit} tokens "
+                           f"(the first: #{long[0] + 1}, {len(sources[long[0]])} tokens); split them, or pass "
+                           "truncate=True (--truncate) to keep their first tokens")
+    sources = [s[:limit] + ([eos] if eos is not None else []) for s in sources]
     order = sorted(range(len(texts)), key=lambda i: len(sources[i]))
     outs: list[str] = [""] * len(texts)
     pad = src_tok.pad_id if src_tok.pad_id is not None else (eos or 0)

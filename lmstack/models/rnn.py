@@ -68,13 +68,16 @@ class RNNLM(nn.Module):
                          dropout=cfg.dropout if cfg.n_layer > 1 else 0.0)
         self.proj = nn.Linear(H, d, bias=False) if H != d else None
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        nn.init.normal_(self.tok_emb.weight, 0.0, cfg.init_std)
+        # unit-scale inputs: N(0, 1/sqrt(d)) embeddings (||x|| ~ 1) and a 1/sqrt(H) projection. An RNN has no norm
+        # to rescale a small input: at the Transformer's 0.02 the gates barely see the tokens and a GRU stays at the
+        # unigram loss for hundreds of steps (measured on Tiny Shakespeare: 3.42 vs 1.85 after 300 steps)
+        nn.init.normal_(self.tok_emb.weight, 0.0, d ** -0.5)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         else:
-            nn.init.normal_(self.lm_head.weight, 0.0, cfg.init_std)
+            nn.init.normal_(self.lm_head.weight, 0.0, d ** -0.5)
         if self.proj is not None:
-            nn.init.normal_(self.proj.weight, 0.0, cfg.init_std)
+            nn.init.normal_(self.proj.weight, 0.0, H ** -0.5)
         # the recurrent weights keep torch's init (uniform +-1/sqrt(H)); an LSTM's forget gates start open (bias 1)
         if cfg.arch == "lstm" and cfg.bias:
             with torch.no_grad():

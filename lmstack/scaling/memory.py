@@ -252,6 +252,24 @@ def memory_report(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None = N
     }
 
 
+def other_arch_report(cfg: ModelConfig, batch_size: int = 1) -> dict:
+    """`lmstack info` for the architectures the tables above do not model (lstm, gru, gcnn, encoder-decoder): the
+    parameter-proportional state (exact: N from the config) and the decoding state; activations are not modelled."""
+    n = cfg.num_params()
+    return {"describe": dict(describe(cfg)), "arch": cfg.arch, "params": n,
+            "float32_bytes": {"weights": 4 * n, "gradients": 4 * n, "adamw_moments": 8 * n},
+            "decoding_state_bytes_float32": cfg.kv_cache_bytes(cfg.block_size, batch_size, 4),
+            "note": f"the per-device training-memory tables model the Transformer; for arch {cfg.arch} only the "
+                    "parameter-proportional state is shown (activations are not modelled)"}
+
+
+def format_other_arch(rep: dict) -> str:
+    b = rep["float32_bytes"]
+    return (f"training state (float32): weights {human(b['weights'])}, gradients {human(b['gradients'])}, AdamW "
+            f"moments {human(b['adamw_moments'])}\ndecoding state per batch at the full context: "
+            f"{human(rep['decoding_state_bytes_float32'])} (float32)\n({rep['note']})")
+
+
 def human(n: float) -> str:
     """Bytes in binary units: 0 -> '0', 1536 -> '1.5 KiB', 3 * 2**30 -> '3.00 GiB'."""
     if n == 0:

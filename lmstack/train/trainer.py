@@ -138,6 +138,7 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
                          else nullcontext())
         self.step, self.best_val, self.elapsed_before = 0, float("inf"), 0.0
+        self.train_s = 0.0  # wall seconds inside optimizer steps only (no evals, checkpoints): `lmstack compare`
         self.history: list[dict] = []
 
     # ---- state -----------------------------------------------------------------------------------
@@ -156,7 +157,8 @@ class Trainer:
         st = {"step": self.step, "best_val": self.best_val,
               # a distributed run keeps the optimizer in the sharded dcp/ directory
               "optimizer": None if self.dist.enabled else self.optimizer.state_dict(),
-              "elapsed_s": self.elapsed_before + (time.perf_counter() - self._t0), "torch_rng": torch.get_rng_state(),
+              "elapsed_s": self.elapsed_before + (time.perf_counter() - self._t0), "train_s": self.train_s,
+              "torch_rng": torch.get_rng_state(),
               "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
               "config": json.dumps(self.cfg.to_dict())}
         if self.extra_state is not None:
@@ -191,6 +193,7 @@ class Trainer:
             self.read_extra(ckpt_dir)
             self.optimizer.load_state_dict(st["optimizer"])
         self.step, self.best_val, self.elapsed_before = int(st["step"]), float(st["best_val"]), float(st["elapsed_s"])
+        self.train_s = float(st.get("train_s", st["elapsed_s"]))
         torch.set_rng_state(st["torch_rng"])
         rank_rng = st.get("rank_rng") or []
         if self.dist.enabled:
@@ -272,6 +275,7 @@ class Trainer:
         self.model.train()
         try:
             while self.step < self.max_steps:
+                t_step = time.perf_counter()
                 lr = lr_at(self.step, cfg, self.max_steps)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
@@ -290,6 +294,7 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                self.train_s += time.perf_counter() - t_step
                 tok_since += ntok * self.dist.world
                 is_last = self.step == self.max_steps
                 logged = self.step % cfg.log_interval == 0 or is_last
@@ -301,7 +306,7 @@ class Trainer:
                     now = time.perf_counter()
                     rec = {"step": self.step, "train_loss": loss_sum, "lr": lr,
                            "tokens_per_sec": tok_since / max(now - t_last, 1e-9),
-                           "elapsed_s": self.elapsed_before + now - self._t0}
+                           "elapsed_s": self.elapsed_before + now - self._t0, "train_s": self.train_s}
                     if grad_norm is not None:
                         rec["grad_norm"] = distributed.as_float(grad_norm)
                     t_last, tok_since = now, 0
@@ -309,7 +314,8 @@ class Trainer:
                     t_eval = time.perf_counter()
                     ev = distributed.broadcast_object(self.run_eval())  # every rank keeps the same best
                     rec = rec or {"step": self.step, "train_loss": loss_sum, "lr": lr,
-                                  "elapsed_s": self.elapsed_before + time.perf_counter() - self._t0}
+                                  "elapsed_s": self.elapsed_before + time.perf_counter() - self._t0,
+                                  "train_s": self.train_s}
                     rec.update(ev)
                     if cfg.keep_best and ev.get("val_loss", float("inf")) < self.best_val:
                         self.best_val = ev["val_loss"]
