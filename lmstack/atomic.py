@@ -2,6 +2,7 @@
 leaves either the old content or the new, never a mix or a half-written file.
 
     write_text(path, text) / write_bytes(path, data)    temp file beside it, fsync, rename, fsync the directory
+    with atomic_path(path) as tmp: ...write tmp...      the same for a writer that wants a file name
     with atomic_dir(path) as tmp: ...write into tmp...  temp directory beside it, fsync, swap in by renames
     recover_dir(path)                                   finish a directory swap a crash interrupted
 """
@@ -35,22 +36,30 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(d)
 
 
-def write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temp file in the same directory, fsync, rename, fsync the directory)."""
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside `path` for a writer that wants a file name (e.g. a library's own writer): when the
+    block ends without an error the file is fsync'ed and renamed onto `path` (and the directory fsync'ed); on an
+    error it is removed and `path` keeps its old content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
     fsync_dir(path.parent)
-    return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temp file in the same directory, fsync, rename, fsync the directory)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:

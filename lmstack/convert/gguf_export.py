@@ -17,13 +17,12 @@ The file is written to a temporary name beside the target, fsync'ed and renamed:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..atomic import fsync_dir
+from ..atomic import atomic_path
 from ..config import ModelConfig
 from ..errors import LMStackError
 from ..tokenizer import Tokenizer
@@ -178,9 +177,7 @@ def export_gguf(model, tokenizer: Tokenizer | None, out: str | Path, quant: str 
         raise LMStackError(f"GGUF llama models need n_head x head_dim = n_embd ({cfg.n_head} x {cfg.head_dim} != "
                            f"{cfg.n_embd})")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(out) as tmp:  # never half a file at `out`
         writer = gguf.GGUFWriter(str(tmp), "llama")
         _add_metadata(writer, cfg, name or cfg.name or out.stem)
         writer.add_file_type({"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}[quant])
@@ -191,11 +188,4 @@ def export_gguf(model, tokenizer: Tokenizer | None, out: str | Path, quant: str 
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(out.parent)
     return out
