@@ -5,6 +5,9 @@ Llama family: RoPE, RMSNorm, SwiGLU MLP, grouped-query attention, no biases (qkv
 BERT family: bidirectional (`causal=False`), post-norm blocks, token-type embeddings, LayerNorm after the embeddings,
 and the masked-LM head (`mlm_head`: BertForMaskedLM's prediction-head transform before the output projection).
 Causal (decoder) or bidirectional (encoder) by `config.causal`. Everything is chosen by ModelConfig fields.
+Sliding-window attention (Mistral, Qwen2, Gemma-style alternation): `config.sliding_window` / `layer_types` give each
+layer its window; `layer_masks` bands that layer's mask once a sequence is longer than the window (training, full
+forward and cached decoding alike; the KV cache keeps every position).
 Encoder-decoder (models/seq2seq.py): two of these Transformers, the decoder's blocks with a cross-attention sublayer
 (`config.cross_attention`) over the encoder's output (`memory`); sinusoidal positions (`pos_emb: sinusoidal`) and
 sqrt(d)-scaled token embeddings (`scale_embedding`) as in the original Transformer.
