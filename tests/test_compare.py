@@ -91,7 +91,8 @@ def test_flops_budget_spends_the_budget_for_every_arch(tmp_path, corpus_file, ca
     again = compare(recipe(tmp_path, corpus_file), ["gru", "lstm"], budget_flops=budget, out=out, progress=False,
                     log=logs.append)
     assert [r["arch"] for r in again["runs"]] == ["gru", "lstm"]
-    assert all("done before" in ln for ln in logs if ln.startswith(("gru", "lstm")))
+    assert [ln for ln in logs if "done before" in ln] == [f"gru: done before ({out / 'runs' / 'gru'})",
+                                                          f"lstm: done before ({out / 'runs' / 'lstm'})"]
     assert {a: (Path(r["run_dir"]) / "metrics.jsonl").stat().st_mtime_ns for a, r in runs.items()} == stamp
 
 

@@ -56,9 +56,8 @@ def parse_archs(text: str) -> list[str]:
 
 def _nearest(target: float, build: Callable[[int], ModelConfig], sizes: range) -> ModelConfig:
     """The config among build(s) for s in sizes whose non-embedding parameter count is nearest target (in log)."""
-    best = min((build(s) for s in sizes),
+    return min((build(s) for s in sizes),
                key=lambda m: abs(math.log(max(m.num_params(include_embeddings=False), 1) / target)))
-    return best
 
 
 def matched_model(base: ModelConfig, arch: str) -> ModelConfig:
