@@ -9,6 +9,7 @@ half-written file); `resolve_checkpoint` finishes an interrupted swap.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,11 +19,13 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_dir, recover_dir
 from .config import ModelConfig
 from .errors import LMStackError
+from .models.quant import apply_layout, quant_layout, tie_packed
 from .models.transformer import Transformer
-from .models.utils import build_model
+from .models.utils import build_model, make_model
 from .tokenizer import Tokenizer
 
 REQUIRED = ("config.json", "model.safetensors")
+QUANT_KEY = "lmstack.quantization"  # safetensors metadata: {layer name: format} of a quantized checkpoint
 
 
 def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
@@ -30,6 +33,7 @@ def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     sd = model.state_dict()
     if model.config.tie_embeddings:
         sd.pop("lm_head.weight", None)
+        sd.pop("lm_head.qweight", None)  # a packed tied head shares the embedding's blocks
     return {k: v.detach().contiguous() for k, v in sd.items()}
 
 
@@ -42,8 +46,12 @@ def save_checkpoint(path: str | Path, model: Transformer, tokenizer: Tokenizer |
     path = Path(path)
     with atomic_dir(path) as tmp:
         model.config.save(tmp / "config.json")
+        meta = {"format": "pt"}
+        layout = quant_layout(model) if weights is None else {}
+        if layout:  # which layers hold quantized blocks (lmstack.models.quant): load_model rebuilds them
+            meta[QUANT_KEY] = json.dumps(layout)
         save_file(model_state_dict(model) if weights is None else weights, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+                  metadata=meta)
         if tokenizer is not None:
             tokenizer.save(tmp)
         if train_state is not None:
@@ -75,12 +83,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     if any(".lora_" in k for k in state):
         raise LMStackError(f"{path} is a LoRA training checkpoint (adapter tensors); load it with lmstack.load, "
                            "which merges the adapter onto its base model, or run `lmstack merge-lora` first")
-    model = build_model(cfg, state, f"{path}/model.safetensors")
+    layout = _quant_layout(path / "model.safetensors")
+    if layout:
+        model = apply_layout(make_model(cfg), layout)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("lm_head.") or not cfg.tie_embeddings]
+        if missing or unexpected:
+            raise LMStackError(f"{path}/model.safetensors: the quantized weights do not fit the model config "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        tie_packed(model)
+    else:
+        model = build_model(cfg, state, f"{path}/model.safetensors")
     if dtype is not None:
         model.to(dtype)
     model.to(device).eval()
     tok = Tokenizer.load(path) if (path / "tokenizer.json").exists() else None
     return model, tok
+
+
+def _quant_layout(file: Path) -> dict[str, str]:
+    from safetensors import safe_open
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata() or {}
+    return json.loads(meta[QUANT_KEY]) if QUANT_KEY in meta else {}
 
 
 def load_train_state(path: str | Path) -> dict[str, Any]:

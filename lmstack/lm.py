@@ -166,15 +166,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load(path: str | Path, device: str = "cpu", dtype: torch.dtype | str | None = None, quantize: str | None = None,
-         compile: bool = False) -> LM:
+         compile: bool = False, packed: bool | None = None) -> LM:
     """Load an lmstack checkpoint directory (a LoRA run's checkpoint is merged onto its base), a Hugging Face model
-    directory, or a GGUF file. dtype: a torch dtype or its name ('bfloat16'). quantize="int8": weight-only int8
-    linears for fast CPU decoding (see lmstack.models.quant). compile=True: torch.compile the decode step."""
+    directory, or a GGUF file. dtype: a torch dtype or its name ('bfloat16'); a GGUF file loaded on the CPU without
+    a dtype keeps its quantized tensors packed (Q8_0/Q4_0/Q4_1 kernels, lmstack.models.qlinear); dtype='float32'
+    dequantizes. quantize='int8' | 'q8_0' | 'q4_0' | 'q4_1': weight-only quantized linears for fast CPU decoding
+    (see lmstack.models.quant). compile=True: torch.compile the decode step. packed: keep quantized weights
+    (GGUF blocks, quantized checkpoints) packed (True) or dequantize them (False); default: as described above."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise LMStackError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
-    model, tok = load_any(path, device=device, dtype=dtype)
+    if packed is None:
+        packed = dtype is None and quantize is None and str(device) == "cpu"
+    model, tok = load_any(path, device=device, dtype=dtype, packed=packed)
     if quantize:
         from .models.quant import quantize_model
         quantize_model(model, quantize)

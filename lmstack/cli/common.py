@@ -6,6 +6,8 @@ import argparse
 DTYPES = ["float32", "bfloat16", "float16"]
 
 
+QUANT_MODES = ("int8", "q8_0", "q4_0", "q4_1")  # = lmstack.models.quant.QUANT_MODES (tests check), no torch import
+
 def dtype(name: str | None):
     """A --dtype value -> torch dtype (None stays None)."""
     import torch
@@ -28,7 +30,8 @@ def add_sampling_flags(t: argparse.ArgumentParser, max_new: int, temperature: fl
     t.add_argument("--stop", action="append", metavar="STR", help="stop before this string (repeatable)")
     t.add_argument("--seed", type=int)
     t.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (bfloat16: half the bytes)")
-    t.add_argument("--quantize", choices=["int8"], help="int8 weight-only linears (fast CPU decoding)")
+    t.add_argument("--quantize", choices=list(QUANT_MODES),
+                   help="weight-only quantized linears: int8 per channel, or GGUF blocks q8_0|q4_0|q4_1")
 
 
 def sampling(a) -> dict:

@@ -1,15 +1,16 @@
 """Verbs that move models around or describe them: convert, export, download, info."""
 from __future__ import annotations
 
-from .common import DTYPES, dtype
+from .common import DTYPES, QUANT_MODES, dtype
 
 
 def cmd_convert(a) -> None:
     import lmstack
     from ..checkpoint import save_checkpoint
-    lm = lmstack.load(a.src, dtype=dtype(a.dtype))
+    lm = lmstack.load(a.src, dtype=dtype(a.dtype), quantize=a.quantize, packed=False)
     save_checkpoint(a.out, lm.model, lm.tokenizer)
-    print(f"converted {a.src} ({lm.model.num_params():,} parameters) -> {a.out}")
+    quant = f", quantized {a.quantize}" if a.quantize else ""
+    print(f"converted {a.src} ({lm.model.num_params():,} parameters{quant}) -> {a.out}")
 
 
 def cmd_export(a) -> None:
@@ -17,7 +18,7 @@ def cmd_export(a) -> None:
     from ..errors import LMStackError
     if a.format == "hf" and a.quant:
         raise LMStackError("--quant is for --format gguf; a Hugging Face export keeps the model's dtype")
-    lm = lmstack.load(a.model)
+    lm = lmstack.load(a.model, packed=False)
     if a.format == "gguf":
         from ..convert.gguf_export import export_gguf
         path = export_gguf(lm.model, lm.tokenizer, a.out, quant=a.quant or "f32")
@@ -76,6 +77,8 @@ def register(sub) -> None:
     t.add_argument("src")
     t.add_argument("--out", required=True)
     t.add_argument("--dtype", choices=DTYPES)
+    t.add_argument("--quantize", choices=list(QUANT_MODES),
+                   help="write a quantized checkpoint: int8 per channel, or GGUF blocks q8_0|q4_0|q4_1 (loads packed)")
     t.set_defaults(fn=cmd_convert)
 
     t = sub.add_parser("export", help="write a model as a Hugging Face directory (transformers can load it) or a "

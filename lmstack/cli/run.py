@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .common import DTYPES, add_sampling_flags, dtype, sampling
+from .common import DTYPES, QUANT_MODES, add_sampling_flags, dtype, sampling
 
 
 def cmd_generate(a) -> None:
@@ -78,6 +78,7 @@ def cmd_bench_generate(a) -> None:
 
     import lmstack
     from ..generate.bench import DEFAULT_PROMPT, bench_generate
+    from ..models.kernels import kernel_path
     from ..models.quant import kernel_status
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -87,8 +88,10 @@ def cmd_bench_generate(a) -> None:
     if a.json:
         print(json.dumps({k: v for k, v in r.as_dict().items() if k != "tokens"}))
         return
-    extra = f", int8 kernel: {kernel_status()}" if a.quantize else ""
-    print(f"model: {a.model} (dtype {a.dtype or 'float32'}, quantize {a.quantize or 'none'}{extra})")
+    quant = getattr(lm.model, "quantization", None)
+    kernel = kernel_status() if quant == "int8" else kernel_path() if quant else None
+    extra = f", kernel: {kernel}" if kernel else ""
+    print(f"model: {a.model} (dtype {a.dtype or 'float32'}, quantization {quant or 'none'}{extra})")
     print(r.summary())
 
 
@@ -120,7 +123,8 @@ def register(sub) -> None:
 
     t = sub.add_parser("bench-generate", help="measure prefill/decode tok/s, time to first token and peak RSS")
     t.add_argument("--model", required=True, help="checkpoint dir, Hugging Face dir or GGUF file")
-    t.add_argument("--quantize", choices=["int8"], help="weight-only int8 linears (fast CPU decoding)")
+    t.add_argument("--quantize", choices=list(QUANT_MODES),
+                   help="weight-only quantized linears: int8 per channel, or GGUF blocks q8_0|q4_0|q4_1")
     t.add_argument("--dtype", choices=DTYPES)
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward (slower than eager for int8 on CPU, see RESULTS.md)")

@@ -1,7 +1,7 @@
 """Verbs that serve pages and APIs: serve (OpenAI-compatible HTTP API), feedback (the voting page)."""
 from __future__ import annotations
 
-from .common import DTYPES, dtype
+from .common import DTYPES, QUANT_MODES, dtype
 
 
 def cmd_serve(a) -> None:
@@ -41,7 +41,8 @@ def register(sub) -> None:
                    "(default: the --model file or directory name, never its path; a run's last/best checkpoint "
                    "keeps its run's name: runs/sft/last -> sft/last)")
     t.add_argument("--dtype", choices=DTYPES)
-    t.add_argument("--quantize", choices=["int8"], help="int8 weight-only linears (fast CPU decoding)")
+    t.add_argument("--quantize", choices=list(QUANT_MODES),
+                   help="weight-only quantized linears: int8 per channel, or GGUF blocks q8_0|q4_0|q4_1")
     t.add_argument("--index", action="append", metavar="DIR", help="a RAG index (`lmstack index build`) to serve "
                    "as an OpenAI vector store vs_<dir name> (/v1/vector_stores, /v1/rag/answer, the /rag and "
                    "/embeddings pages); repeat for more")

@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..errors import LMStackError
 from ..models.transformer import Transformer, rope_frequencies
 from ..tokenizer import Tokenizer, bytes_to_unicode
+from . import gguf_packed
 
 MAGIC = b"GGUF"
 SUPPORTED_ARCHS = ("llama",)
@@ -246,9 +247,11 @@ def _copy_into(dst: torch.Tensor, t, path: Path, n_head: int | None = None) -> N
         dst[s:s + w.shape[0]].copy_(torch.from_numpy(np.ascontiguousarray(w)))
 
 
-def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer]:
+def load_gguf(path: str | Path, dtype: torch.dtype | None = None,
+              packed: bool = False) -> tuple[Transformer, Tokenizer]:
     """Load a llama-architecture GGUF file as (Transformer in eval mode, Tokenizer); weights dequantized to
-    float32 (then cast to `dtype` if given)."""
+    float32 (then cast to `dtype` if given), or with packed=True its quantized tensors kept packed in QuantLinear /
+    QuantEmbedding layers (lmstack/convert/gguf_packed.py; inference only)."""
     path = Path(path)
     if not is_gguf(path):
         raise LMStackError(f"{path} is not a GGUF file (no 'GGUF' magic at its start); pass a .gguf file made by "
@@ -266,10 +269,11 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Trans
     # Build without random init (meta device), then give it real (uninitialised) storage and fill every tensor.
     with torch.device("meta"):
         model = Transformer(cfg)
-    if cfg.tie_embeddings:  # unregister the shared head so to_empty does not allocate a second embedding matrix
+    plan = gguf_packed.install(model, cfg, tensors, cfg.tie_embeddings) if packed else {}
+    if cfg.tie_embeddings and "lm_head" not in plan:  # unregister the shared head so to_empty does not allocate a second embedding matrix
         model.lm_head._parameters["weight"] = None
     model = model.to_empty(device="cpu")
-    if cfg.tie_embeddings:  # to_empty gives each module its own storage: tie again
+    if cfg.tie_embeddings and "lm_head" not in plan:  # to_empty gives each module its own storage: tie again
         model.lm_head.weight = model.tok_emb.weight
     cos, sin = rope_frequencies(cfg, cfg.block_size)
     model.rope_cos, model.rope_sin = cos, sin
@@ -278,6 +282,9 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Trans
     params = dict(model.named_parameters(remove_duplicate=False))
 
     def put(name: str, gguf_name: str, rows: slice | None = None, n_head: int | None = None) -> None:
+        if name.rpartition(".")[0] in plan:  # a packed layer: gguf_packed.fill reads it
+            filled.add(name)
+            return
         if gguf_name not in tensors:
             raise LMStackError(f"{path}: tensor {gguf_name} is missing; is this a complete llama GGUF file?")
         p = params[name].data
@@ -303,10 +310,12 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Trans
             filled.add("lm_head.weight")
         else:
             put("lm_head.weight", "output.weight")
+        gguf_packed.fill(model, plan, cfg, tensors, path, dequantize)
     missing = sorted(set(params) - filled)
     if missing:  # a Transformer parameter this converter does not know how to fill (e.g. a new config feature)
         raise LMStackError(f"{path}: no GGUF tensor for lmstack parameter(s) {', '.join(missing[:5])}")
     del reader, tensors  # drop the memory map
     if dtype is not None:
         model = model.to(dtype)
+    model.quantization = "gguf:" + ",".join(sorted(set(plan.values()))) if plan else None
     return model.eval(), tokenizer

@@ -19,6 +19,7 @@ from ..checkpoint import load_model, resolve_checkpoint
 from ..config import ModelConfig
 from ..errors import LMStackError
 from ..models.lora import ADAPTER_CONFIG, load_adapter, merge_lora
+from ..models.quant import dequantize_model, quant_layout
 from ..models.transformer import Transformer
 from ..models.utils import build_model
 from ..tokenizer import Tokenizer
@@ -82,13 +83,15 @@ def _load_lora_checkpoint(path: Path) -> tuple[Transformer, Tokenizer | None]:
     return model, tok
 
 
-def load_any(path: str | Path, device: str | torch.device = "cpu",
-             dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
-    """(model in eval mode on `device`, tokenizer or None) from a checkpoint dir, LoRA checkpoint, HF dir or GGUF."""
+def load_any(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+             packed: bool = False) -> tuple[Transformer, Tokenizer | None]:
+    """(model in eval mode on `device`, tokenizer or None) from a checkpoint dir, LoRA checkpoint, HF dir or GGUF.
+    packed=True keeps a GGUF file's quantized tensors (and a quantized checkpoint's layers) packed, for inference;
+    otherwise they are dequantized to float (what training needs)."""
     kind = resolve_source(path)
     if kind == "gguf":
         from .gguf import load_gguf
-        model, tok = load_gguf(path, dtype=dtype)
+        model, tok = load_gguf(path, dtype=dtype, packed=packed)
     elif kind == "hf":
         from .hf import load_hf
         model, tok = load_hf(path, dtype=dtype)
@@ -99,5 +102,9 @@ def load_any(path: str | Path, device: str | torch.device = "cpu",
             if dtype is not None:
                 model.to(dtype)
         else:
-            model, tok = load_model(ckpt, dtype=dtype)
+            model, tok = load_model(ckpt)
+            if not packed and quant_layout(model):
+                dequantize_model(model)
+            if dtype is not None:
+                model.to(dtype)
     return model.to(device).eval(), tok

@@ -103,7 +103,7 @@ def score_batch(model, items: Sequence[tuple[Sequence[int], Sequence[Sequence[in
         padded = bool(pads.any())
         kw = dict(padding_mask=mask, positions=(torch.arange(Lc, device=device)[None] - pads[:, None]).clamp(min=0)
                   ) if padded else {}
-        cache1 = KVCache.for_model(model, B, Lc)
+        cache1 = KVCache.for_model(model, B, Lc)  # full cache: its slots [0, Lc) are copied into the choices' cache
         h = model(ids, cache=cache1, pos=0, return_hidden=True, **kw)
         last = model.lm_head(h[:, -1])  # (B, V): predicts the first token of every choice
         rest = None

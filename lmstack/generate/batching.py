@@ -214,6 +214,8 @@ class ContinuousBatcher:
             return self._admit_stateful(reqs)
         lens = [len(r.prompt) for r in reqs]
         B, Lm = len(reqs), max(lens)
+        # the full cache, also for sliding-window models: rows are copied into the batch's own slot layout (slot =
+        # position), which a rolling ring does not have; the batch's band mask hides the old keys instead
         cache = KVCache.for_model(self.model, B, Lm)
         ids = torch.zeros(B, Lm, dtype=torch.long)
         for b, r in enumerate(reqs):

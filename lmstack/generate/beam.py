@@ -156,7 +156,9 @@ def beam_search_core(first_logits: torch.Tensor, step, batch: int, num_beams: in
 
 
 def cache_reorder(cache: KVCache | StateCache, rows: torch.Tensor, length: int) -> None:
-    """Make cache row i a copy of row rows[i] (positions [0, length); a StateCache's whole state)."""
+    """Make cache row i a copy of row rows[i] (positions [0, length); a StateCache's whole state). A RollingKVCache
+    (sliding-window models) rolls here too: its ring slots [0, length) are the whole ring once length reaches the
+    ring's size and the written positions before, and every row is at the same position, so this is its reorder."""
     if isinstance(cache, StateCache):
         cache.reorder(rows)
         return

@@ -84,7 +84,10 @@ def speculative_generate(target, draft, prompt_ids: list[int], params: SamplingP
     total = P + params.max_new_tokens
     t_dev, d_dev = next(target.parameters()).device, next(draft.parameters()).device
     with eval_mode(target, draft):
-        t_cache, d_cache = KVCache.for_model(target, 1, total), KVCache.for_model(draft, 1, total)
+        # sliding-window models roll (kv_cache.RollingKVCache): a round rewinds at most num_draft_tokens positions
+        # (the target's rejected drafts; the draft's own), which a ring of window + num_draft_tokens slots still holds
+        t_cache, d_cache = (KVCache.for_model(m, 1, total, rolling=True, rewind=num_draft_tokens)
+                            for m in (target, draft))
         # invariant: the target cache holds every history token but the last (the "pending" one)
         t_n = d_n = len(history) - 1
         if t_n:

@@ -20,10 +20,20 @@ class KVCache:
         self.max_len = max_len
 
     @classmethod
-    def for_model(cls, model, batch: int, max_len: int | None = None) -> "KVCache":
+    def for_model(cls, model, batch: int, max_len: int | None = None, rolling: bool = False,
+                  rewind: int = 0) -> "KVCache":
+        """A cache of max_len positions (default: the context window) for `model`. rolling=True: a RollingKVCache
+        when some layer has a sliding window shorter than max_len (its layers keep only their last window + rewind
+        positions), else this full cache. Callers that copy or lay out `k` / `v` slots themselves keep the default
+        full cache (every layer holds positions [0, max_len) at slot = position)."""
         cfg = model.config
         p = next(model.parameters())
-        return cls(cfg.n_layer, batch, cfg.kv_heads, max_len or cfg.block_size, cfg.head_dim, p.dtype, p.device)
+        L = max_len or cfg.block_size
+        if rolling:
+            windows = [cfg.layer_window(i) for i in range(cfg.n_layer)]
+            if any(w is not None and w + rewind < L for w in windows):
+                return RollingKVCache(windows, batch, cfg.kv_heads, L, cfg.head_dim, p.dtype, p.device, rewind)
+        return cls(cfg.n_layer, batch, cfg.kv_heads, L, cfg.head_dim, p.dtype, p.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, H, T, D) at positions [pos, pos+T) and return the cache up to pos+T."""
@@ -36,6 +46,66 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def _ring(start: int, n: int, size: int) -> list[tuple[int, int, int]]:
+    """Ring slots of the n positions from `start`: (slot_from, slot_to, offset into the n) pieces, one or two."""
+    s = start % size
+    if s + n <= size:
+        return [(s, s + n, 0)]
+    return [(s, size, 0), (0, s + n - size, size - s)]
+
+
+class RollingKVCache(KVCache):
+    """A KVCache whose sliding-window layers (window w) keep only their last `w + rewind` positions, in a ring
+    buffer (position a at slot a % size), so their memory is bounded by the window; full-attention layers (window
+    None) keep every position as in KVCache.
+
+    `update` on a sliding layer returns the keys/values of positions [pos - p, pos + T), p = min(pos, w - 1): the
+    part of the past any of the T new queries can see (the band pos + i - w < j), read from the ring in order,
+    followed by the chunk's own keys; only then are the new keys written (the last `size` of them), so a chunk of
+    any length T is exact. The returned tensor is shorter than pos + T: the Transformer's attention uses the last
+    columns of its (T, pos + T) mask (models/transformer.py, Attention). Positions stay absolute (RoPE is applied
+    before the cache).
+
+    Rewinding (speculative decoding's rollback) works while the positions the band needs are still in the ring:
+    a call at pos < the written end drops what follows pos; with rewind=r it may go back r + 1 positions from the
+    written end. A call that needs overwritten positions, or one that skips positions, raises. Beam search's row
+    reorder (beam.cache_reorder: every row's slots [0, length)) copies whole rings, which is a correct reorder."""
+
+    def __init__(self, windows: list[int | None], batch: int, n_kv_head: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", rewind: int = 0):
+        self.windows, self.max_len = list(windows), max_len
+        self.sizes = [max_len if w is None else min(max_len, w + rewind) for w in self.windows]
+        self.k = [torch.zeros(batch, n_kv_head, n, head_dim, dtype=dtype, device=device) for n in self.sizes]
+        self.v = [torch.zeros(batch, n_kv_head, n, head_dim, dtype=dtype, device=device) for n in self.sizes]
+        self.lo = [0] * len(self.windows)  # per layer: the ring holds positions [lo, hi)
+        self.hi = [0] * len(self.windows)
+
+    @torch.compiler.disable  # ring offsets are Python ints: run eagerly under compile_decode instead of recompiling
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.windows[layer]
+        if w is None:
+            return super().update(layer, k, v, pos)
+        T, size = k.shape[2], self.sizes[layer]
+        end = pos + T
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: position {end} exceeds the cache length {self.max_len}")
+        p = min(pos, w - 1)
+        if pos > self.hi[layer] or pos - p < self.lo[layer]:
+            raise LMStackError(f"rolling KV cache (layer {layer}, window {w}) holds positions [{self.lo[layer]}, "
+                               f"{self.hi[layer]}); a call at position {pos} needs [{pos - p}, {pos}) (skipping "
+                               f"ahead, or rewinding further than the cache's rewind margin)")
+        out = []
+        for buf, new in ((self.k[layer], k), (self.v[layer], v)):
+            new = new.to(buf.dtype)
+            past = [buf[:, :, a:b] for a, b, _ in _ring(pos - p, p, size)] if p else []
+            out.append(torch.cat(past + [new], dim=2) if past else new)
+            n = min(T, size)
+            for a, b, off in _ring(end - n, n, size):
+                buf[:, :, a:b] = new[:, :, T - n + off:T - n + off + b - a]
+        self.lo[layer], self.hi[layer] = max(self.lo[layer], end - size), end
+        return out[0], out[1]
 
 
 class EncoderDecoderCache(KVCache):
@@ -136,13 +206,14 @@ class StateCache:
         return sum(t.numel() * t.element_size() for t in self.tensors)
 
 
-def make_cache(model, batch: int, max_len: int | None = None):
+def make_cache(model, batch: int, max_len: int | None = None, rolling: bool = True):
     """The cache `model` decodes with: its own (`model.new_cache`: an RNN's state, a CNN's buffers) when it has
-    one, else a KVCache of max_len positions (default: the context window)."""
+    one, else a KVCache of max_len positions (default: the context window) - a RollingKVCache, whose
+    sliding-window layers keep only their window, for a sliding-window model unless rolling=False."""
     new = getattr(model, "new_cache", None)
     if new is not None:
         return new(batch, max_len or model.config.block_size)
-    return KVCache.for_model(model, batch, max_len)
+    return KVCache.for_model(model, batch, max_len, rolling=rolling)
 
 
 def is_state_cache_model(model) -> bool:

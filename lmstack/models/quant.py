@@ -175,19 +175,42 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+QUANT_MODES = ("int8", "q8_0", "q4_0", "q4_1")
+
+
 def quantize_model(model: nn.Module, mode: str = "int8", head: bool = True) -> nn.Module:
-    """Replace the transformer blocks' nn.Linear layers (and the LM head, unless head=False) by Int8Linear, in place.
-    A head tied to the embedding gets a separate quantized copy; the embedding table stays in its float dtype."""
-    if mode != "int8":
+    """Replace the transformer blocks' nn.Linear layers (and the LM head, unless head=False), in place, by
+    Int8Linear (mode 'int8': per-channel int8, the embedding stays float) or by QuantLinear in a GGUF block format
+    ('q8_0' | 'q4_0' | 'q4_1'; the embedding too, shared with a tied head). Layers whose rows are not a multiple of
+    32 values stay float in the block formats."""
+    if mode not in QUANT_MODES:
         from ..errors import LMStackError
-        raise LMStackError(f"unknown quantization {mode!r}; supported: 'int8'")
+        raise LMStackError(f"unknown quantization {mode!r}; supported: {', '.join(QUANT_MODES)}")
+    from .qlinear import QuantEmbedding, QuantLinear, is_packable
+
+    def convert(lin: nn.Linear) -> nn.Module:
+        if mode == "int8":
+            return Int8Linear.from_linear(lin)
+        return QuantLinear.from_linear(lin, mode) if is_packable(lin) else lin
     targets = [m for m in getattr(model, "blocks", model).modules()]
     for parent in targets:
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear.from_linear(child))
-    if head and isinstance(getattr(model, "lm_head", None), nn.Linear):
-        model.lm_head = Int8Linear.from_linear(model.lm_head)
+                setattr(parent, name, convert(child))
+    lm_head, emb = getattr(model, "lm_head", None), getattr(model, "tok_emb", None)
+    tied = isinstance(lm_head, nn.Linear) and isinstance(emb, nn.Embedding) and lm_head.weight is emb.weight
+    if mode != "int8" and isinstance(emb, nn.Embedding) and is_packable(emb) and (tied or head):
+        model.tok_emb = QuantEmbedding.from_embedding(emb, mode)
+        if tied and head:
+            model.lm_head = QuantLinear(lm_head.in_features, lm_head.out_features, mode,
+                                        qweight=model.tok_emb.qweight)
+            return _mark(model, mode)
+    if head and isinstance(lm_head, nn.Linear):
+        model.lm_head = convert(lm_head)
+    return _mark(model, mode)
+
+
+def _mark(model: nn.Module, mode: str) -> nn.Module:
     model.quantization = mode
     return model
 
@@ -217,3 +240,66 @@ def _kernel(x, w, scale, bias):
     if _op_registered:
         return torch.ops.lmstack.int8_linear(x, w, scale, bias)
     return extension().int8_linear(x, w, scale, bias)
+
+
+# ---- quantized checkpoints: which layers are quantized, and how -------------------------------------------------
+def quant_layout(model: nn.Module) -> dict[str, str]:
+    """{layer name: 'int8' | 'q8_0' | 'q4_0' | 'q4_1'} for every quantized layer (empty for a float model)."""
+    from .qlinear import QuantEmbedding, QuantLinear
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Linear):
+            out[name] = "int8"
+        elif isinstance(m, (QuantLinear, QuantEmbedding)):
+            out[name] = m.fmt
+    return out
+
+
+def apply_layout(model: nn.Module, layout: dict[str, str]) -> nn.Module:
+    """Swap the layers `layout` names for empty quantized ones of the same shape (then load_state_dict fills them);
+    a tied head shares the packed embedding."""
+    from .qlinear import QuantEmbedding, QuantLinear
+    for name, fmt in layout.items():
+        old = model.get_submodule(name)
+        if isinstance(old, nn.Embedding):
+            new = QuantEmbedding(old.num_embeddings, old.embedding_dim, fmt, dtype=old.weight.dtype)
+        elif fmt == "int8":
+            new = Int8Linear(old.in_features, old.out_features, bias=old.bias is not None)
+        else:
+            new = QuantLinear(old.in_features, old.out_features, fmt, bias=old.bias is not None)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    tie_packed(model)
+    if layout:
+        model.quantization = ",".join(sorted(set(layout.values())))
+    return model
+
+
+def tie_packed(model: nn.Module) -> None:
+    """Point a packed tied head at the packed embedding's bytes (one copy)."""
+    from .qlinear import QuantEmbedding, QuantLinear
+    cfg = getattr(model, "config", None)
+    emb, head = getattr(model, "tok_emb", None), getattr(model, "lm_head", None)
+    if getattr(cfg, "tie_embeddings", False) and isinstance(emb, QuantEmbedding) and isinstance(head, QuantLinear):
+        head.qweight = emb.qweight
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Swap quantized layers back to float nn.Linear / nn.Embedding (for export and fine-tuning), keeping ties."""
+    from .qlinear import QuantEmbedding, QuantLinear
+    for name in list(quant_layout(model)):
+        q = model.get_submodule(name)
+        if isinstance(q, QuantEmbedding):
+            new = nn.Embedding(q.num_embeddings, q.embedding_dim)
+            new.weight = nn.Parameter(q.dequantize(q.out_dtype))
+        else:
+            new = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+            new.weight = nn.Parameter(q.dequantize(torch.float32))
+            if q.bias is not None:
+                new.bias = nn.Parameter(q.bias.float().clone())
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+    if getattr(getattr(model, "config", None), "tie_embeddings", False) and isinstance(model.lm_head, nn.Linear):
+        model.lm_head.weight = model.tok_emb.weight
+    model.quantization = None
+    return model

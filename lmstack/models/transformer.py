@@ -7,7 +7,8 @@ and the masked-LM head (`mlm_head`: BertForMaskedLM's prediction-head transform 
 Causal (decoder) or bidirectional (encoder) by `config.causal`. Everything is chosen by ModelConfig fields.
 Sliding-window attention (Mistral, Qwen2, Gemma-style alternation): `config.sliding_window` / `layer_types` give each
 layer its window; `layer_masks` bands that layer's mask once a sequence is longer than the window (training, full
-forward and cached decoding alike; the KV cache keeps every position).
+forward and cached decoding alike). For decoding, kv_cache.RollingKVCache keeps only a sliding layer's window
+(make_cache's default for such models) and returns just those keys; the layer then uses the mask's last columns.
 Encoder-decoder (models/seq2seq.py): two of these Transformers, the decoder's blocks with a cross-attention sublayer
 (`config.cross_attention`) over the encoder's output (`memory`); sinusoidal positions (`pos_emb: sinusoidal`) and
 sqrt(d)-scaled token embeddings (`scale_embedding`) as in the original Transformer.
@@ -54,6 +55,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, pos)
+            if attn_mask is not None and attn_mask.shape[-1] > k.shape[2]:  # a rolling cache's sliding layer: only
+                attn_mask = attn_mask[..., attn_mask.shape[-1] - k.shape[2]:]  # the last keys (kv_cache.py)
         if self.n_kv != self.n_head:
             rep = self.n_head // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)

@@ -1,0 +1,135 @@
+"""Native CPU kernels for quantized matmul, chosen at run time for the CPU you have.
+
+Paths, best first (`LMSTACK_KERNEL=amx|avx512|avx2|torch` forces one; `kernel_path()` says which is in use):
+- amx     AVX-512 VNNI kernels for decode-sized batches; batches of at least AMX_MIN_ROWS rows (prefill) unpack the
+          weight to bfloat16 and run PyTorch's oneDNN matmul, which uses the AMX tile units (needs amx_bf16).
+- avx512  kernels/qmatmul.cpp built with AVX-512 (F/BW/VL/VNNI): one dpbusd per block of 32, 32 vector registers.
+- avx2    the same source built for AVX2 + FMA + F16C: maddubs + madd per block.
+- torch   unpack the blocks to float and call F.linear: any CPU or GPU, exact float math (the reference).
+The native paths quantize x per block of 32 to int8 as llama.cpp does, so they agree with `torch` to ~1e-2
+relative, and with each other to float rounding. Extensions are compiled on first use with
+torch.utils.cpp_extension (a progress line on stderr; cached under ~/.cache/torch_extensions afterwards). A path the
+CPU or toolchain cannot run falls back to the next one with a one-line message, never a crash.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+from ..errors import LMStackError
+
+PATHS = ("amx", "avx512", "avx2", "torch")
+AMX_MIN_ROWS = 64
+_SOURCE = Path(__file__).with_name("kernels") / "qmatmul.cpp"
+_FLAGS = {
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+               "-mavx512vnni"],
+}
+_NEEDS = {"avx2": {"avx2", "fma", "f16c"},
+          "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"},
+          "amx": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "amx_bf16",
+                  "amx_tile"}}
+_lock = threading.Lock()
+_built: dict[str, object] = {}
+_errors: dict[str, str] = {}
+_selected: str | None = None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty off Linux/x86)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def supported_paths(flags: set[str] | None = None) -> list[str]:
+    """Paths this CPU can run, best first (always ends with 'torch')."""
+    flags = cpu_flags() if flags is None else flags
+    return [p for p in PATHS if p == "torch" or _NEEDS[p] <= flags]
+
+
+def extension(isa: str):
+    """The compiled module for 'avx2' or 'avx512', or None (with the reason in build_error(isa))."""
+    if isa in _built or isa in _errors:
+        return _built.get(isa)
+    with _lock:
+        if isa in _built or isa in _errors:
+            return _built.get(isa)
+        try:
+            from torch.utils.cpp_extension import get_default_build_root, load
+            name = f"lmstack_qmatmul_{isa}_v1"
+            root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+            if not any(root.glob(f"{name}/*.so")) and not any(root.glob(f"*/{name}/*.so")):
+                print(f"lmstack: compiling the {isa} quantized-matmul kernels (first use, about a minute; cached "
+                      "afterwards)...", file=sys.stderr, flush=True)
+            _built[isa] = load(name, [str(_SOURCE)], extra_cflags=["-O3", "-fopenmp", *_FLAGS[isa]],
+                               extra_ldflags=["-fopenmp"], verbose=False)
+        except Exception as e:  # no compiler, no headers, an assembler without these instructions, ...
+            _errors[isa] = f"{type(e).__name__}: {e}"[:400]
+        return _built.get(isa)
+
+
+def build_error(isa: str) -> str | None:
+    return _errors.get(isa)
+
+
+def _resolve(requested: str | None) -> str:
+    disabled = os.environ.get("LMSTACK_NO_EXT", "") not in ("", "0")
+    ok = ["torch"] if disabled else supported_paths()
+    if requested:
+        if requested not in PATHS:
+            raise LMStackError(f"LMSTACK_KERNEL={requested!r} is not a kernel path; use one of {', '.join(PATHS)}")
+        if requested not in ok:
+            why = "LMSTACK_NO_EXT is set" if disabled else f"this CPU lacks {', '.join(sorted(_NEEDS[requested] - cpu_flags()))}"
+            print(f"lmstack: LMSTACK_KERNEL={requested} cannot run here ({why}); using {ok[0]}", file=sys.stderr)
+            requested = None
+        else:
+            ok = ok[ok.index(requested):]
+    for path in ok:
+        if path == "torch":
+            return path
+        if extension("avx2" if path == "avx2" else "avx512") is not None:
+            return path
+        print(f"lmstack: the {path} kernels did not build ({build_error('avx2' if path == 'avx2' else 'avx512')});"
+              " trying the next path", file=sys.stderr)
+    return "torch"
+
+
+def kernel_path() -> str:
+    """The path quantized layers use in this process (decided once, from LMSTACK_KERNEL and the CPU)."""
+    global _selected
+    if _selected is None:
+        _selected = _resolve(os.environ.get("LMSTACK_KERNEL", "").strip().lower() or None)
+    return _selected
+
+
+def set_kernel_path(path: str | None) -> str:
+    """Choose the path again (None: from LMSTACK_KERNEL and the CPU); for tests and benchmarks."""
+    global _selected
+    _selected = _resolve(path)
+    return _selected
+
+
+def qlinear(x: torch.Tensor, packed: torch.Tensor, fmt_id: int, bias: torch.Tensor | None, path: str):
+    """(M, K) float32 contiguous @ packed (N, bytes)^T -> (M, N) float32 on a native path."""
+    ext = _built["avx2" if path == "avx2" else "avx512"]
+    return ext.qlinear(x, packed, fmt_id, bias)
+
+
+if __name__ == "__main__":  # python -m lmstack.models.kernels: build what this CPU can run, say what is in use
+    print(f"CPU flags: {' '.join(sorted(f for f in cpu_flags() if f.startswith(('avx', 'amx', 'fma', 'f16c'))))}")
+    print(f"supported paths: {', '.join(supported_paths())}")
+    print(f"in use: {kernel_path()}")

@@ -1,0 +1,170 @@
+// Quantized matmul kernels for lmstack: y = x @ W^T with W kept in GGUF's block formats (no float copy).
+//
+// Block formats, 32 values per block, bytes exactly as in a GGUF file:
+//   Q8_0 (34 B): f16 d, int8 q[32]          w = d * q
+//   Q4_0 (18 B): f16 d, u8 qs[16]           w = d * (q - 8)   q = qs[j] & 15 for j < 16, qs[j-16] >> 4 for j >= 16
+//   Q4_1 (20 B): f16 d, f16 m, u8 qs[16]    w = d * q + m
+// As llama.cpp does, x is quantized per block of 32 to int8 (xd = max|x|/127, xs = xd * sum(q)), so a block's dot
+// product is one integer multiply-add over 32 bytes: maddubs+madd on AVX2, one dpbusd with AVX-512 VNNI (built from
+// this same file with different flags; the compiler's __AVX512VNNI__ picks the instruction).
+//   Q8_0: dw*xd*sum(w8*x8)     Q4_0: dw*xd*sum(q*x8) - 8*dw*xs     Q4_1: dw*xd*sum(q*x8) + m*xs
+// Tiles of MT rows of x by NT rows of W keep the accumulators in registers; threads split the rows of W.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstring>
+
+enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+static constexpr int BB[3] = {34, 18, 20};
+
+#if defined(__AVX512F__)
+static constexpr int MT_MAX = 4, NT_MAX = 4;  // 32 vector registers
+#else
+static constexpr int MT_MAX = 4, NT_MAX = 2;  // 16 vector registers
+#endif
+
+static inline float f16(const uint8_t* p) { uint16_t h; std::memcpy(&h, p, 2); return _cvtsh_ss(h); }
+
+static inline float hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+    return _mm_cvtss_f32(lo);
+}
+
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {  // 8 int32 sums of 4 adjacent u8*s8 products
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+static inline __m256i unpack_q4(const uint8_t* qs) {  // 16 bytes of nibbles -> 32 bytes 0..15 in value order
+    __m128i t = _mm_loadu_si128((const __m128i*)qs);
+    __m256i v = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
+}
+
+// x (K floats) -> q (K int8), d and s per block of 32 (s = d * sum q)
+static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < K / 32; ++b) {
+        const float* xb = x + b * 32;
+        __m256 v0 = _mm256_loadu_ps(xb), v1 = _mm256_loadu_ps(xb + 8), v2 = _mm256_loadu_ps(xb + 16),
+               v3 = _mm256_loadu_ps(xb + 24);
+        __m256 mx = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                  _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float dd = amax / 127.f;
+        const __m256 mul = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, mul)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, mul)),
+                i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, mul)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, mul));
+        __m256i sum32 = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        _mm256_storeu_si256((__m256i*)(q + b * 32), _mm256_permutevar8x32_epi32(p, perm));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum32), _mm256_extracti128_si256(sum32, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+        d[b] = dd;
+        s[b] = dd * (float)_mm_cvtsi128_si32(s4);
+    }
+}
+
+struct XQ { const int8_t* q; const float* d; const float* s; int64_t K, nb; };
+
+// y[m][n0 + j] for m < MT, j < NT
+template <int FMT, int MT, int NT>
+static inline void tile(const uint8_t* w, int64_t wstride, const XQ& x, int64_t m0, int64_t n0, float* y,
+                        int64_t N, const float* bias) {
+    __m256 acc[MT][NT];
+    float off[MT][NT];
+    for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < NT; ++j) { acc[m][j] = _mm256_setzero_ps(); off[m][j] = 0.f; }
+    const uint8_t* wr = w + n0 * wstride;
+    for (int64_t b = 0; b < x.nb; ++b) {
+        __m256i xv[MT];
+        float xd[MT], xs[MT];
+        for (int m = 0; m < MT; ++m) {
+            const int64_t r = (m0 + m) * x.nb + b;
+            xv[m] = _mm256_loadu_si256((const __m256i*)(x.q + (m0 + m) * x.K + b * 32));
+            xd[m] = x.d[r];
+            xs[m] = x.s[r];
+        }
+        for (int j = 0; j < NT; ++j) {
+            const uint8_t* blk = wr + j * wstride + b * BB[FMT];
+            const float dw = f16(blk);
+            if (FMT == Q8_0) {
+                const __m256i wv = _mm256_loadu_si256((const __m256i*)(blk + 2));
+                const __m256i ua = _mm256_abs_epi8(wv);
+                for (int m = 0; m < MT; ++m) {
+                    __m256i p = dot_u8s8(ua, _mm256_sign_epi8(xv[m], wv));
+                    acc[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xd[m]), acc[m][j]);
+                }
+            } else {
+                const __m256i wv = unpack_q4(blk + (FMT == Q4_0 ? 2 : 4));
+                const float c = FMT == Q4_0 ? -8.f * dw : f16(blk + 2);
+                for (int m = 0; m < MT; ++m) {
+                    __m256i p = dot_u8s8(wv, xv[m]);
+                    acc[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xd[m]), acc[m][j]);
+                    off[m][j] += c * xs[m];
+                }
+            }
+        }
+    }
+    for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < NT; ++j)
+            y[(m0 + m) * N + n0 + j] = hsum(acc[m][j]) + off[m][j] + (bias ? bias[n0 + j] : 0.f);
+}
+
+template <int FMT, int MT>
+static void row_tiles(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int64_t n0, int64_t n1, float* y,
+                      int64_t N, const float* bias) {
+    int64_t n = n0;
+    for (; n + NT_MAX <= n1; n += NT_MAX) tile<FMT, MT, NT_MAX>(w, ws, x, m0, n, y, N, bias);
+    for (; n < n1; ++n) tile<FMT, MT, 1>(w, ws, x, m0, n, y, N, bias);
+}
+
+template <int FMT>
+static void run(const uint8_t* w, int64_t ws, const XQ& x, int64_t M, int64_t N, float* y, const float* bias) {
+    at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
+        for (int64_t c0 = n0; c0 < n1; c0 += 64) {  // 64 weight rows stay in cache while all rows of x pass
+            const int64_t c1 = std::min(n1, c0 + 64);
+            int64_t m = 0;
+            for (; m + MT_MAX <= M; m += MT_MAX) row_tiles<FMT, MT_MAX>(w, ws, x, m, c0, c1, y, N, bias);
+            for (; m < M; ++m) row_tiles<FMT, 1>(w, ws, x, m, c0, c1, y, N, bias);
+        }
+    });
+}
+
+// x (M, K) float32 contiguous, w (N, K/32 * block bytes) uint8, fmt 0/1/2, bias (N,) float32 or None -> (M, N)
+torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::optional<torch::Tensor> bias) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (M, K) float32");
+    TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && fmt >= 0 && fmt <= 2, "w: packed blocks");
+    const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = K / 32;
+    TORCH_CHECK(K % 32 == 0 && w.size(1) == nb * BB[fmt], "w has ", w.size(1), " bytes per row; K=", K, " needs ",
+                nb * BB[fmt]);
+    auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+    auto xd = torch::empty({M, nb}, x.options()), xs = torch::empty({M, nb}, x.options());
+    const float* xp = x.data_ptr<float>();
+    int8_t* qp = xq.data_ptr<int8_t>();
+    float *dp = xd.data_ptr<float>(), *sp = xs.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+        for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, qp + m * K, dp + m * nb, sp + m * nb);
+    });
+    auto y = torch::empty({M, N}, x.options());
+    const XQ xqs{qp, dp, sp, K, nb};
+    const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    const int64_t ws = w.size(1);
+    if (fmt == Q8_0) run<Q8_0>(wp, ws, xqs, M, N, y.data_ptr<float>(), bp);
+    else if (fmt == Q4_0) run<Q4_0>(wp, ws, xqs, M, N, y.data_ptr<float>(), bp);
+    else run<Q4_1>(wp, ws, xqs, M, N, y.data_ptr<float>(), bp);
+    return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("qlinear", &qlinear, "quantized linear (GGUF block formats)"); }

@@ -1,0 +1,116 @@
+"""Linear layers and embeddings on GGUF block-quantized weights (Q8_0 / Q4_0 / Q4_1), kept packed.
+
+`QuantLinear` holds `qweight`, a uint8 (out_features, in_features / 32 * block bytes) tensor of blocks in GGUF's own
+byte layout (lmstack/models/qformats.py), and multiplies with the native kernel of the CPU's best path
+(lmstack/models/kernels.py; `LMSTACK_KERNEL` forces one), or unpacks to float for PyTorch (other devices, the
+`torch` path). `QuantEmbedding` looks rows up in the same bytes; a tied head shares the embedding's `qweight`.
+Inference only: there are no float weights to train (load with dtype=float32 to fine-tune).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+from .qformats import BLOCK, FORMAT_IDS, check_format, pack, packed_shape, unpack
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = False,
+                 qweight: torch.Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.fmt = in_features, out_features, check_format(fmt)
+        shape = packed_shape(out_features, in_features, fmt)
+        if qweight is None:
+            qweight = torch.zeros(shape, dtype=torch.uint8)
+        elif tuple(qweight.shape) != shape or qweight.dtype != torch.uint8:
+            raise ValueError(f"packed {fmt} weight for ({out_features}, {in_features}) must be uint8 {shape}, "
+                             f"got {qweight.dtype} {tuple(qweight.shape)}")
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, fmt: str) -> "QuantLinear":
+        q = cls(lin.in_features, lin.out_features, fmt, bias=lin.bias is not None, qweight=pack(lin.weight, fmt))
+        if lin.bias is not None:
+            q.bias = lin.bias.detach().float().cpu().clone()
+        return q.to(lin.weight.device)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return unpack(self.qweight, self.fmt, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        path = kernels.kernel_path() if x.device.type == "cpu" else "torch"
+        if path == "torch" or (path == "amx" and x2.shape[0] >= kernels.AMX_MIN_ROWS):
+            dt = torch.bfloat16 if path == "amx" else (x.dtype if x.dtype.is_floating_point else torch.float32)
+            bias = None if self.bias is None else self.bias.to(dt)
+            y = F.linear(x2.to(dt), self.dequantize(dt), bias)
+        else:
+            y = _native(x2.float().contiguous(), self.qweight, FORMAT_IDS[self.fmt], self.bias, path)
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}, " \
+               f"bias={self.bias is not None}"
+
+
+class QuantEmbedding(nn.Module):
+    """nn.Embedding over packed blocks: gathers the rows' blocks, then unpacks only those rows."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str, qweight: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.fmt = num_embeddings, embedding_dim, check_format(fmt)
+        shape = packed_shape(num_embeddings, embedding_dim, fmt)
+        self.register_buffer("qweight", torch.zeros(shape, dtype=torch.uint8) if qweight is None else qweight)
+        self.out_dtype = dtype
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, fmt: str) -> "QuantEmbedding":
+        return cls(emb.num_embeddings, emb.embedding_dim, fmt, pack(emb.weight, fmt), dtype=emb.weight.dtype)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return unpack(self.qweight, self.fmt, dtype)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = unpack(self.qweight.index_select(0, idx.reshape(-1)), self.fmt, self.out_dtype)
+        return rows.view(*idx.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt}"
+
+
+def is_packable(module: nn.Module) -> bool:
+    """Layers the block formats can hold: rows of a multiple of 32 values."""
+    if isinstance(module, nn.Linear):
+        return module.in_features % BLOCK == 0
+    return isinstance(module, nn.Embedding) and module.embedding_dim % BLOCK == 0
+
+
+_op_registered = False
+
+
+def register_custom_op() -> None:
+    """torch.ops.lmstack.qlinear for torch.compile (no graph break); QuantLinear routes through it afterwards."""
+    global _op_registered
+    if _op_registered:
+        return
+
+    @torch.library.custom_op("lmstack::qlinear", mutates_args=())
+    def qlinear(x: torch.Tensor, w: torch.Tensor, fmt: int, bias: torch.Tensor | None, path: str) -> torch.Tensor:
+        return kernels.qlinear(x, w, fmt, bias, path)
+
+    @qlinear.register_fake
+    def _(x, w, fmt, bias, path):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    _op_registered = True
+
+
+def _native(x, w, fmt_id, bias, path):
+    if _op_registered:
+        return torch.ops.lmstack.qlinear(x, w, fmt_id, bias, path)
+    return kernels.qlinear(x, w, fmt_id, bias, path)
