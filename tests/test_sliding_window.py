@@ -172,7 +172,7 @@ def test_rolling_cache_memory_is_bounded_by_the_window_for_sliding_layers_only(t
         assert all(n == min(pos, window - 1) + T for pos, T, n in lengths[layer])
         assert max(n for _, T, n in lengths[layer] if T == 1) == window and cache.k[layer].shape[2] == window
     for layer in (1, 3):  # full attention: every position, growing to the whole sequence
-        assert [n for _, _, n in lengths[layer]] == [b for b in [5, 25] + list(range(26, 71))]
+        assert [n for _, _, n in lengths[layer]] == [5, 25] + list(range(26, 71))
         assert cache.k[layer].shape[2] == 70
     full = make_cache(model, 1, 70, rolling=False).nbytes()
     assert cache.nbytes() == full // 2 + full // 2 * window // 70  # half the layers hold 8 of 70 positions

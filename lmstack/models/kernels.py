@@ -1,10 +1,11 @@
 """Native CPU kernels for quantized matmul, chosen at run time for the CPU you have.
 
 Paths, best first (`LMSTACK_KERNEL=amx|avx512|avx2|torch` forces one; `kernel_path()` says which is in use):
-- amx     AVX-512 VNNI kernels for decode-sized batches; batches of at least AMX_MIN_ROWS rows (prefill) unpack the
+- amx     AVX-512 VNNI kernels for decode-sized batches; batches of GEMM_MIN_ROWS rows or more (prefill) unpack the
           weight to bfloat16 and run PyTorch's oneDNN matmul, which uses the AMX tile units (needs amx_bf16).
 - avx512  kernels/qmatmul.cpp built with AVX-512 (F/BW/VL/VNNI): one dpbusd per block of 32, 32 vector registers.
 - avx2    the same source built for AVX2 + FMA + F16C: maddubs + madd per block.
+          (avx512 and avx2: prefill-sized batches unpack the weight natively and run PyTorch's float32 GEMM.)
 - torch   unpack the blocks to float and call F.linear: any CPU or GPU, exact float math (the reference).
 The native paths quantize x per block of 32 to int8 as llama.cpp does, so they agree with `torch` to ~1e-2
 relative, and with each other to float rounding. Extensions are compiled on first use with
@@ -24,7 +25,7 @@ import torch
 from ..errors import LMStackError
 
 PATHS = ("amx", "avx512", "avx2", "torch")
-AMX_MIN_ROWS = 64
+GEMM_MIN_ROWS = 32  # from this many rows of x (prefill), unpack the weight natively and run a float GEMM
 _SOURCE = Path(__file__).with_name("kernels") / "qmatmul.cpp"
 _FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
@@ -70,7 +71,7 @@ def extension(isa: str):
             return _built.get(isa)
         try:
             from torch.utils.cpp_extension import get_default_build_root, load
-            name = f"lmstack_qmatmul_{isa}_v1"
+            name = f"lmstack_qmatmul_{isa}_v2"
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
             if not any(root.glob(f"{name}/*.so")) and not any(root.glob(f"*/{name}/*.so")):
                 print(f"lmstack: compiling the {isa} quantized-matmul kernels (first use, about a minute; cached "
@@ -127,6 +128,11 @@ def qlinear(x: torch.Tensor, packed: torch.Tensor, fmt_id: int, bias: torch.Tens
     """(M, K) float32 contiguous @ packed (N, bytes)^T -> (M, N) float32 on a native path."""
     ext = _built["avx2" if path == "avx2" else "avx512"]
     return ext.qlinear(x, packed, fmt_id, bias)
+
+
+def dequantize(packed: torch.Tensor, fmt_id: int, path: str) -> torch.Tensor:
+    """Packed blocks -> float32 weight with the native unpacker (for float GEMMs on prefill-sized batches)."""
+    return _built["avx2" if path == "avx2" else "avx512"].dequantize(packed, fmt_id)
 
 
 if __name__ == "__main__":  # python -m lmstack.models.kernels: build what this CPU can run, say what is in use

@@ -44,10 +44,13 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         path = kernels.kernel_path() if x.device.type == "cpu" else "torch"
-        if path == "torch" or (path == "amx" and x2.shape[0] >= kernels.AMX_MIN_ROWS):
-            dt = torch.bfloat16 if path == "amx" else (x.dtype if x.dtype.is_floating_point else torch.float32)
-            bias = None if self.bias is None else self.bias.to(dt)
-            y = F.linear(x2.to(dt), self.dequantize(dt), bias)
+        if path == "torch":
+            dt = x.dtype if x.dtype.is_floating_point else torch.float32
+            y = F.linear(x2.to(dt), self.dequantize(dt), None if self.bias is None else self.bias.to(dt))
+        elif x2.shape[0] >= kernels.GEMM_MIN_ROWS:  # prefill: unpack natively, then a float (AMX: bf16) GEMM
+            dt = torch.bfloat16 if path == "amx" else torch.float32
+            w = kernels.dequantize(self.qweight, FORMAT_IDS[self.fmt], path).to(dt)
+            y = F.linear(x2.to(dt), w, None if self.bias is None else self.bias.to(dt))
         else:
             y = _native(x2.float().contiguous(), self.qweight, FORMAT_IDS[self.fmt], self.bias, path)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)

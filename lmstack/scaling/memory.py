@@ -224,7 +224,8 @@ def kv_cache_table(cfg: ModelConfig, batch_size: int = 1, lengths: list[int] | N
                    seq_len: int | None = None) -> list[dict[str, int]]:
     """KV-cache bytes at a few context lengths (default 512, 2k, 8k below block_size, block_size, and seq_len), as
     the repo's KVCache allocates them: 2 (k, v) x n_layer x batch x n_kv_head x length x head_dim x dtype bytes
-    (GQA/MQA: n_kv_head heads; KVCache allocates the full length, sliding-window layers included)."""
+    (GQA/MQA: n_kv_head heads; the full KVCache allocates the full length, sliding-window layers included - the
+    RollingKVCache that make_cache gives sliding-window models holds only the window for those layers)."""
     if lengths is None:
         lengths = {n for n in (512, 2048, 8192) if n < cfg.block_size} | {cfg.block_size, seq_len or cfg.block_size}
     lengths = sorted(lengths)

@@ -167,4 +167,36 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::option
     return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("qlinear", &qlinear, "quantized linear (GGUF block formats)"); }
+// packed blocks (N, K/32 * block bytes) -> float32 (N, K): for prefill-sized batches, where a float GEMM wins
+torch::Tensor dequantize(torch::Tensor w, int64_t fmt) {
+    TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && fmt >= 0 && fmt <= 2, "w: packed blocks");
+    const int64_t N = w.size(0), nb = w.size(1) / BB[fmt];
+    auto out = torch::empty({N, nb * 32}, w.options().dtype(torch::kFloat32));
+    const uint8_t* wp = w.data_ptr<uint8_t>();
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, N * nb, 256, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+            const uint8_t* blk = wp + (b / nb) * w.size(1) + (b % nb) * BB[fmt];
+            float* o = op + b * 32;
+            const __m256 d = _mm256_set1_ps(f16(blk));
+            __m256i q;
+            __m256 m;
+            if (fmt == Q8_0) { q = _mm256_loadu_si256((const __m256i*)(blk + 2)); m = _mm256_setzero_ps(); }
+            else {
+                q = unpack_q4(blk + (fmt == Q4_0 ? 2 : 4));
+                if (fmt == Q4_0) { q = _mm256_sub_epi8(q, _mm256_set1_epi8(8)); m = _mm256_setzero_ps(); }
+                else m = _mm256_set1_ps(f16(blk + 2));
+            }
+            const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int i = 0; i < 4; ++i)
+                _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])), d, m));
+        }
+    });
+    return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("qlinear", &qlinear, "quantized linear (GGUF block formats)");
+    m.def("dequantize", &dequantize, "packed blocks -> float32");
+}
