@@ -1,7 +1,7 @@
 """Optional torch.compile of the model's forward for decoding (`compile=True` in the bench / load helpers).
 
-The int8 kernel is registered as a torch custom op (lmstack::int8_linear) so the compiled graph calls it without a
-graph break. Decoding steps differ only in `pos`; dynamic shapes keep that to one or two compiled graphs."""
+The quantized kernels are registered as torch custom ops (lmstack::int8_linear, lmstack::qlinear) so the compiled
+graph calls them without a graph break. Decoding steps differ only in `pos`; dynamic shapes keep that to one or two compiled graphs."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +9,8 @@ import torch
 
 def compile_decode(model, mode: str | None = None):
     """Replace model.forward by a torch.compile'd version (in place); returns the model."""
-    from ..models import quant
+    from ..models import qlinear, quant
     quant.register_custom_op()
+    qlinear.register_custom_op()
     model.forward = torch.compile(model.forward, mode=mode, dynamic=True)
     return model

@@ -68,6 +68,16 @@ def _steps(logits: torch.Tensor, toks: torch.Tensor, top_logprobs: int) -> list[
     return [TokenStep(int(t), c, tp) for t, c, tp in zip(toks.tolist(), chosen, tops)]
 
 
+def prefill_logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Logits (B, vocab) of the last prompt position. Decoder models with a separate head run it on that position
+    only (a 49k-vocabulary head over every prompt token is most of a short prefill's work)."""
+    head = getattr(model, "lm_head", None)
+    if ids.shape[1] > 1 and head is not None and getattr(model.config, "arch", "transformer") == "transformer":
+        hidden = model(ids, cache=cache, pos=0, return_hidden=True)
+        return head(hidden[:, -1:])[:, -1]
+    return model(ids, cache=cache, pos=0)[:, -1]
+
+
 @torch.inference_mode()
 def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
                  use_cache: bool = True, truncate: str | None = None, top_logprobs: int = 0) -> Iterator[TokenStep]:
@@ -87,7 +97,7 @@ def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int |
         ids = torch.tensor([prompt], dtype=torch.long, device=device)
         # the model's own cache: a KVCache for the Transformer, the carried state of an RNN / a CNN's buffers
         cache = make_cache(model, 1, len(prompt) + params.max_new_tokens) if use_cache else None
-        logits = model(ids, cache=cache, pos=0)[:, -1]
+        logits = prefill_logits(model, ids, cache)
         pos = ids.shape[1]
         for _ in range(params.max_new_tokens):
             # the logits stay where the model left them (float32 once, no copy when they already are): only the

@@ -71,7 +71,7 @@ def extension(isa: str):
             return _built.get(isa)
         try:
             from torch.utils.cpp_extension import get_default_build_root, load
-            name = f"lmstack_qmatmul_{isa}_v2"
+            name = f"lmstack_qmatmul_{isa}_v4"
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
             if not any(root.glob(f"{name}/*.so")) and not any(root.glob(f"*/{name}/*.so")):
                 print(f"lmstack: compiling the {isa} quantized-matmul kernels (first use, about a minute; cached "
@@ -130,9 +130,32 @@ def qlinear(x: torch.Tensor, packed: torch.Tensor, fmt_id: int, bias: torch.Tens
     return ext.qlinear(x, packed, fmt_id, bias)
 
 
-def dequantize(packed: torch.Tensor, fmt_id: int, path: str) -> torch.Tensor:
-    """Packed blocks -> float32 weight with the native unpacker (for float GEMMs on prefill-sized batches)."""
-    return _built["avx2" if path == "avx2" else "avx512"].dequantize(packed, fmt_id)
+def loaded():
+    """The extension of the path in use if it is already built and loaded in this process, else None: float models
+    use its fused norm / SwiGLU only once a quantized model has brought it in (no compile for float-only users)."""
+    if _selected is None or _selected == "torch":
+        return None
+    return _built.get("avx2" if _selected == "avx2" else "avx512")
+
+
+_scratch = threading.local()
+
+
+def dequantize(packed: torch.Tensor, fmt_id: int, path: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Packed blocks -> float32 / bfloat16 weight with the native unpacker, for float GEMMs on prefill-sized
+    batches. The result lives in a per-thread scratch buffer reused by the next call (use it at once): a fresh
+    allocation each call costs more in page faults than the unpacking."""
+    from .qformats import BLOCK, BLOCK_BYTES, FORMATS
+    n, k = packed.shape[0], packed.shape[1] // BLOCK_BYTES[FORMATS[fmt_id]] * BLOCK
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n * k:
+        buf = bufs[dtype] = torch.empty(n * k, dtype=dtype)
+    out = buf[:n * k].view(n, k)
+    _built["avx2" if path == "avx2" else "avx512"].dequantize(packed, fmt_id, out)
+    return out
 
 
 if __name__ == "__main__":  # python -m lmstack.models.kernels: build what this CPU can run, say what is in use

@@ -41,6 +41,10 @@ class QuantLinear(nn.Module):
         return unpack(self.qweight, self.fmt, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and x.device.type == "cpu" and not _op_registered:
+            ext = kernels.loaded()  # the decode fast path: one native call, any leading dims
+            if ext is not None and x.numel() < kernels.GEMM_MIN_ROWS * self.in_features and x.is_contiguous():
+                return ext.qlinear(x, self.qweight, FORMAT_IDS[self.fmt], self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         path = kernels.kernel_path() if x.device.type == "cpu" else "torch"
@@ -49,7 +53,7 @@ class QuantLinear(nn.Module):
             y = F.linear(x2.to(dt), self.dequantize(dt), None if self.bias is None else self.bias.to(dt))
         elif x2.shape[0] >= kernels.GEMM_MIN_ROWS:  # prefill: unpack natively, then a float (AMX: bf16) GEMM
             dt = torch.bfloat16 if path == "amx" else torch.float32
-            w = kernels.dequantize(self.qweight, FORMAT_IDS[self.fmt], path).to(dt)
+            w = kernels.dequantize(self.qweight, FORMAT_IDS[self.fmt], path, dt)
             y = F.linear(x2.to(dt), w, None if self.bias is None else self.bias.to(dt))
         else:
             y = _native(x2.float().contiguous(), self.qweight, FORMAT_IDS[self.fmt], self.bias, path)

@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstring>
 
 enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
@@ -141,11 +142,11 @@ static void run(const uint8_t* w, int64_t ws, const XQ& x, int64_t M, int64_t N,
     });
 }
 
-// x (M, K) float32 contiguous, w (N, K/32 * block bytes) uint8, fmt 0/1/2, bias (N,) float32 or None -> (M, N)
+// x (..., K) float32 contiguous, w (N, K/32 * block bytes) uint8, fmt 0/1/2, bias (N,) float32 or None -> (..., N)
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::optional<torch::Tensor> bias) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (M, K) float32");
+    TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (..., K) float32");
     TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && fmt >= 0 && fmt <= 2, "w: packed blocks");
-    const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = K / 32;
+    const int64_t K = x.size(-1), M = x.numel() / K, N = w.size(0), nb = K / 32;
     TORCH_CHECK(K % 32 == 0 && w.size(1) == nb * BB[fmt], "w has ", w.size(1), " bytes per row; K=", K, " needs ",
                 nb * BB[fmt]);
     auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
@@ -156,7 +157,9 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::option
     at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
         for (int64_t m = m0; m < m1; ++m) quantize_row(xp + m * K, K, qp + m * K, dp + m * nb, sp + m * nb);
     });
-    auto y = torch::empty({M, N}, x.options());
+    auto out_shape = x.sizes().vec();
+    out_shape.back() = N;
+    auto y = torch::empty(out_shape, x.options());
     const XQ xqs{qp, dp, sp, K, nb};
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     const uint8_t* wp = w.data_ptr<uint8_t>();
@@ -167,36 +170,81 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::option
     return y;
 }
 
-// packed blocks (N, K/32 * block bytes) -> float32 (N, K): for prefill-sized batches, where a float GEMM wins
-torch::Tensor dequantize(torch::Tensor w, int64_t fmt) {
+static inline void store8(float* o, __m256 v) { _mm256_storeu_ps(o, v); }
+static inline void store8(at::BFloat16* o, __m256 v) {  // round to nearest even (finite values)
+    __m256i b = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    _mm_storeu_si128((__m128i*)o, p);
+}
+
+template <typename T>
+static void dequantize_blocks(const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t nb, int64_t fmt, T* op) {
+    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        for (int64_t n = n0; n < n1; ++n)
+            for (int64_t b = 0; b < nb; ++b) {
+                const uint8_t* blk = wp + n * row_bytes + b * BB[fmt];
+                T* o = op + (n * nb + b) * 32;
+                const __m256 d = _mm256_set1_ps(f16(blk));
+                __m256i q;
+                __m256 m = _mm256_setzero_ps();
+                if (fmt == Q8_0) q = _mm256_loadu_si256((const __m256i*)(blk + 2));
+                else {
+                    q = unpack_q4(blk + (fmt == Q4_0 ? 2 : 4));
+                    if (fmt == Q4_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+                    else m = _mm256_set1_ps(f16(blk + 2));
+                }
+                const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+                const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+                for (int i = 0; i < 4; ++i)
+                    store8(o + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])), d, m));
+            }
+    });
+}
+
+// packed blocks (N, K/32 * block bytes) -> out (N, K) float32 or bfloat16 (a caller-kept buffer: no page faults
+// per call): for prefill-sized batches, where a float GEMM on the unpacked weight wins
+void dequantize(torch::Tensor w, int64_t fmt, torch::Tensor out) {
     TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && fmt >= 0 && fmt <= 2, "w: packed blocks");
     const int64_t N = w.size(0), nb = w.size(1) / BB[fmt];
-    auto out = torch::empty({N, nb * 32}, w.options().dtype(torch::kFloat32));
-    const uint8_t* wp = w.data_ptr<uint8_t>();
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, N * nb, 256, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
-            const uint8_t* blk = wp + (b / nb) * w.size(1) + (b % nb) * BB[fmt];
-            float* o = op + b * 32;
-            const __m256 d = _mm256_set1_ps(f16(blk));
-            __m256i q;
-            __m256 m;
-            if (fmt == Q8_0) { q = _mm256_loadu_si256((const __m256i*)(blk + 2)); m = _mm256_setzero_ps(); }
-            else {
-                q = unpack_q4(blk + (fmt == Q4_0 ? 2 : 4));
-                if (fmt == Q4_0) { q = _mm256_sub_epi8(q, _mm256_set1_epi8(8)); m = _mm256_setzero_ps(); }
-                else m = _mm256_set1_ps(f16(blk + 2));
-            }
-            const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-            for (int i = 0; i < 4; ++i)
-                _mm256_storeu_ps(o + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])), d, m));
+    TORCH_CHECK(out.is_contiguous() && out.numel() == N * nb * 32, "out: (N, K) contiguous");
+    if (out.scalar_type() == torch::kFloat32)
+        dequantize_blocks(w.data_ptr<uint8_t>(), w.size(1), N, nb, fmt, out.data_ptr<float>());
+    else if (out.scalar_type() == torch::kBFloat16)
+        dequantize_blocks(w.data_ptr<uint8_t>(), w.size(1), N, nb, fmt, out.data_ptr<at::BFloat16>());
+    else TORCH_CHECK(false, "out: float32 or bfloat16");
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w over the last dim (x float32 contiguous): one call for the decode step's norms
+torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && w.scalar_type() == torch::kFloat32 &&
+                w.is_contiguous() && w.numel() == x.size(-1), "rmsnorm: float32 contiguous x (..., D), w (D,)");
+    const int64_t D = x.size(-1), R = x.numel() / D;
+    auto y = torch::empty_like(x);
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* xr = xp + r * D;
+            float* yr = yp + r * D;
+            __m256 acc = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 8 <= D; i += 8) { __m256 v = _mm256_loadu_ps(xr + i); acc = _mm256_fmadd_ps(v, v, acc); }
+            float ss = hsum(acc);
+            for (; i < D; ++i) ss += xr[i] * xr[i];
+            const float inv = 1.f / std::sqrt(ss / (float)D + (float)eps);
+            const __m256 s = _mm256_set1_ps(inv);
+            for (i = 0; i + 8 <= D; i += 8)
+                _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), s), _mm256_loadu_ps(wp + i)));
+            for (; i < D; ++i) yr[i] = xr[i] * inv * wp[i];
         }
     });
-    return out;
+    return y;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("rmsnorm", &rmsnorm, "fused RMSNorm (float32)");
     m.def("qlinear", &qlinear, "quantized linear (GGUF block formats)");
     m.def("dequantize", &dequantize, "packed blocks -> float32");
 }
