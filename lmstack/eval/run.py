@@ -236,7 +236,9 @@ def make_backend(model, base_url: str | None = None, api_key: str | None = None,
     from .backend import LocalBackend
     if isinstance(model, (str, Path)):
         import lmstack
-        lm = lmstack.load(model, device=device, dtype=dtype)
+        # float weights (a GGUF dequantized): scores match a float reference and the shared-prefix reuse is exact
+        # (the packed decode kernels are not batch-invariant; see lmstack/models/kernels.py)
+        lm = lmstack.load(model, device=device, dtype=dtype, packed=False)
     elif hasattr(model, "loglikelihood_choices"):
         return model
     else:

@@ -9,7 +9,8 @@ import torch
 
 def compile_decode(model, mode: str | None = None):
     """Replace model.forward by a torch.compile'd version (in place); returns the model."""
-    from ..models import qlinear, quant
+    from ..models import kernels, qlinear, quant
+    kernels.kernel_path()  # decide the kernel path (reads /proc/cpuinfo) before tracing, not inside the graph
     quant.register_custom_op()
     qlinear.register_custom_op()
     model.forward = torch.compile(model.forward, mode=mode, dynamic=True)

@@ -1,14 +1,18 @@
 """Native CPU kernels for quantized matmul, chosen at run time for the CPU you have.
 
 Paths, best first (`LMSTACK_KERNEL=amx|avx512|avx2|torch` forces one; `kernel_path()` says which is in use):
-- amx     AVX-512 VNNI kernels for decode-sized batches; batches of GEMM_MIN_ROWS rows or more (prefill) unpack the
-          weight to bfloat16 and run PyTorch's oneDNN matmul, which uses the AMX tile units (needs amx_bf16).
-- avx512  kernels/qmatmul.cpp built with AVX-512 (F/BW/VL/VNNI): one dpbusd per block of 32, 32 vector registers.
-- avx2    the same source built for AVX2 + FMA + F16C: maddubs + madd per block.
-          (avx512 and avx2: prefill-sized batches unpack the weight natively and run PyTorch's float32 GEMM.)
+- amx     avx512 for decode-sized batches; batches of GEMM_MIN_ROWS rows or more (prefill) unpack the weight to
+          bfloat16 natively and run PyTorch's oneDNN matmul, which uses the AMX tiles (needs amx_bf16): ~2x the
+          float32 prefill here.
+- avx512  kernels/qmatmul.cpp built with AVX-512 (F/BW/VL/VNNI): dpbusd on two blocks of 32 per 512-bit register
+          for one row of x (decode), one block per 256-bit dpbusd in register tiles for a few rows; prefill-sized
+          batches unpack the weight natively and run PyTorch's float32 GEMM.
+- avx2    the same source built for AVX2 + FMA + F16C: maddubs + madd per block; float32 GEMM for prefill.
 - torch   unpack the blocks to float and call F.linear: any CPU or GPU, exact float math (the reference).
-The native paths quantize x per block of 32 to int8 as llama.cpp does, so they agree with `torch` to ~1e-2
-relative, and with each other to float rounding. Extensions are compiled on first use with
+The native decode kernels quantize x per block of 32 to int8 as llama.cpp does: they agree with `torch` to ~1e-2
+relative per matmul, and like llama.cpp they are not batch-invariant (a rounding of x that flips changes later
+layers: a prompt scored alone or inside a batch can differ by ~0.1-1 in the logits). Comparisons that must be exact
+load the model with dtype=float32 (or run LMSTACK_KERNEL=torch). Extensions are compiled on first use with
 torch.utils.cpp_extension (a progress line on stderr; cached under ~/.cache/torch_extensions afterwards). A path the
 CPU or toolchain cannot run falls back to the next one with a one-line message, never a crash.
 """
@@ -71,7 +75,7 @@ def extension(isa: str):
             return _built.get(isa)
         try:
             from torch.utils.cpp_extension import get_default_build_root, load
-            name = f"lmstack_qmatmul_{isa}_v4"
+            name = f"lmstack_qmatmul_{isa}_v7"
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
             if not any(root.glob(f"{name}/*.so")) and not any(root.glob(f"*/{name}/*.so")):
                 print(f"lmstack: compiling the {isa} quantized-matmul kernels (first use, about a minute; cached "

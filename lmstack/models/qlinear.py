@@ -51,10 +51,14 @@ class QuantLinear(nn.Module):
         if path == "torch":
             dt = x.dtype if x.dtype.is_floating_point else torch.float32
             y = F.linear(x2.to(dt), self.dequantize(dt), None if self.bias is None else self.bias.to(dt))
-        elif x2.shape[0] >= kernels.GEMM_MIN_ROWS:  # prefill: unpack natively, then a float (AMX: bf16) GEMM
+        elif x2.shape[0] >= kernels.GEMM_MIN_ROWS:  # prefill: unpack natively, then a float GEMM
             dt = torch.bfloat16 if path == "amx" else torch.float32
-            w = kernels.dequantize(self.qweight, FORMAT_IDS[self.fmt], path, dt)
-            y = F.linear(x2.to(dt), w, None if self.bias is None else self.bias.to(dt))
+            xq = x2.float().contiguous()
+            if _op_registered:  # compiled: a custom op with a fresh output (no scratch aliasing inside a graph)
+                w = torch.ops.lmstack.qdequant(self.qweight, FORMAT_IDS[self.fmt], path, dt)
+            else:
+                w = kernels.dequantize(self.qweight, FORMAT_IDS[self.fmt], path, dt)
+            y = F.linear(xq.to(dt), w, None if self.bias is None else self.bias.to(dt))
         else:
             y = _native(x2.float().contiguous(), self.qweight, FORMAT_IDS[self.fmt], self.bias, path)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
@@ -112,7 +116,16 @@ def register_custom_op() -> None:
 
     @qlinear.register_fake
     def _(x, w, fmt, bias, path):
-        return x.new_empty(x.shape[0], w.shape[0])
+        return x.new_empty(*x.shape[:-1], w.shape[0])
+
+    @torch.library.custom_op("lmstack::qdequant", mutates_args=())
+    def qdequant(w: torch.Tensor, fmt: int, path: str, dtype: torch.dtype) -> torch.Tensor:
+        return kernels.dequantize(w, fmt, path, dtype).clone()
+
+    @qdequant.register_fake
+    def _(w, fmt, path, dtype):
+        from .qformats import BLOCK, BLOCK_BYTES, FORMATS
+        return w.new_empty(w.shape[0], w.shape[1] // BLOCK_BYTES[FORMATS[fmt]] * BLOCK, dtype=dtype)
 
     _op_registered = True
 

@@ -35,7 +35,7 @@ class RMSNorm(nn.RMSNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ext = kernels.loaded()
-        if ext is not None and not torch.is_grad_enabled() and x.dtype == torch.float32 and x.is_contiguous() \
+        if ext is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.dtype == torch.float32 and x.is_contiguous() \
                 and x.device.type == "cpu" and self.weight is not None and self.weight.dtype == torch.float32:
             return ext.rmsnorm(x, self.weight, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
         return super().forward(x)
@@ -80,7 +80,9 @@ class Attention(nn.Module):
             else:
                 rep = self.n_head // self.n_kv
                 k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        is_causal = self.cfg.causal and attn_mask is None and k.shape[2] == T and T > 1
+        is_causal = False  # set by a branch, not an expression: under torch.compile the shapes are symbolic
+        if self.cfg.causal and attn_mask is None and T > 1 and k.shape[2] == T:
+            is_causal = True
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0, **gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))

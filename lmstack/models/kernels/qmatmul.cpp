@@ -122,10 +122,66 @@ static inline void tile(const uint8_t* w, int64_t wstride, const XQ& x, int64_t 
             y[(m0 + m) * N + n0 + j] = hsum(acc[m][j]) + off[m][j] + (bias ? bias[n0 + j] : 0.f);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+// One row of x (decode) against NT rows of W, two blocks per 512-bit dpbusd. Q4: the two blocks' nibbles unpack to
+// [lo0 lo1 hi0 hi1] (128-bit lanes) and x's lanes are shuffled to match; Q8_0: bytes + 128 (dpbusd wants unsigned),
+// corrected by -128 * dw * xs. Needs an even number of blocks per row.
+template <int FMT, int NT>
+static inline void tile_m1_512(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int64_t n0, float* y,
+                               int64_t N, const float* bias) {
+    __m512 acc[NT];
+    float off[NT];
+    for (int j = 0; j < NT; ++j) { acc[j] = _mm512_setzero_ps(); off[j] = 0.f; }
+    const uint8_t* wr = w + n0 * ws;
+    const int8_t* xr = x.q + m0 * x.K;
+    const float *xd = x.d + m0 * x.nb, *xs = x.s + m0 * x.nb;
+    const __m512i idx = FMT == Q8_0 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
+                                    : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    for (int64_t b = 0; b + 2 <= x.nb; b += 2) {
+        __m512i xv = _mm512_loadu_si512((const void*)(xr + b * 32));
+        if (FMT != Q8_0) xv = _mm512_shuffle_i64x2(xv, xv, _MM_SHUFFLE(3, 1, 2, 0));
+        for (int j = 0; j < NT; ++j) {
+            const uint8_t* b0 = wr + j * ws + b * BB[FMT];
+            const uint8_t* b1 = b0 + BB[FMT];
+            const float d0 = f16(b0), d1 = f16(b1);
+            __m512i wv;
+            if (FMT == Q8_0) {
+                wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(b0 + 2))),
+                                        _mm256_loadu_si256((const __m256i*)(b1 + 2)), 1);
+                wv = _mm512_xor_si512(wv, _mm512_set1_epi8((char)0x80));
+                off[j] -= 128.f * (d0 * xs[b] + d1 * xs[b + 1]);
+            } else {
+                const int o = FMT == Q4_0 ? 2 : 4;
+                const __m256i t = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)(b1 + o)),
+                                                   _mm_loadu_si128((const __m128i*)(b0 + o)));
+                wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(t, low4)),
+                                        _mm256_and_si256(_mm256_srli_epi16(t, 4), low4), 1);
+                if (FMT == Q4_0) off[j] -= 8.f * (d0 * xs[b] + d1 * xs[b + 1]);
+                else off[j] += f16(b0 + 2) * xs[b] + f16(b1 + 2) * xs[b + 1];
+            }
+            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
+            const __m512 sc = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_setr_ps(d0 * xd[b], d1 * xd[b + 1],
+                                                                                              0.f, 0.f)));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc[j]);
+        }
+    }
+    for (int j = 0; j < NT; ++j)
+        y[m0 * N + n0 + j] = _mm512_reduce_add_ps(acc[j]) + off[j] + (bias ? bias[n0 + j] : 0.f);
+}
+#endif
+
 template <int FMT, int MT>
 static void row_tiles(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int64_t n0, int64_t n1, float* y,
                       int64_t N, const float* bias) {
     int64_t n = n0;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    if (MT == 1 && x.nb % 2 == 0) {
+        for (; n + NT_MAX <= n1; n += NT_MAX) tile_m1_512<FMT, NT_MAX>(w, ws, x, m0, n, y, N, bias);
+        for (; n < n1; ++n) tile_m1_512<FMT, 1>(w, ws, x, m0, n, y, N, bias);
+        return;
+    }
+#endif
     for (; n + NT_MAX <= n1; n += NT_MAX) tile<FMT, MT, NT_MAX>(w, ws, x, m0, n, y, N, bias);
     for (; n < n1; ++n) tile<FMT, MT, 1>(w, ws, x, m0, n, y, N, bias);
 }

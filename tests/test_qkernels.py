@@ -1,0 +1,240 @@
+"""Packed GGUF block formats: packing against the gguf package, every kernel path (forced) against the float
+reference, the run-time path choice and its fallbacks, packed GGUF loading, quantized checkpoints."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lmstack
+from lmstack.checkpoint import save_checkpoint
+from lmstack.config import ModelConfig
+from lmstack.errors import LMStackError
+from lmstack.models import kernels
+from lmstack.models import qformats as qf
+from lmstack.models.qlinear import QuantEmbedding, QuantLinear
+from lmstack.models.quant import QUANT_MODES, quant_layout, quantize_model
+from lmstack.models.transformer import Transformer
+
+gguf = pytest.importorskip("gguf")
+REPO = Path(__file__).resolve().parents[1]
+NATIVE = [p for p in ("amx", "avx512", "avx2") if p in kernels.supported_paths()]
+
+
+@pytest.fixture
+def path_restore():
+    yield
+    kernels.set_kernel_path(None)
+
+
+# ---- formats ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", qf.FORMATS)
+def test_pack_equals_gguf_quantize_and_unpack_equals_dequantize(fmt):
+    w = torch.randn(12, 128) * 3
+    w[0, :32] = 0.0  # an all-zero block (d = 0)
+    ours = qf.pack(w, fmt).numpy()
+    ref = gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType[fmt.upper()])
+    np.testing.assert_array_equal(ours, ref.view(np.uint8).reshape(ours.shape))
+    np.testing.assert_array_equal(qf.unpack(torch.from_numpy(ours), fmt).numpy(),
+                                  gguf.quants.dequantize(ref, gguf.GGMLQuantizationType[fmt.upper()]))
+
+
+def test_pack_rejects_rows_not_a_multiple_of_32():
+    with pytest.raises(LMStackError, match="divisible by 32"):
+        qf.pack(torch.randn(4, 40), "q8_0")
+    with pytest.raises(LMStackError, match="supported: q8_0, q4_0, q4_1"):
+        qf.check_format("q5_k")
+
+
+# ---- kernel paths -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", NATIVE + ["torch"])
+@pytest.mark.parametrize("fmt", qf.FORMATS)
+@pytest.mark.parametrize("K", [96, 128])  # an odd and an even number of blocks per row
+def test_each_path_matches_reference(path, fmt, K, path_restore):
+    assert kernels.set_kernel_path(path) == path
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(K, 70, bias=True)
+    q = QuantLinear.from_linear(lin, fmt)
+    w = q.dequantize()
+    for M in (1, 2, 5, 31, 40):  # matvec, register tiles and their remainders, the prefill GEMM
+        x = torch.randn(M, K)
+        y = q(x)
+        flt = x @ w.T + lin.bias
+        if path == "torch":
+            torch.testing.assert_close(y, flt, rtol=1e-5, atol=1e-5)
+        elif M >= kernels.GEMM_MIN_ROWS:  # unpacked weight, float32 (amx: bfloat16) GEMM
+            tol = 3e-2 if path == "amx" else 1e-4
+            torch.testing.assert_close(y, flt, rtol=tol, atol=tol * flt.abs().max().item())
+        else:  # integer kernels: exactly the int8-activation reference, up to float rounding
+            ref = qf.reference_matmul(x, q.qweight, fmt) + lin.bias
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+            assert ((y - flt).norm() / flt.norm()).item() < 2e-2  # and close to float math
+    x3 = torch.randn(2, 3, K)  # leading dims
+    torch.testing.assert_close(q(x3), q(x3.reshape(6, K)).view(2, 3, 70))
+
+
+def test_native_paths_agree_with_each_other(path_restore):
+    if len([p for p in NATIVE if p != "amx"]) < 2:
+        pytest.skip("this CPU runs only one native path")
+    q = QuantLinear.from_linear(torch.nn.Linear(256, 48), "q4_1")
+    x = torch.randn(3, 256)
+    outs = [q(x) for p in ("avx512", "avx2") if kernels.set_kernel_path(p)]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_path_choice_and_fallbacks(monkeypatch, capsys, path_restore):
+    with pytest.raises(LMStackError, match="amx, avx512, avx2, torch"):
+        kernels.set_kernel_path("sse9")
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: {"avx2", "fma", "f16c"})  # an AVX2-only CPU
+    assert kernels.supported_paths({"avx2", "fma", "f16c"}) == ["avx2", "torch"]
+    assert kernels.supported_paths(set()) == ["torch"]
+    got = kernels.set_kernel_path("avx512")
+    err = capsys.readouterr().err
+    assert "LMSTACK_KERNEL=avx512 cannot run here" in err and "avx512f" in err
+    assert got in ("avx2", "torch")
+    monkeypatch.setenv("LMSTACK_NO_EXT", "1")
+    assert kernels.set_kernel_path(None) == "torch"
+
+
+def test_missing_compiler_falls_back_with_a_message(monkeypatch, capsys, path_restore):
+    monkeypatch.setattr(kernels, "_built", {})
+    monkeypatch.setattr(kernels, "_errors", {"avx512": "RuntimeError: no compiler", "avx2": "RuntimeError: no cc"})
+    assert kernels.set_kernel_path(None) == "torch"
+    assert "did not build (RuntimeError: no compiler)" in capsys.readouterr().err
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 8), "q8_0")
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(q(x), x @ q.dequantize().T + q.bias)
+
+
+def test_fused_rmsnorm_matches_torch(path_restore):
+    if not NATIVE:
+        pytest.skip("no native kernels on this CPU")
+    kernels.set_kernel_path(NATIVE[-1])
+    from lmstack.models.transformer import RMSNorm
+    n = RMSNorm(100, eps=1e-5)
+    n.weight.data = torch.randn(100)
+    x = torch.randn(3, 7, 100)
+    with torch.no_grad():
+        fused = n(x)
+    want = torch.nn.RMSNorm.forward(n, x)
+    torch.testing.assert_close(fused, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- packed GGUF loading ------------------------------------------------------------------------------------------
+def test_tiny_gguf_packed_layers_and_exact_torch_path(tmp_path, path_restore):
+    from test_gguf import write_tiny_gguf
+
+    from lmstack.convert.gguf import load_gguf
+    for tied in (False, True):
+        p = tmp_path / f"tiny{tied}.gguf"
+        write_tiny_gguf(p, tied=tied)
+        flt, _ = load_gguf(p)
+        packed, _ = load_gguf(p, packed=True)
+        assert isinstance(packed.tok_emb, QuantEmbedding) and packed.tok_emb.fmt == "q8_0"
+        qkv = packed.blocks[0].attn.qkv  # q Q8_0, k F32, v F16: a mixed group re-packed as Q8_0
+        assert isinstance(qkv, QuantLinear) and qkv.fmt == "q8_0"
+        assert isinstance(packed.blocks[0].attn.proj, torch.nn.Linear)  # an F32 tensor stays float
+        if tied:
+            assert packed.lm_head.qweight is packed.tok_emb.qweight
+        else:
+            assert isinstance(packed.lm_head, torch.nn.Linear)  # output.weight is F16
+        ids = torch.tensor([[5, 9, 200, 17, 3, 256, 40]])
+        kernels.set_kernel_path("torch")
+        with torch.no_grad():
+            # the Q8_0 tensors read as stored: equal to the float load (the mixed group is re-quantized: close)
+            torch.testing.assert_close(packed.tok_emb(ids), flt.tok_emb(ids), rtol=0, atol=0)
+            torch.testing.assert_close(packed(ids), flt(ids), rtol=2e-2, atol=2e-2)
+            mlp = packed.blocks[1].mlp.proj  # ffn_down: Q8_0, read byte for byte
+            torch.testing.assert_close(mlp.dequantize(), flt.blocks[1].mlp.proj.weight, rtol=0, atol=0)
+
+
+def shared_gguf() -> Path:
+    p = Path(os.environ.get("LMSTACK_GGUF", REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    if not p.is_file():
+        pytest.skip(f"no GGUF model at {p}")
+    return p
+
+
+def test_smollm2_packed_by_default_and_close_to_float(path_restore):
+    p = shared_gguf()
+    lm = lmstack.load(p)
+    m = lm.model
+    assert m.quantization == "gguf:q4_1,q8_0"
+    assert isinstance(m.blocks[0].mlp.fc, QuantLinear) and m.blocks[0].mlp.fc.fmt == "q4_1"
+    assert m.lm_head.qweight is m.tok_emb.qweight  # the tied Q8_0 head: one copy
+    packed_bytes = sum(b.numel() for b in m.buffers() if b.dtype == torch.uint8)
+    assert packed_bytes < 1.05 * p.stat().st_size
+    flt = lmstack.load(p, dtype="float32").model
+    assert isinstance(flt.blocks[0].mlp.fc, torch.nn.Linear)
+    ids = torch.tensor([lm.tokenizer.encode("The capital of France is Paris. The capital of Italy is Rome.")])
+    with torch.no_grad():
+        a, b = m(ids), flt(ids)
+        kernels.set_kernel_path("torch")
+        c = m(ids)
+    torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-3)  # the torch path: the file's float dequantization
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    assert agree >= 0.85, agree
+
+
+# ---- quantized checkpoints ----------------------------------------------------------------------------------------
+def tiny_model(tied: bool) -> Transformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=64, pos_emb="rope", norm="rmsnorm",
+                      mlp="swiglu", intermediate_size=96, tie_embeddings=tied, bias=False)
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("mode", QUANT_MODES)
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_checkpoint_roundtrip(tmp_path, mode, tied):
+    from lmstack.checkpoint import load_model
+    model = quantize_model(tiny_model(tied), mode)
+    layout = quant_layout(model)
+    assert layout["blocks.0.mlp.proj"] == mode and "blocks.1.attn.qkv" in layout
+    save_checkpoint(tmp_path / "q", model)
+    back, _ = load_model(tmp_path / "q")
+    assert quant_layout(back) == layout
+    ids = torch.tensor([[1, 5, 9, 33, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), model(ids), rtol=0, atol=0)
+    if tied and mode != "int8":
+        assert back.lm_head.qweight is back.tok_emb.qweight
+    from lmstack.convert.load import load_any
+    flt, _ = load_any(tmp_path / "q")  # training loaders get float weights
+    assert quant_layout(flt) == {} and isinstance(flt.blocks[0].mlp.proj, torch.nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(flt(ids), model(ids), rtol=3e-2, atol=3e-2)
+
+
+def test_cli_convert_quantize_and_export(tmp_path):
+    from test_gguf import write_tiny_gguf
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, tied=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r = subprocess.run([sys.executable, "-m", "lmstack", "convert", str(src), "--out", str(tmp_path / "q"),
+                        "--quantize", "q4_0"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "quantized q4_0" in r.stdout
+    lm = lmstack.load(tmp_path / "q")
+    assert {v for v in quant_layout(lm.model).values()} == {"q4_0"}
+    r = subprocess.run([sys.executable, "-m", "lmstack", "export", str(tmp_path / "q"), "--format", "gguf",
+                        "--out", str(tmp_path / "back.gguf")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    back = lmstack.load(tmp_path / "back.gguf", dtype="float32").model
+    ids = torch.tensor([[5, 9, 200, 17]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), lmstack.load(tmp_path / "q", packed=False).model(ids),
+                                   rtol=1e-4, atol=1e-4)
+    r = subprocess.run([sys.executable, "-m", "lmstack", "convert", str(src), "--out", str(tmp_path / "x"),
+                        "--quantize", "q5_k"], capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "invalid choice" in r.stderr
+
+
+def test_cli_quant_modes_match_library():
+    from lmstack.cli.common import QUANT_MODES as CLI
+    assert CLI == QUANT_MODES
