@@ -83,9 +83,9 @@ def run_engine(a) -> dict:
     if a.batch > 1 and not comp:
         rb = bench_generate(lm.model, ids, a.new_tokens, batch=a.batch, warmup=0)
         res["batch_decode_tok_s"] = rb.decode_tok_s
+    res["peak_rss_mb"] = peak_rss_mb()  # before the perplexity pass, as for llama.cpp
     res["ppl"] = perplexity(lm.model, pids)
     res["ppl_tokens"] = len(pids)
-    res["peak_rss_mb"] = peak_rss_mb()
     return res
 
 
@@ -118,6 +118,7 @@ def run_llama_cpp(a) -> dict:
     greedy(ids, 4)  # warm-up
     toks, ttft, dec = greedy(ids, a.new_tokens)
     _, long_ttft, _ = greedy(long_ids, 1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the logits_all context below
     ppl_llm = Llama(model_path=a.model, n_threads=a.threads, n_ctx=max(512, len(pids)), n_batch=512,
                     logits_all=True, verbose=False)
     ppl_llm.eval(pids)
@@ -128,7 +129,7 @@ def run_llama_cpp(a) -> dict:
     return dict(engine="llama.cpp", load_s=load_s, prompt_tokens=len(ids), prefill_tok_s=len(ids) / ttft,
                 decode_tok_s=(len(toks) - 1) / dec, ttft_ms=ttft * 1000, tokens=toks,
                 long_prefill_tok_s=len(long_ids) / long_ttft, ppl=math.exp(nll), ppl_tokens=len(pids),
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                peak_rss_mb=rss)
 
 
 def run_transformers(a) -> dict:

@@ -238,3 +238,30 @@ def test_cli_convert_quantize_and_export(tmp_path):
 def test_cli_quant_modes_match_library():
     from lmstack.cli.common import QUANT_MODES as CLI
     assert CLI == QUANT_MODES
+
+
+def test_lean_reader_matches_gguf_reader(tmp_path):
+    from test_gguf import write_tiny_gguf
+
+    from lmstack.convert.gguf_reader import LeanReader
+    tiny = tmp_path / "tiny.gguf"
+    write_tiny_gguf(tiny)
+    paths = [tiny] + [p for p in [REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"]
+                      if p.is_file()]
+    for p in paths:
+        ref, ours = gguf.GGUFReader(str(p)), LeanReader(p)
+        assert set(ours.fields) == {k for k in ref.fields if not k.startswith("GGUF.")}
+        for k in ours.fields:
+            assert ours.fields[k].contents() == ref.fields[k].contents(), k
+        assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+        for a, b in zip(ours.tensors, ref.tensors):
+            assert (a.tensor_type, list(a.shape), a.data_offset, a.n_bytes) == \
+                   (b.tensor_type, [int(x) for x in b.shape], b.data_offset, b.n_bytes), a.name
+            if a.n_bytes < 2_000_000:
+                np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny.read_bytes()[: tiny.stat().st_size // 2])
+    with pytest.raises(LMStackError, match="past the end of the file|cut short"):
+        LeanReader(cut)
+    with pytest.raises(LMStackError, match="past the end of the file|cut short"):
+        lmstack.load(cut)

@@ -28,6 +28,7 @@ from ..errors import LMStackError
 from ..models.transformer import Transformer, rope_frequencies
 from ..tokenizer import Tokenizer, bytes_to_unicode
 from . import gguf_packed
+from .gguf_reader import LeanReader
 
 MAGIC = b"GGUF"
 SUPPORTED_ARCHS = ("llama",)
@@ -256,15 +257,16 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None,
     if not is_gguf(path):
         raise LMStackError(f"{path} is not a GGUF file (no 'GGUF' magic at its start); pass a .gguf file made by "
                            "llama.cpp, or a Hugging Face / lmstack checkpoint directory")
-    import gguf
     try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # the reader raises ValueError/struct errors on truncated files
+        reader = LeanReader(path)
+    except LMStackError:
+        raise
+    except Exception as e:  # struct/UTF-8 errors on a corrupt header
         raise LMStackError(f"cannot read GGUF file {path}: {e}") from e
     tensors = {t.name: t for t in reader.tensors}
     cfg = _config_from_metadata(reader, set(tensors), path)
     tokenizer = tokenizer_from_reader(reader, path)
-    reader.fields.clear()  # the metadata is read; its per-token numpy views take ~150 MB for a 49k vocabulary
+    reader.fields.clear()  # the metadata is read: drop the vocabulary lists
 
     # Build without random init (meta device), then give it real (uninitialised) storage and fill every tensor.
     with torch.device("meta"):
