@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from . import kernels
+from .fused_decode import fused_blocks
 from .kv_cache import KVCache
 from .rope import (ROPE_SCALING_TYPES, apply_rope, rope_frequencies, rope_original_length,  # noqa: F401
                    rope_scaling_type)
@@ -296,6 +297,10 @@ class Transformer(nn.Module):
             attn_mask = torch.ones(T, end, dtype=torch.bool, device=idx.device).tril(diagonal=pos)
         if padding_mask is not None:
             attn_mask = _with_padding(attn_mask, padding_mask.bool(), T, end, pos, self.config.causal)
+        fused = fused_blocks(self, x, rope, cache, pos, attn_mask) if T == 1 and cache is not None else None
+        if fused is not None:  # a packed Llama-style model decoding one token: one native call per layer
+            x = self.norm_f(fused)
+            return x if return_hidden else self.lm_head(x)
         masks = layer_masks(self.config, attn_mask, T, end, pos, idx.device)
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block, mask in zip(self.blocks, masks):

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
 static constexpr int BB[3] = {34, 18, 20};
@@ -299,7 +300,82 @@ torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
     return y;
 }
 
+// One decoder layer of a Llama-style block for one token (batch 1), all in native code: RMSNorm -> qkv -> RoPE
+// (rotate-half) -> write k, v at `pos` into the layer's cache (1, KV, L, D) -> attention over positions [0, pos] (GQA,
+// softmax(q.k / sqrt(D))) -> proj -> residual -> RMSNorm -> [gate; up] -> silu(gate) * up -> down -> residual.
+// The Python decode step is ~40 small ops per layer; this is one call (lmstack/models/fused_decode.py).
+torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv, int64_t qkv_fmt,
+                           c10::optional<torch::Tensor> qkv_b, torch::Tensor proj, int64_t proj_fmt,
+                           c10::optional<torch::Tensor> proj_b, torch::Tensor n2, torch::Tensor fc, int64_t fc_fmt,
+                           c10::optional<torch::Tensor> fc_b, torch::Tensor down, int64_t down_fmt,
+                           c10::optional<torch::Tensor> down_b, double eps, torch::Tensor cos, torch::Tensor sin,
+                           torch::Tensor kc, torch::Tensor vc, int64_t pos, int64_t H, int64_t KV) {
+    const int64_t D = cos.numel(), L = kc.size(2), half = D / 2;
+    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == torch::kFloat32 && pos < L,
+                "decode_layer: float32 contiguous caches with room for pos");
+    auto h = qlinear(rmsnorm(x, n1, eps), qkv, qkv_fmt, qkv_b);  // (1, (H + 2 KV) D)
+    float* hp = h.data_ptr<float>();
+    const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+    auto rope = [&](float* v) {
+        for (int64_t i = 0; i < half; ++i) {
+            const float a = v[i], b = v[i + half];
+            v[i] = a * cp[i] - b * sp[i];
+            v[i + half] = b * cp[i + half] + a * sp[i + half];
+        }
+    };
+    for (int64_t hh = 0; hh < H + KV; ++hh) rope(hp + hh * D);  // q heads, then k heads
+    float *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
+    for (int64_t g = 0; g < KV; ++g) {
+        std::memcpy(kp + (g * L + pos) * D, hp + (H + g) * D, D * sizeof(float));
+        std::memcpy(vp + (g * L + pos) * D, hp + (H + KV + g) * D, D * sizeof(float));
+    }
+    auto att = torch::empty({1, H * D}, x.options());
+    float* ap = att.data_ptr<float>();
+    const float scale = 1.f / std::sqrt((float)D);
+    const int64_t T = pos + 1, rep = H / KV;
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) {
+        std::vector<float> sc(T);
+        for (int64_t hh = h0; hh < h1; ++hh) {
+            const float* q = hp + hh * D;
+            const float* K = kp + (hh / rep) * L * D;
+            const float* V = vp + (hh / rep) * L * D;
+            float mx = -INFINITY;
+            for (int64_t t = 0; t < T; ++t) {
+                __m256 acc = _mm256_setzero_ps();
+                int64_t i = 0;
+                for (; i + 8 <= D; i += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(K + t * D + i), acc);
+                float d = hsum(acc);
+                for (; i < D; ++i) d += q[i] * K[t * D + i];
+                sc[t] = d * scale;
+                mx = std::max(mx, sc[t]);
+            }
+            float sum = 0.f;
+            for (int64_t t = 0; t < T; ++t) { sc[t] = std::exp(sc[t] - mx); sum += sc[t]; }
+            float* o = ap + hh * D;
+            for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
+            for (int64_t t = 0; t < T; ++t) {
+                const float w = sc[t] / sum;
+                const __m256 wv = _mm256_set1_ps(w);
+                int64_t i = 0;
+                for (; i + 8 <= D; i += 8)
+                    _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(V + t * D + i), _mm256_loadu_ps(o + i)));
+                for (; i < D; ++i) o[i] += w * V[t * D + i];
+            }
+        }
+    });
+    auto x1 = x + qlinear(att, proj, proj_fmt, proj_b);
+    auto g = qlinear(rmsnorm(x1, n2, eps), fc, fc_fmt, fc_b);  // (1, 2F) = [gate; up]
+    const int64_t F = g.size(-1) / 2;
+    auto act = torch::empty({1, F}, x.options());
+    const float* gp = g.data_ptr<float>();
+    float* actp = act.data_ptr<float>();
+    for (int64_t i = 0; i < F; ++i) actp[i] = gp[i] / (1.f + std::exp(-gp[i])) * gp[F + i];
+    return x1 + qlinear(act, down, down_fmt, down_b);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("decode_layer", &decode_layer, "one fused Llama-style decoder layer for one token");
     m.def("rmsnorm", &rmsnorm, "fused RMSNorm (float32)");
     m.def("qlinear", &qlinear, "quantized linear (GGUF block formats)");
     m.def("dequantize", &dequantize, "packed blocks -> float32");

@@ -1,0 +1,62 @@
+"""The decode step of a packed Llama-style model as one native call per layer (kernels/qmatmul.cpp decode_layer).
+
+Decoding one token through the Python Transformer is ~40 small PyTorch ops per layer (norms, RoPE, cache writes,
+SDPA, residuals): at SmolLM2's size their dispatch costs as much as the quantized matmuls themselves. When the model
+and the call fit the fused layer — pre-norm RMSNorm / RoPE / SwiGLU blocks whose four linears are all QuantLinear,
+no sliding window, one sequence, one token, a plain float32 KVCache, inference, a native kernel path — the
+Transformer runs its blocks through `fused_blocks` instead; anything else takes the ordinary path. Same math as the
+ordinary path with the same kernels (attention summed in a different order: ~1e-6). LMSTACK_FUSED_DECODE=0 turns
+it off.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import kernels
+from .kv_cache import KVCache
+from .qformats import FORMAT_IDS
+from .qlinear import QuantLinear
+
+
+def eligible(model) -> bool:
+    """Whether the model's blocks fit the fused layer (checked once, cached on the model)."""
+    ok = getattr(model, "_fused_decode_ok", None)
+    if ok is None:
+        cfg = model.config
+        ok = (cfg.norm == "rmsnorm" and cfg.norm_position == "pre" and cfg.mlp == "swiglu" and cfg.pos_emb == "rope"
+              and cfg.causal and not cfg.cross_attention and cfg.n_head % cfg.kv_heads == 0
+              and all(cfg.layer_window(i) is None for i in range(cfg.n_layer))
+              and all(isinstance(m, QuantLinear) for b in model.blocks
+                      for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj))
+              and all(b.norm1.weight is not None and b.norm2.weight is not None for b in model.blocks))
+        model._fused_decode_ok = ok
+    return ok
+
+
+def fused_blocks(model, x: torch.Tensor, rope, cache, pos: int, mask) -> torch.Tensor | None:
+    """x (1, 1, d) after the embedding -> the blocks' output, or None when this call does not fit (caller falls
+    back to the ordinary blocks)."""
+    if (x.shape[0] != 1 or x.shape[1] != 1 or mask is not None or type(cache) is not KVCache or rope is None
+            or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled() or model.training
+            or os.environ.get("LMSTACK_FUSED_DECODE", "1") == "0" or torch.compiler.is_compiling()
+            or not eligible(model)):
+        return None
+    ext = kernels.loaded()
+    if ext is None or rope[0].dim() != 2:
+        return None
+    cfg = model.config
+    cos, sin = rope[0][0].contiguous(), rope[1][0].contiguous()
+    x = x.contiguous()
+    for i, b in enumerate(model.blocks):
+        a, m = b.attn, b.mlp
+        x = ext.decode_layer(x, b.norm1.weight, a.qkv.qweight, FORMAT_IDS[a.qkv.fmt], a.qkv.bias, a.proj.qweight,
+                             FORMAT_IDS[a.proj.fmt], a.proj.bias, b.norm2.weight, m.fc.qweight,
+                             FORMAT_IDS[m.fc.fmt], m.fc.bias, m.proj.qweight, FORMAT_IDS[m.proj.fmt], m.proj.bias,
+                             _eps(b.norm1), cos, sin, cache.k[i], cache.v[i], pos, cfg.n_head, cfg.kv_heads)
+    return x
+
+
+def _eps(norm) -> float:
+    return torch.finfo(torch.float32).eps if norm.eps is None else float(norm.eps)
