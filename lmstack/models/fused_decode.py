@@ -49,13 +49,24 @@ def fused_blocks(model, x: torch.Tensor, rope, cache, pos: int, mask) -> torch.T
     cfg = model.config
     cos, sin = rope[0][0].contiguous(), rope[1][0].contiguous()
     x = x.contiguous()
-    for i, b in enumerate(model.blocks):
-        a, m = b.attn, b.mlp
-        x = ext.decode_layer(x, b.norm1.weight, a.qkv.qweight, FORMAT_IDS[a.qkv.fmt], a.qkv.bias, a.proj.qweight,
-                             FORMAT_IDS[a.proj.fmt], a.proj.bias, b.norm2.weight, m.fc.qweight,
-                             FORMAT_IDS[m.fc.fmt], m.fc.bias, m.proj.qweight, FORMAT_IDS[m.proj.fmt], m.proj.bias,
-                             _eps(b.norm1), cos, sin, cache.k[i], cache.v[i], pos, cfg.n_head, cfg.kv_heads)
+    for i, args in enumerate(_layer_args(model)):
+        x = ext.decode_layer(x, *args, cos, sin, cache.k[i], cache.v[i], pos, cfg.n_head, cfg.kv_heads)
     return x
+
+
+def _layer_args(model) -> list[tuple]:
+    """Each layer's weights as decode_layer takes them, gathered once (module attribute lookups cost ~1 ms a token);
+    rebuilt if a layer was swapped since."""
+    args = getattr(model, "_fused_decode_args", None)
+    if args is None or args[0][1] is not model.blocks[0].attn.qkv.qweight:
+        args = []
+        for b in model.blocks:
+            a, m = b.attn, b.mlp
+            args.append((b.norm1.weight, a.qkv.qweight, FORMAT_IDS[a.qkv.fmt], a.qkv.bias, a.proj.qweight,
+                         FORMAT_IDS[a.proj.fmt], a.proj.bias, b.norm2.weight, m.fc.qweight, FORMAT_IDS[m.fc.fmt],
+                         m.fc.bias, m.proj.qweight, FORMAT_IDS[m.proj.fmt], m.proj.bias, _eps(b.norm1)))
+        model._fused_decode_args = args
+    return args
 
 
 def _eps(norm) -> float:

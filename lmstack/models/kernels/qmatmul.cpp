@@ -77,7 +77,7 @@ static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* 
     }
 }
 
-struct XQ { const int8_t* q; const float* d; const float* s; int64_t K, nb; };
+struct XQ { const int8_t* q; const float* d; const float* s; const float* c; int64_t K, nb; };
 
 // y[m][n0 + j] for m < MT, j < NT
 template <int FMT, int MT, int NT>
@@ -131,44 +131,50 @@ template <int FMT, int NT>
 static inline void tile_m1_512(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int64_t n0, float* y,
                                int64_t N, const float* bias) {
     __m512 acc[NT];
-    float off[NT];
-    for (int j = 0; j < NT; ++j) { acc[j] = _mm512_setzero_ps(); off[j] = 0.f; }
+    __m128 macc[NT];  // lanes 1 and 3 collect the offset terms (m * xs, or -8 / -128 * d * xs)
+    for (int j = 0; j < NT; ++j) { acc[j] = _mm512_setzero_ps(); macc[j] = _mm_setzero_ps(); }
     const uint8_t* wr = w + n0 * ws;
     const int8_t* xr = x.q + m0 * x.K;
-    const float *xd = x.d + m0 * x.nb, *xs = x.s + m0 * x.nb;
-    const __m512i idx = FMT == Q8_0 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1)
-                                    : _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+    const float* xc = x.c + m0 * x.nb * 2;  // per block: [xd, c * xs]
+    const __m512i idx = FMT == Q8_0 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2)
+                                    : _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b + 2 <= x.nb; b += 2) {
         __m512i xv = _mm512_loadu_si512((const void*)(xr + b * 32));
         if (FMT != Q8_0) xv = _mm512_shuffle_i64x2(xv, xv, _MM_SHUFFLE(3, 1, 2, 0));
+        const __m128 xs4 = _mm_loadu_ps(xc + 2 * b);  // [xd0, c xs0, xd1, c xs1]
         for (int j = 0; j < NT; ++j) {
             const uint8_t* b0 = wr + j * ws + b * BB[FMT];
             const uint8_t* b1 = b0 + BB[FMT];
-            const float d0 = f16(b0), d1 = f16(b1);
+            uint32_t u0, u1;  // d (and m for Q4_1) of both blocks, as halves
+            std::memcpy(&u0, b0, 4);
+            std::memcpy(&u1, b1, 4);
+            if (FMT != Q4_1) { u0 = (u0 & 0xFFFFu) * 0x10001u; u1 = (u1 & 0xFFFFu) * 0x10001u; }
+            const __m128 prod = _mm_mul_ps(_mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)u0), (int)u1, 1)),
+                                           xs4);  // [d0 xd0, c0 xs0, d1 xd1, c1 xs1]
+            macc[j] = _mm_add_ps(macc[j], prod);
             __m512i wv;
             if (FMT == Q8_0) {
                 wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(b0 + 2))),
                                         _mm256_loadu_si256((const __m256i*)(b1 + 2)), 1);
                 wv = _mm512_xor_si512(wv, _mm512_set1_epi8((char)0x80));
-                off[j] -= 128.f * (d0 * xs[b] + d1 * xs[b + 1]);
             } else {
                 const int o = FMT == Q4_0 ? 2 : 4;
                 const __m256i t = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)(b1 + o)),
                                                    _mm_loadu_si128((const __m128i*)(b0 + o)));
                 wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(t, low4)),
                                         _mm256_and_si256(_mm256_srli_epi16(t, 4), low4), 1);
-                if (FMT == Q4_0) off[j] -= 8.f * (d0 * xs[b] + d1 * xs[b + 1]);
-                else off[j] += f16(b0 + 2) * xs[b] + f16(b1 + 2) * xs[b + 1];
             }
             const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-            const __m512 sc = _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(_mm_setr_ps(d0 * xd[b], d1 * xd[b + 1],
-                                                                                              0.f, 0.f)));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sc, acc[j]);
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(prod)),
+                                     acc[j]);
         }
     }
-    for (int j = 0; j < NT; ++j)
-        y[m0 * N + n0 + j] = _mm512_reduce_add_ps(acc[j]) + off[j] + (bias ? bias[n0 + j] : 0.f);
+    for (int j = 0; j < NT; ++j) {
+        alignas(16) float m4[4];
+        _mm_store_ps(m4, macc[j]);
+        y[m0 * N + n0 + j] = _mm512_reduce_add_ps(acc[j]) + m4[1] + m4[3] + (bias ? bias[n0 + j] : 0.f);
+    }
 }
 #endif
 
@@ -217,7 +223,12 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::option
     auto out_shape = x.sizes().vec();
     out_shape.back() = N;
     auto y = torch::empty(out_shape, x.options());
-    const XQ xqs{qp, dp, sp, K, nb};
+    // per block [xd, c * xs] (c = 1 for Q4_1's m, -8 for Q4_0, -128 for Q8_0's unsigned shift): the 512-bit path
+    auto xc = torch::empty({M, nb * 2}, x.options());
+    float* cp = xc.data_ptr<float>();
+    const float cm = fmt == Q4_1 ? 1.f : fmt == Q4_0 ? -8.f : -128.f;
+    for (int64_t i = 0; i < M * nb; ++i) { cp[2 * i] = dp[i]; cp[2 * i + 1] = cm * sp[i]; }
+    const XQ xqs{qp, dp, sp, cp, K, nb};
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     const uint8_t* wp = w.data_ptr<uint8_t>();
     const int64_t ws = w.size(1);
