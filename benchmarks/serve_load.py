@@ -8,8 +8,15 @@ chunk with text), p50/p99 total request latency and the error count. Tokens per 
 completion_tokens of the final chunk (stream_options.include_usage), or the number of SSE chunks with text when
 no usage chunk came.
 
+With `--engines lmstack,llama.cpp` the same load also runs against llama-cpp-python's own server
+(`python -m llama_cpp.server`, from benchmarks/.venv-llama, built by benchmarks/generate_speed.py) on the same file
+and thread count, one server at a time, and the table gets a per-level ratio. Per-request stream decode speed
+((tokens - 1) / (latency - TTFT), p50) is reported too: compare the 1-client row with the in-process decode speed
+of benchmarks/generate_speed.py.
+
     .venv/bin/python benchmarks/serve_load.py [--model GGUF] [--serve-args "--quantize int8"]
-        [--concurrency 1,4,8,16] [--rounds 1] [--max-tokens 32] [--append-results]
+        [--engines lmstack,llama.cpp] [--threads 2] [--concurrency 1,4,8,16] [--rounds 1] [--max-tokens 32]
+        [--append-results]
 """
 from __future__ import annotations
 
@@ -51,7 +58,7 @@ def wait_health(base: str, proc: subprocess.Popen, timeout: float) -> float:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with code {proc.returncode} before /health answered")
         try:
-            if httpx.get(base + "/health", timeout=2.0).status_code == 200:
+            if httpx.get(base + "/v1/models", timeout=2.0).status_code == 200:
                 return time.perf_counter() - t0
         except httpx.HTTPError:
             pass
@@ -96,8 +103,10 @@ async def one_request(client: httpx.AsyncClient, url: str, payload: dict) -> dic
         return {"error": f"{type(e).__name__}: {e}"}
     if err:
         return {"error": err}
-    return {"ttft": ttft, "latency": time.perf_counter() - t0,
-            "tokens": usage_tokens if usage_tokens is not None else text_chunks}
+    n = usage_tokens if usage_tokens is not None else text_chunks
+    lat = time.perf_counter() - t0
+    dec = (n - 1) / (lat - ttft) if ttft is not None and n > 1 and lat > ttft else None
+    return {"ttft": ttft, "latency": lat, "tokens": n, "decode": dec}
 
 
 async def run_level(base: str, model_name: str, n: int, rounds: int, max_tokens: int) -> dict:
@@ -120,39 +129,39 @@ async def run_level(base: str, model_name: str, n: int, rounds: int, max_tokens:
             "tok_s": tokens / wall if wall > 0 else 0.0,
             "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99),
             "lat_p50": pct(lats, 50), "lat_p99": pct(lats, 99),
+            "decode_p50": pct([r["decode"] for r in ok if r["decode"]], 50),
             "errors": len(errors), "error_samples": errors[:3]}
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| clients | requests | tokens | wall s | aggregate tok/s | TTFT p50 ms | TTFT p99 ms "
-           "| latency p50 s | latency p99 s | errors |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+    out = ["| server | clients | requests | tokens | wall s | aggregate tok/s | vs llama.cpp | stream decode tok/s p50 "
+           "| TTFT p50 ms | TTFT p99 ms | latency p50 s | latency p99 s | errors |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    peer = {r["clients"]: r["tok_s"] for r in rows if r["engine"] == "llama.cpp"}
     for r in rows:
-        out.append(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} | {r['tok_s']:.1f} "
-                   f"| {r['ttft_p50'] * 1000:.0f} | {r['ttft_p99'] * 1000:.0f} | {r['lat_p50']:.2f} "
-                   f"| {r['lat_p99']:.2f} | {r['errors']} |")
+        ratio = f"{r['tok_s'] / peer[r['clients']]:.2f}x" if peer.get(r["clients"]) else "—"
+        out.append(f"| {r['engine']} | {r['clients']} | {r['requests']} | {r['tokens']} | {r['wall_s']:.2f} "
+                   f"| {r['tok_s']:.1f} | {ratio} | {r['decode_p50']:.1f} | {r['ttft_p50'] * 1000:.0f} "
+                   f"| {r['ttft_p99'] * 1000:.0f} | {r['lat_p50']:.2f} | {r['lat_p99']:.2f} | {r['errors']} |")
     return "\n".join(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
-    ap.add_argument("--serve-args", default="", help='extra `lmstack serve` flags, e.g. "--quantize int8"')
-    ap.add_argument("--concurrency", default="1,4,8,16", help="comma-separated client counts")
-    ap.add_argument("--rounds", type=int, default=1, help="requests each client makes, one after another")
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--startup-timeout", type=float, default=180.0)
-    ap.add_argument("--server-log", action="store_true", help="show the server's own log (default: discarded)")
-    ap.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
-    a = ap.parse_args()
+def server_cmd(engine: str, a, port: int, serve_args: list[str]) -> tuple[list[str], str]:
+    """(command, model name to request) for one server."""
+    if engine == "llama.cpp":
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        from generate_speed import llama_python
+        return ([str(llama_python()), "-m", "llama_cpp.server", "--model", a.model, "--port", str(port),
+                 "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads), "--n_ctx", "2048",
+                 "--model_alias", "gguf"], "gguf")
+    cmd = lmstack_cmd() + ["serve", "--model", a.model, "--port", str(port), "--threads", str(a.threads)] + serve_args
+    name = serve_args[serve_args.index("--model-name") + 1] if "--model-name" in serve_args else a.model
+    return cmd, name
 
-    levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
-    serve_args = shlex.split(a.serve_args)
+
+def run_server(engine: str, a, levels: list[int], serve_args: list[str]) -> list[dict]:
     port = free_port()
-    cmd = lmstack_cmd() + ["serve", "--model", a.model, "--port", str(port)] + serve_args
-    model_name = a.model
-    if "--model-name" in serve_args:
-        model_name = serve_args[serve_args.index("--model-name") + 1]
+    cmd, model_name = server_cmd(engine, a, port, serve_args)
     base = f"http://127.0.0.1:{port}"
     print("server:", " ".join(shlex.quote(c) for c in cmd), flush=True)
     log = None if a.server_log else open(os.devnull, "w")
@@ -160,16 +169,16 @@ def main() -> None:
     rows = []
     try:
         up = wait_health(base, proc, a.startup_timeout)
-        print(f"/health ok after {up:.1f} s", flush=True)
-        # one untimed warm-up request (first-call allocations, int8 kernel load)
+        print(f"{engine}: up after {up:.1f} s", flush=True)
+        # one untimed warm-up request (first-call allocations, kernel load)
         warm = asyncio.run(run_level(base, model_name, 1, 1, a.max_tokens))
         if warm["errors"]:
             print("warm-up error:", warm["error_samples"], flush=True)
         for n in levels:
-            r = asyncio.run(run_level(base, model_name, n, a.rounds, a.max_tokens))
+            r = dict(asyncio.run(run_level(base, model_name, n, a.rounds, a.max_tokens)), engine=engine)
             rows.append(r)
-            print(f"clients={n}: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50'] * 1000:.0f} ms, "
-                  f"latency p50 {r['lat_p50']:.2f} s, errors {r['errors']}"
+            print(f"{engine} clients={n}: {r['tok_s']:.1f} tok/s, stream decode p50 {r['decode_p50']:.1f}, TTFT "
+                  f"p50 {r['ttft_p50'] * 1000:.0f} ms, errors {r['errors']}"
                   + (f" {r['error_samples']}" if r["errors"] else ""), flush=True)
     finally:
         proc.terminate()
@@ -180,7 +189,25 @@ def main() -> None:
             proc.wait()
         if log:
             log.close()
+    return rows
 
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--serve-args", default="", help='extra `lmstack serve` flags, e.g. "--quantize int8"')
+    ap.add_argument("--engines", default="lmstack", help="servers to load, in turn: lmstack and/or llama.cpp")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--concurrency", default="1,4,8,16", help="comma-separated client counts")
+    ap.add_argument("--rounds", type=int, default=1, help="requests each client makes, one after another")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--startup-timeout", type=float, default=180.0)
+    ap.add_argument("--server-log", action="store_true", help="show the server's own log (default: discarded)")
+    ap.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    a = ap.parse_args()
+    levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
+    serve_args = shlex.split(a.serve_args)
+    rows = [r for engine in a.engines.split(",") for r in run_server(engine.strip(), a, levels, serve_args)]
     tbl = table(rows)
     print()
     print(tbl)
@@ -195,7 +222,7 @@ def main() -> None:
         section = (f"\n## Serve load — {dt.date.today().isoformat()}\n\n"
                    f"Command: `{cmdline}`  \n"
                    f"Machine: {MACHINE} ({platform.machine()}, {os.cpu_count()} CPUs{tv}); model "
-                   f"{Path(a.model).name}, server flags `{' '.join(serve_args) or '(none)'}`; "
+                   f"{Path(a.model).name}, {a.threads} threads, lmstack server flags `{' '.join(serve_args) or '(none)'}`; "
                    f"each of N clients makes {a.rounds} streamed /v1/completions request(s) at once "
                    f"(prompt {PROMPT!r}, max_tokens {a.max_tokens}, temperature 0), one untimed warm-up request "
                    f"first. Aggregate tok/s = generated tokens (usage.completion_tokens) / wall time of the level.\n\n"

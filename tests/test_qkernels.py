@@ -265,3 +265,38 @@ def test_lean_reader_matches_gguf_reader(tmp_path):
         LeanReader(cut)
     with pytest.raises(LMStackError, match="past the end of the file|cut short"):
         lmstack.load(cut)
+
+
+def test_fused_decode_layer_equals_the_module_path(monkeypatch, path_restore):
+    if not [p for p in NATIVE if p != "amx"]:
+        pytest.skip("no native kernels on this CPU")
+    from lmstack.models.kv_cache import make_cache
+    kernels.set_kernel_path(NATIVE[-1])
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos_emb="rope",
+                      norm="rmsnorm", mlp="swiglu", intermediate_size=96, bias=False)
+    model = quantize_model(Transformer(cfg).eval(), "q4_1")
+    ext, calls = kernels.loaded(), []
+
+    class Counting:  # counts the fused calls, forwards everything else
+        def __getattr__(self, name):
+            if name == "decode_layer":
+                calls.append(1)
+            return getattr(ext, name)
+    monkeypatch.setattr(kernels, "loaded", lambda: Counting())
+    ids = torch.randint(0, 96, (1, 30))
+
+    def run():
+        cache, out = make_cache(model, 1, 64), []
+        with torch.inference_mode():
+            out.append(model(ids[:, :5], cache=cache, pos=0)[:, -1:])
+            for i in range(5, 30):
+                out.append(model(ids[:, i:i + 1], cache=cache, pos=i))
+        return torch.cat(out, 1)
+    fused = run()
+    assert len(calls) == 25 * cfg.n_layer
+    monkeypatch.setenv("LMSTACK_FUSED_DECODE", "0")
+    calls.clear()
+    plain = run()
+    assert calls == []
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
