@@ -153,10 +153,11 @@ def server_cmd(engine: str, a, port: int, serve_args: list[str]) -> tuple[list[s
         from generate_speed import llama_python
         return ([str(llama_python()), "-m", "llama_cpp.server", "--model", a.model, "--port", str(port),
                  "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads), "--n_ctx", "2048",
-                 "--model_alias", "gguf"], "gguf")
+                 "--model_alias", "gguf", "--interrupt_requests", "False"], "gguf")  # queue, not cut, concurrent requests
+    if "--model-name" not in serve_args:
+        serve_args = serve_args + ["--model-name", "gguf"]
     cmd = lmstack_cmd() + ["serve", "--model", a.model, "--port", str(port), "--threads", str(a.threads)] + serve_args
-    name = serve_args[serve_args.index("--model-name") + 1] if "--model-name" in serve_args else a.model
-    return cmd, name
+    return cmd, serve_args[serve_args.index("--model-name") + 1]
 
 
 def run_server(engine: str, a, levels: list[int], serve_args: list[str]) -> list[dict]:
