@@ -42,7 +42,7 @@ class RMSNorm(nn.RMSNorm):
         return super().forward(x)
 
 
-_SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
+SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -76,7 +76,7 @@ class Attention(nn.Module):
                 attn_mask = attn_mask[..., attn_mask.shape[-1] - k.shape[2]:]  # the last keys (kv_cache.py)
         gqa = {}
         if self.n_kv != self.n_head:
-            if _SDPA_GQA:  # SDPA broadcasts the kv heads itself: no per-step copy of the whole cache
+            if SDPA_GQA:  # SDPA broadcasts the kv heads itself: no per-step copy of the whole cache
                 gqa = {"enable_gqa": True}
             else:
                 rep = self.n_head // self.n_kv

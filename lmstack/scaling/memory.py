@@ -39,8 +39,8 @@ micro-batch (B sequences x T tokens) plus the loss, per block in the order of `B
   norm (x2)   layernorm: input (d) + mean, rstd (fp32 scalars per token);
               rmsnorm:   input (d) + rstd + x*rstd (d) (nn.RMSNorm's composite kernel; a fused kernel saves only
                          input + rstd)
-  attention   qkv input (d); q, k, v as SDPA receives them (d each: GQA/MQA k, v are repeat_interleave'd to n_head
-              before SDPA; with RoPE q and k are new tensors; any of q, k, v that is still a view of the fused qkv
+  attention   qkv input (d); q, k, v as SDPA receives them (GQA/MQA k, v keep n_kv_head heads: SDPA's enable_gqa,
+              torch >= 2.5; older torch repeat_interleaves them to n_head); with RoPE q and k are new tensors; any of q, k, v that is still a view of the fused qkv
               output keeps that whole (d + 2*kv*hd) buffer alive); SDPA output (d; also the proj input) and its
               logsumexp (n_head fp32 per token). `attention="sdpa"` assumes a flash / memory-efficient kernel: no
               T x T scores are stored. `attention="eager"` (math kernel, e.g. dropout or an explicit mask on CPU)
@@ -61,6 +61,7 @@ from dataclasses import asdict, dataclass
 
 from ..config import ModelConfig, describe
 from ..errors import ConfigError
+from ..models.transformer import SDPA_GQA
 
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "sgd", "rmsprop", "muon")
@@ -157,9 +158,11 @@ def activation_bytes(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None 
     r = 2 if pure_bf16 else 4                    # residual stream and norms
     # attention: which of q, k, v are views of the fused qkv output (that keeps the whole buffer alive)
     rope, gqa = cfg.pos_emb == "rope", cfg.kv_heads != cfg.n_head
-    q_view, k_view, v_view = not rope, not (rope or gqa), not gqa
+    repeat = gqa and not SDPA_GQA  # torch < 2.5: k, v repeat_interleave'd to n_head before SDPA
+    q_view, k_view, v_view = not rope, not (rope or repeat), not repeat
     attn = c * d                                                      # qkv input
-    attn += c * d * ((not q_view) + (not k_view) + (not v_view))      # new q / k / v tensors (n_head wide)
+    attn += c * d * (not q_view)                                      # new q (n_head wide)
+    attn += c * (d if repeat else kv) * ((not k_view) + (not v_view))  # new k / v (n_head wide when repeated)
     attn += c * (d + 2 * kv) if (q_view or k_view or v_view) else 0   # the fused qkv buffer
     attn += c * d                                                     # SDPA output = proj input
     if attention == "sdpa":
