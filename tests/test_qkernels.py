@@ -300,3 +300,33 @@ def test_fused_decode_layer_equals_the_module_path(monkeypatch, path_restore):
     plain = run()
     assert calls == []
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_decode_in_the_continuous_batcher(monkeypatch, path_restore):
+    """Rows of different lengths (left padding, per-row positions) through the fused layer = the module path."""
+    if not [p for p in NATIVE if p != "amx"]:
+        pytest.skip("no native kernels on this CPU")
+    from lmstack.generate import SamplingParams
+    from lmstack.generate.batching import generate_batch
+    kernels.set_kernel_path(NATIVE[-1])
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos_emb="rope",
+                      norm="rmsnorm", mlp="swiglu", intermediate_size=96, bias=False)
+    model = quantize_model(Transformer(cfg).eval(), "q8_0")
+    prompts = [[3, 5, 7], [9, 11, 13, 15, 17, 19, 21], [2, 4, 6, 8, 10]]
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+    ext, calls = kernels.loaded(), []
+
+    class Counting:
+        def __getattr__(self, name):
+            if name == "decode_layer":
+                calls.append(1)
+            return getattr(ext, name)
+    monkeypatch.setattr(kernels, "loaded", lambda: Counting())
+    fused = generate_batch(model, prompts, params)
+    assert calls  # the batcher's decode steps went through the fused layer
+    monkeypatch.setenv("LMSTACK_FUSED_DECODE", "0")
+    plain = generate_batch(model, prompts, params)
+    for a, b in zip(fused, plain):
+        assert [s.token for s in a] == [s.token for s in b]
+        np.testing.assert_allclose([s.logprob for s in a], [s.logprob for s in b], rtol=1e-4, atol=1e-4)

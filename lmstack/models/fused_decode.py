@@ -3,8 +3,9 @@
 Decoding one token through the Python Transformer is ~40 small PyTorch ops per layer (norms, RoPE, cache writes,
 SDPA, residuals): at SmolLM2's size their dispatch costs as much as the quantized matmuls themselves. When the model
 and the call fit the fused layer — pre-norm RMSNorm / RoPE / SwiGLU blocks whose four linears are all QuantLinear,
-no sliding window, one sequence, one token, a plain float32 KVCache, inference, a native kernel path — the
-Transformer runs its blocks through `fused_blocks` instead; anything else takes the ordinary path. Same math as the
+no sliding window, one new token per row, a plain float32 KVCache, inference, a native kernel path — the
+Transformer runs its blocks through `fused_blocks` instead (batch 1, or a continuous batch with per-row positions
+and padding masks); anything else takes the ordinary path. Same math as the
 ordinary path with the same kernels (attention summed in a different order: ~1e-6). LMSTACK_FUSED_DECODE=0 turns
 it off.
 """
@@ -35,22 +36,31 @@ def eligible(model) -> bool:
     return ok
 
 
-def fused_blocks(model, x: torch.Tensor, rope, cache, pos: int, mask) -> torch.Tensor | None:
-    """x (1, 1, d) after the embedding -> the blocks' output, or None when this call does not fit (caller falls
-    back to the ordinary blocks)."""
-    if (x.shape[0] != 1 or x.shape[1] != 1 or mask is not None or type(cache) is not KVCache or rope is None
-            or x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled() or model.training
+def fused_blocks(model, x: torch.Tensor, rope, cache, pos: int, padding_mask: torch.Tensor | None = None):
+    """x (B, 1, d) after the embedding -> the blocks' output, or None when this call does not fit (the caller runs
+    the ordinary blocks). rope: (cos, sin) rows for position `pos` ((1, D)) or per row ((B, 1, 1, D), a continuous
+    batch's own positions); padding_mask (B, pos + 1) bool: the slots each row attends to."""
+    if (x.shape[1] != 1 or type(cache) is not KVCache or rope is None or x.dtype != torch.float32
+            or x.device.type != "cpu" or torch.is_grad_enabled() or model.training
             or os.environ.get("LMSTACK_FUSED_DECODE", "1") == "0" or torch.compiler.is_compiling()
             or not eligible(model)):
         return None
     ext = kernels.loaded()
-    if ext is None or rope[0].dim() != 2:
+    if ext is None:
         return None
-    cfg = model.config
-    cos, sin = rope[0][0].contiguous(), rope[1][0].contiguous()
+    B, cfg = x.shape[0], model.config
+    cos, sin = (t.reshape(-1, t.shape[-1]) for t in rope)
+    if cos.shape[0] not in (1, B) or cache.k[0].shape[0] < B or not cache.k[0].is_contiguous():
+        return None
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    mask = None
+    if padding_mask is not None:
+        mask = padding_mask.to(torch.bool).contiguous()
+        if mask.shape != (B, pos + 1):
+            return None
     x = x.contiguous()
     for i, args in enumerate(_layer_args(model)):
-        x = ext.decode_layer(x, *args, cos, sin, cache.k[i], cache.v[i], pos, cfg.n_head, cfg.kv_heads)
+        x = ext.decode_layer(x, *args, cos, sin, cache.k[i], cache.v[i], pos, cfg.n_head, cfg.kv_heads, mask)
     return x
 
 

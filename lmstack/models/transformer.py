@@ -292,15 +292,16 @@ class Transformer(nn.Module):
                 rope = (cos_t[positions][:, None].to(x.dtype), sin_t[positions][:, None].to(x.dtype))
             else:
                 rope = (cos_t[pos:end].to(x.dtype), sin_t[pos:end].to(x.dtype))
+        if T == 1 and cache is not None and attn_mask is None:  # a packed Llama-style model decoding one token
+            fused = fused_blocks(self, x, rope, cache, pos, padding_mask)  # per row: one native call per layer
+            if fused is not None:
+                x = self.norm_f(fused)
+                return x if return_hidden else self.lm_head(x)
         if attn_mask is None and cache is not None and self.config.causal and T > 1 and pos > 0:
             # chunk after a cached prefix: query i (absolute pos+i) sees keys 0..pos+i
             attn_mask = torch.ones(T, end, dtype=torch.bool, device=idx.device).tril(diagonal=pos)
         if padding_mask is not None:
             attn_mask = _with_padding(attn_mask, padding_mask.bool(), T, end, pos, self.config.causal)
-        fused = fused_blocks(self, x, rope, cache, pos, attn_mask) if T == 1 and cache is not None else None
-        if fused is not None:  # a packed Llama-style model decoding one token: one native call per layer
-            x = self.norm_f(fused)
-            return x if return_hidden else self.lm_head(x)
         masks = layer_masks(self.config, attn_mask, T, end, pos, idx.device)
         recompute = self.activation_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         for block, mask in zip(self.blocks, masks):
