@@ -127,22 +127,25 @@ static inline void tile(const uint8_t* w, int64_t wstride, const XQ& x, int64_t 
 // One row of x (decode) against NT rows of W, two blocks per 512-bit dpbusd. Q4: the two blocks' nibbles unpack to
 // [lo0 lo1 hi0 hi1] (128-bit lanes) and x's lanes are shuffled to match; Q8_0: bytes + 128 (dpbusd wants unsigned),
 // corrected by -128 * dw * xs. Needs an even number of blocks per row.
-template <int FMT, int NT>
-static inline void tile_m1_512(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int64_t n0, float* y,
-                               int64_t N, const float* bias) {
-    __m512 acc[NT];
-    __m128 macc[NT];  // lanes 1 and 3 collect the offset terms (m * xs, or -8 / -128 * d * xs)
-    for (int j = 0; j < NT; ++j) { acc[j] = _mm512_setzero_ps(); macc[j] = _mm_setzero_ps(); }
+template <int FMT, int MT, int NT>
+static inline void tile_512(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int64_t n0, float* y,
+                            int64_t N, const float* bias) {
+    __m512 acc[MT][NT];
+    __m128 macc[MT][NT];  // lanes 1 and 3 collect the offset terms (m * xs, or -8 / -128 * d * xs)
+    for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < NT; ++j) { acc[m][j] = _mm512_setzero_ps(); macc[m][j] = _mm_setzero_ps(); }
     const uint8_t* wr = w + n0 * ws;
-    const int8_t* xr = x.q + m0 * x.K;
-    const float* xc = x.c + m0 * x.nb * 2;  // per block: [xd, c * xs]
     const __m512i idx = FMT == Q8_0 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2)
                                     : _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
     for (int64_t b = 0; b + 2 <= x.nb; b += 2) {
-        __m512i xv = _mm512_loadu_si512((const void*)(xr + b * 32));
-        if (FMT != Q8_0) xv = _mm512_shuffle_i64x2(xv, xv, _MM_SHUFFLE(3, 1, 2, 0));
-        const __m128 xs4 = _mm_loadu_ps(xc + 2 * b);  // [xd0, c xs0, xd1, c xs1]
+        __m512i xv[MT];
+        __m128 xs4[MT];  // [xd0, c xs0, xd1, c xs1] per row of x
+        for (int m = 0; m < MT; ++m) {
+            xv[m] = _mm512_loadu_si512((const void*)(x.q + (m0 + m) * x.K + b * 32));
+            if (FMT != Q8_0) xv[m] = _mm512_shuffle_i64x2(xv[m], xv[m], _MM_SHUFFLE(3, 1, 2, 0));
+            xs4[m] = _mm_loadu_ps(x.c + (m0 + m) * x.nb * 2 + 2 * b);
+        }
         for (int j = 0; j < NT; ++j) {
             const uint8_t* b0 = wr + j * ws + b * BB[FMT];
             const uint8_t* b1 = b0 + BB[FMT];
@@ -150,9 +153,7 @@ static inline void tile_m1_512(const uint8_t* w, int64_t ws, const XQ& x, int64_
             std::memcpy(&u0, b0, 4);
             std::memcpy(&u1, b1, 4);
             if (FMT != Q4_1) { u0 = (u0 & 0xFFFFu) * 0x10001u; u1 = (u1 & 0xFFFFu) * 0x10001u; }
-            const __m128 prod = _mm_mul_ps(_mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)u0), (int)u1, 1)),
-                                           xs4);  // [d0 xd0, c0 xs0, d1 xd1, c1 xs1]
-            macc[j] = _mm_add_ps(macc[j], prod);
+            const __m128 wd = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)u0), (int)u1, 1));
             __m512i wv;
             if (FMT == Q8_0) {
                 wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(b0 + 2))),
@@ -165,16 +166,21 @@ static inline void tile_m1_512(const uint8_t* w, int64_t ws, const XQ& x, int64_
                 wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(t, low4)),
                                         _mm256_and_si256(_mm256_srli_epi16(t, 4), low4), 1);
             }
-            const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv);
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(prod)),
-                                     acc[j]);
+            for (int m = 0; m < MT; ++m) {
+                const __m128 prod = _mm_mul_ps(wd, xs4[m]);  // [d0 xd0, c0 xs0, d1 xd1, c1 xs1]
+                macc[m][j] = _mm_add_ps(macc[m][j], prod);
+                const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv, xv[m]);
+                acc[m][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p),
+                                            _mm512_permutexvar_ps(idx, _mm512_castps128_ps512(prod)), acc[m][j]);
+            }
         }
     }
-    for (int j = 0; j < NT; ++j) {
-        alignas(16) float m4[4];
-        _mm_store_ps(m4, macc[j]);
-        y[m0 * N + n0 + j] = _mm512_reduce_add_ps(acc[j]) + m4[1] + m4[3] + (bias ? bias[n0 + j] : 0.f);
-    }
+    for (int m = 0; m < MT; ++m)
+        for (int j = 0; j < NT; ++j) {
+            alignas(16) float m4[4];
+            _mm_store_ps(m4, macc[m][j]);
+            y[(m0 + m) * N + n0 + j] = _mm512_reduce_add_ps(acc[m][j]) + m4[1] + m4[3] + (bias ? bias[n0 + j] : 0.f);
+        }
 }
 #endif
 
@@ -183,9 +189,10 @@ static void row_tiles(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int
                       int64_t N, const float* bias) {
     int64_t n = n0;
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-    if (MT == 1 && x.nb % 2 == 0) {
-        for (; n + NT_MAX <= n1; n += NT_MAX) tile_m1_512<FMT, NT_MAX>(w, ws, x, m0, n, y, N, bias);
-        for (; n < n1; ++n) tile_m1_512<FMT, 1>(w, ws, x, m0, n, y, N, bias);
+    if (x.nb % 2 == 0) {  // two blocks per 512-bit dpbusd; NT rows of W per tile (fewer when MT rows of x share it)
+        constexpr int NT5 = MT == 1 ? 4 : 2;
+        for (; n + NT5 <= n1; n += NT5) tile_512<FMT, MT, NT5>(w, ws, x, m0, n, y, N, bias);
+        for (; n < n1; ++n) tile_512<FMT, MT, 1>(w, ws, x, m0, n, y, N, bias);
         return;
     }
 #endif
