@@ -2,6 +2,7 @@
 loader (an independent reader of llama.cpp's layout), quantized tensor types, errors, the CLI."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -120,3 +121,47 @@ def test_cli_export_gguf_from_a_checkpoint(tmp_path, tok):
         assert torch.equal(again(ids), back(ids))  # f32 of the dequantized q8_0 weights: the same function
     p = run_cli("export", str(tmp_path / "ckpt"), "--quant", "q8_0", "--out", str(tmp_path / "hf"))
     assert p.returncode == 2 and "--format gguf" in p.stderr
+
+
+# ---- llama.cpp itself reads the export (slow: needs llama-cpp-python, built by benchmarks/generate_speed.py) ----
+_LLAMA_GREEDY = """
+import json, sys
+import numpy as np
+from llama_cpp import Llama
+path, ids, n = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = Llama(model_path=path, n_threads=2, n_ctx=256, verbose=False)
+out = []
+llm.eval(ids)
+for _ in range(n):
+    t = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))))
+    out.append(t)
+    llm.eval([t])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_llama_cpp_decodes_the_same_greedy_tokens(tmp_path):
+    import subprocess
+    import sys
+
+    import lmstack
+    repo = Path(__file__).resolve().parents[1]
+    py = repo / "benchmarks" / ".venv-llama" / "bin" / "python"
+    if not py.exists():
+        pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (benchmarks/generate_speed.py "
+                                                "builds it into benchmarks/.venv-llama)")
+        py = Path(sys.executable)
+    src = repo.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not src.is_file():
+        pytest.skip(f"no GGUF model at {src}")
+    lm = lmstack.load(src, dtype="float32")
+    out = export_gguf(lm.model, lm.tokenizer, tmp_path / "smollm2.f32.gguf", quant="f32")
+    ids = lm.tokenizer.encode("The capital of France is Paris. The capital of Germany is")
+    back = lmstack.load(out, dtype="float32")
+    from lmstack.generate import SamplingParams, generate
+    ours = generate(back.model, ids, SamplingParams(max_new_tokens=16, temperature=0.0, stop_at_eos=False))
+    r = subprocess.run([str(py), "-c", _LLAMA_GREEDY, str(out), json.dumps(ids), "16"], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == list(ours)

@@ -184,6 +184,55 @@ static inline void tile_512(const uint8_t* w, int64_t ws, const XQ& x, int64_t m
 }
 #endif
 
+#if !(defined(__AVX512F__) && defined(__AVX512VNNI__))
+// The AVX2 build's matvec (one row of x, decode): two blocks per step, both blocks' f16 scales converted in one
+// vcvtph2ps and multiplied with x's [xd, c * xs] pair at once (as the 512-bit tile), maddubs + madd per block.
+template <int FMT, int NT>
+static inline void tile_m1_256x2(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int64_t n0, float* y,
+                                 int64_t N, const float* bias) {
+    __m256 acc[NT];
+    __m128 macc[NT];
+    for (int j = 0; j < NT; ++j) { acc[j] = _mm256_setzero_ps(); macc[j] = _mm_setzero_ps(); }
+    const uint8_t* wr = w + n0 * ws;
+    const __m256i lo = _mm256_set1_epi32(0), hi = _mm256_set1_epi32(2);
+    for (int64_t b = 0; b + 2 <= x.nb; b += 2) {
+        const __m256i x0 = _mm256_loadu_si256((const __m256i*)(x.q + m0 * x.K + b * 32));
+        const __m256i x1 = _mm256_loadu_si256((const __m256i*)(x.q + m0 * x.K + b * 32 + 32));
+        const __m128 xs4 = _mm_loadu_ps(x.c + m0 * x.nb * 2 + 2 * b);
+        for (int j = 0; j < NT; ++j) {
+            const uint8_t* b0 = wr + j * ws + b * BB[FMT];
+            const uint8_t* b1 = b0 + BB[FMT];
+            uint32_t u0, u1;
+            std::memcpy(&u0, b0, 4);
+            std::memcpy(&u1, b1, 4);
+            if (FMT != Q4_1) { u0 = (u0 & 0xFFFFu) * 0x10001u; u1 = (u1 & 0xFFFFu) * 0x10001u; }
+            const __m128 prod = _mm_mul_ps(_mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)u0), (int)u1, 1)),
+                                           xs4);  // [d0 xd0, c0 xs0, d1 xd1, c1 xs1]
+            __m256i p0, p1;
+            if (FMT == Q8_0) {  // signed x signed: |w| with x carrying w's sign (no offset term)
+                const __m256i w0 = _mm256_loadu_si256((const __m256i*)(b0 + 2));
+                const __m256i w1 = _mm256_loadu_si256((const __m256i*)(b1 + 2));
+                p0 = dot_u8s8(_mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0));
+                p1 = dot_u8s8(_mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1));
+            } else {
+                const int o = FMT == Q4_0 ? 2 : 4;
+                p0 = dot_u8s8(unpack_q4(b0 + o), x0);
+                p1 = dot_u8s8(unpack_q4(b1 + o), x1);
+                macc[j] = _mm_add_ps(macc[j], prod);
+            }
+            const __m256 pr = _mm256_castps128_ps256(prod);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_permutevar8x32_ps(pr, lo), acc[j]);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_permutevar8x32_ps(pr, hi), acc[j]);
+        }
+    }
+    for (int j = 0; j < NT; ++j) {
+        alignas(16) float m4[4];
+        _mm_store_ps(m4, macc[j]);
+        y[m0 * N + n0 + j] = hsum(acc[j]) + m4[1] + m4[3] + (bias ? bias[n0 + j] : 0.f);
+    }
+}
+#endif
+
 template <int FMT, int MT>
 static void row_tiles(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int64_t n0, int64_t n1, float* y,
                       int64_t N, const float* bias) {
@@ -193,6 +242,12 @@ static void row_tiles(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int
         constexpr int NT5 = MT == 1 ? 4 : 2;
         for (; n + NT5 <= n1; n += NT5) tile_512<FMT, MT, NT5>(w, ws, x, m0, n, y, N, bias);
         for (; n < n1; ++n) tile_512<FMT, MT, 1>(w, ws, x, m0, n, y, N, bias);
+        return;
+    }
+#else
+    if (MT == 1 && x.nb % 2 == 0) {
+        for (; n + 4 <= n1; n += 4) tile_m1_256x2<FMT, 4>(w, ws, x, m0, n, y, N, bias);
+        for (; n < n1; ++n) tile_m1_256x2<FMT, 1>(w, ws, x, m0, n, y, N, bias);
         return;
     }
 #endif
