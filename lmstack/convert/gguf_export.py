@@ -96,10 +96,10 @@ def _weights(model, cfg: ModelConfig) -> list[tuple[str, np.ndarray]]:
 
 
 def _pre_name(spec: dict) -> str:
-    """`tokenizer.ggml.pre` for a tokenizer.json pre-tokenizer: gpt2 (ByteLevel's own regex) or a named Split."""
+    """`tokenizer.ggml.pre` for a tokenizer.json pre-tokenizer: gpt-2 (ByteLevel's own regex) or a named Split."""
     pre = spec.get("pre_tokenizer") or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space", False):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name for the GPT-2 regex (it rejects "gpt2")
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
     splits = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
     byte = [p for p in parts if p.get("type") == "ByteLevel"]
