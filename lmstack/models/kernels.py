@@ -33,7 +33,9 @@ from ..errors import LMStackError
 
 PATHS = ("amx", "avx512", "avx2", "torch")
 GEMM_MIN_ROWS = 32  # from this many rows of x (prefill), unpack the weight natively and run a float GEMM
-_SOURCE = Path(__file__).with_name("kernels") / "qmatmul.cpp"
+# the extension's sources (common.h is included by both); bump the _v<N> name below when any of them changes, since
+# torch's build cache looks at the .cpp files only
+_SOURCES = [Path(__file__).with_name("kernels") / f for f in ("qmatmul.cpp", "decode_layer.cpp")]
 _FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
@@ -78,12 +80,12 @@ def extension(isa: str):
             return _built.get(isa)
         try:
             from torch.utils.cpp_extension import get_default_build_root, load
-            name = f"lmstack_qmatmul_{isa}_v13"
+            name = f"lmstack_qmatmul_{isa}_v14"
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
             if not any(root.glob(f"{name}/*.so")) and not any(root.glob(f"*/{name}/*.so")):
                 print(f"lmstack: compiling the {isa} quantized-matmul kernels (first use, about a minute; cached "
                       "afterwards)...", file=sys.stderr, flush=True)
-            _built[isa] = load(name, [str(_SOURCE)], extra_cflags=["-O3", "-fopenmp", *_FLAGS[isa]],
+            _built[isa] = load(name, [str(f) for f in _SOURCES], extra_cflags=["-O3", "-fopenmp", *_FLAGS[isa]],
                                extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as e:  # no compiler, no headers, an assembler without these instructions, ...
             _errors[isa] = f"{type(e).__name__}: {e}"[:400]
