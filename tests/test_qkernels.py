@@ -267,6 +267,19 @@ def test_lean_reader_matches_gguf_reader(tmp_path):
         lmstack.load(cut)
 
 
+def count_fused_calls(monkeypatch) -> list:
+    """Route kernels.loaded() through a proxy that records each decode_layer call (and forwards everything)."""
+    ext, calls = kernels.loaded(), []
+
+    class Counting:
+        def __getattr__(self, name):
+            if name == "decode_layer":
+                calls.append(1)
+            return getattr(ext, name)
+    monkeypatch.setattr(kernels, "loaded", lambda: Counting())
+    return calls
+
+
 def test_fused_decode_layer_equals_the_module_path(monkeypatch, path_restore):
     if not [p for p in NATIVE if p != "amx"]:
         pytest.skip("no native kernels on this CPU")
@@ -276,14 +289,7 @@ def test_fused_decode_layer_equals_the_module_path(monkeypatch, path_restore):
     cfg = ModelConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos_emb="rope",
                       norm="rmsnorm", mlp="swiglu", intermediate_size=96, bias=False)
     model = quantize_model(Transformer(cfg).eval(), "q4_1")
-    ext, calls = kernels.loaded(), []
-
-    class Counting:  # counts the fused calls, forwards everything else
-        def __getattr__(self, name):
-            if name == "decode_layer":
-                calls.append(1)
-            return getattr(ext, name)
-    monkeypatch.setattr(kernels, "loaded", lambda: Counting())
+    calls = count_fused_calls(monkeypatch)
     ids = torch.randint(0, 96, (1, 30))
 
     def run():
@@ -315,14 +321,7 @@ def test_fused_decode_in_the_continuous_batcher(monkeypatch, path_restore):
     model = quantize_model(Transformer(cfg).eval(), "q8_0")
     prompts = [[3, 5, 7], [9, 11, 13, 15, 17, 19, 21], [2, 4, 6, 8, 10]]
     params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
-    ext, calls = kernels.loaded(), []
-
-    class Counting:
-        def __getattr__(self, name):
-            if name == "decode_layer":
-                calls.append(1)
-            return getattr(ext, name)
-    monkeypatch.setattr(kernels, "loaded", lambda: Counting())
+    calls = count_fused_calls(monkeypatch)
     fused = generate_batch(model, prompts, params)
     assert calls  # the batcher's decode steps went through the fused layer
     monkeypatch.setenv("LMSTACK_FUSED_DECODE", "0")
