@@ -45,6 +45,18 @@ class RMSNorm(nn.RMSNorm):
 SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """scaled_dot_product_attention; under CPU bf16 autocast it runs in float32, because PyTorch's CPU flash-attention
+    backward is several times slower in bf16 than in float32 (measured: benchmarks/RESULTS.md, `dtype: auto`)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        mask = kw.get("attn_mask")
+        if mask is not None and mask.is_floating_point():
+            kw["attn_mask"] = mask.float()
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
@@ -84,8 +96,8 @@ class Attention(nn.Module):
         is_causal = False  # set by a branch, not an expression: under torch.compile the shapes are symbolic
         if self.cfg.causal and attn_mask is None and T > 1 and k.shape[2] == T:
             is_causal = True
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0, **gqa)
+        y = attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                   dropout_p=self.dropout if self.training else 0.0, **gqa)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 
@@ -125,7 +137,7 @@ class CrossAttention(nn.Module):
         if memory_mask is None and cache is not None:
             memory_mask = getattr(cache, "memory_mask", None)
         mask = None if memory_mask is None else memory_mask.bool()[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        y = attend(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.hd))
 
 

@@ -98,7 +98,7 @@ class TrainConfig:
     ckpt_interval: int | None = None  # default: every eval
     keep_best: bool = True
     # speed
-    dtype: str = "float32"          # float32 | bfloat16 (autocast)
+    dtype: str = "float32"          # float32 | bfloat16 (autocast) | auto (bfloat16 where the hardware has it)
     compile: bool = False
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory, ~1/3 slower)
     # several processes (torchrun): ddp | fsdp | none | auto (= ddp under torchrun); see train/distributed.py
@@ -114,7 +114,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         choices = {"optimizer": ("adamw", "sgd", "rmsprop", "muon"), "lr_schedule": ("cosine", "linear", "constant", "wsd"),
-                   "dtype": ("float32", "bfloat16"), "objective": ("clm", "mlm", "seq2seq"),
+                   "dtype": ("float32", "bfloat16", "auto"), "objective": ("clm", "mlm", "seq2seq"),
                    "distributed": ("auto", "none", "ddp", "fsdp")}
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:

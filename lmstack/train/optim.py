@@ -10,11 +10,13 @@ import torch
 
 
 @torch.no_grad()
-def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximately replace G = U S V^T by U V^T with a quintic Newton–Schulz iteration (coefficients chosen to
-    push all singular values into roughly [0.7, 1.2] quickly; exact orthogonality is not needed)."""
+    push all singular values into roughly [0.7, 1.2] quickly; exact orthogonality is not needed, so the iteration
+    may run in bfloat16, as Muon does on GPUs: the Trainer asks for that when it trains in bfloat16)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.float()
+    x = g.to(dtype)
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT
@@ -29,7 +31,9 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.T
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0):
+                 betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                 ns_dtype: torch.dtype = torch.float32):
+        self.ns_dtype = ns_dtype  # not a group hyperparameter: a checkpoint resumed elsewhere uses that run's choice
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, betas=betas, eps=eps,
                         weight_decay=weight_decay, muon=False)
         super().__init__(params, defaults)
@@ -76,7 +80,7 @@ class Muon(torch.optim.Optimizer):
             g = p.grad.add(buf, alpha=mom) if group["nesterov"] else buf
             by_shape.setdefault(tuple(p.shape), []).append((p, g))
         for shape, items in by_shape.items():
-            upd = orthogonalize(torch.stack([g for _, g in items]), group["ns_steps"])
+            upd = orthogonalize(torch.stack([g for _, g in items]), group["ns_steps"], dtype=self.ns_dtype)
             scale = -lr * max(1.0, shape[0] / shape[1]) ** 0.5
             for (p, _), u in zip(items, upd):
                 if wd:

@@ -179,8 +179,11 @@ def pretrain(cfg: TrainConfig, log=print) -> dict[str, Any]:
     trainer = Trainer(model, cfg, lm_loss if masker is None else mlm_loss, get_batch, max_steps,
                       evaluate=lambda m, **kw: evaluator(m, iters=cfg.eval_iters, **kw), tokenizer=tok,
                       param_groups=model.configure_optimizer_groups(cfg.weight_decay))
+    if cfg.dtype == "auto":
+        log(f"dtype auto: {trainer.dtype} ({trainer.dtype_reason})")
     history = trainer.fit()
-    summary: dict[str, Any] = {"out_dir": cfg.out_dir, "steps": trainer.step, "params": n_params}
+    summary: dict[str, Any] = {"out_dir": cfg.out_dir, "steps": trainer.step, "params": n_params,
+                               "dtype": trainer.dtype}
     if rank.enabled:  # what follows reads the consolidated checkpoint in one process
         summary["world_size"] = rank.world
         if not rank.is_main:

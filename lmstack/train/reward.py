@@ -113,7 +113,7 @@ def load_for_training(model_path: str, cfg: TrainConfig):
     model, tok = load_any(model_path, device=device)
     if tok is None:
         raise LMStackError(f"{model_path} has no tokenizer (tokenizer.json); training needs one")
-    if cfg.dtype == "float32" and next(model.parameters()).dtype != torch.float32:
+    if cfg.dtype != "bfloat16" and next(model.parameters()).dtype != torch.float32:
         model = model.float()
     return model, tok, device
 

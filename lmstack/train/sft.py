@@ -102,7 +102,7 @@ def load_sft_model(model: str | Path, cfg: TrainConfig, seq_len: int | None):
     net, tok = load_any(model)
     if tok is None:
         raise LMStackError(f"{model} has no tokenizer (tokenizer.json); fine-tuning needs one")
-    if cfg.dtype == "float32" and next(net.parameters()).dtype != torch.float32:
+    if cfg.dtype != "bfloat16" and next(net.parameters()).dtype != torch.float32:
         net = net.float()  # train in float32 (bfloat16 training: dtype=bfloat16 autocast over float32 weights)
     net.to(device)
     seq_len = int(seq_len or min(512, net.config.block_size))

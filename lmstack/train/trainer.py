@@ -55,7 +55,27 @@ def lr_at(step: int, cfg: TrainConfig, max_steps: int) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * frac)) * (cfg.lr - cfg.min_lr)
 
 
-def build_optimizer(params: list[dict] | list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def resolve_dtype(name: str, device: torch.device) -> tuple[str, str]:
+    """The training dtype for `dtype: auto` and why: bfloat16 autocast where the hardware multiplies bf16 natively
+    (a GPU that supports it; a CPU with AMX-BF16 or AVX512-BF16), float32 elsewhere (on an AVX2-only CPU bf16 is
+    emulated and slower). An explicit float32 / bfloat16 is kept as given."""
+    if name != "auto":
+        return name, "as set"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "the GPU supports bf16"
+        return "float32", "the GPU has no bf16"
+    if device.type == "cpu":
+        from ..models.kernels import cpu_flags
+        native = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+        if native:
+            return "bfloat16", f"the CPU has {' and '.join(native)}"
+        return "float32", "the CPU has no native bf16 matmul (amx_bf16 / avx512_bf16)"
+    return "float32", f"bf16 autocast is not used on {device.type}"
+
+
+def build_optimizer(params: list[dict] | list[torch.nn.Parameter], cfg: TrainConfig,
+                    compute_dtype: str = "float32") -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                  weight_decay=cfg.weight_decay, foreach=True)
@@ -70,7 +90,8 @@ def build_optimizer(params: list[dict] | list[torch.nn.Parameter], cfg: TrainCon
                 split.append({**g, "params": mats, "muon": True, "lr_scale": cfg.muon_lr / cfg.lr})
             if rest:
                 split.append({**g, "params": rest, "muon": False})
-        return Muon(split, lr=cfg.lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        return Muon(split, lr=cfg.lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                    ns_dtype=torch.bfloat16 if compute_dtype == "bfloat16" else torch.float32)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                foreach=True)
@@ -126,16 +147,17 @@ class Trainer:
             backbone.activation_checkpointing = cfg.activation_checkpointing
         groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
         names = {id(p): n for n, p in model.named_parameters()}
-        wrapped = distributed.wrap(model, self.device, bf16=cfg.dtype == "bfloat16")
+        self.dtype, self.dtype_reason = resolve_dtype(cfg.dtype, self.device)
+        wrapped = distributed.wrap(model, self.device, bf16=self.dtype == "bfloat16")
         if self.dist.strategy == "fsdp":  # fully_shard swapped the parameters for sharded ones: same names
             now = dict(model.named_parameters())
             groups = [{**g, "params": [now[names[id(p)]] for p in g["params"]]} for g in groups]
         self.wrapped = wrapped
-        self.optimizer = build_optimizer(groups, cfg)
+        self.optimizer = build_optimizer(groups, cfg, self.dtype)
         if self.dist.enabled:  # each rank its own dropout stream (weights were initialised identically before)
             torch.manual_seed(cfg.seed * 1000 + self.dist.rank)
         self.fwd_model = torch.compile(wrapped) if cfg.compile else wrapped
-        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16"
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == "bfloat16"
                          else nullcontext())
         self.step, self.best_val, self.elapsed_before = 0, float("inf"), 0.0
         self.train_s = 0.0  # wall seconds inside optimizer steps only (no evals, checkpoints): `lmstack compare`
