@@ -85,6 +85,7 @@ class ContinuousBatcher:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.cap = 0            # C: cache slots per row
+        self.row_cap = 0        # cache rows allocated (grown by doubling up to max_batch: one stream does not pay for 16)
         self.pos = 0            # the next slot every active row writes
         self.rows: list[Request] = []
         self.starts: list[int] = []
@@ -237,9 +238,11 @@ class ContinuousBatcher:
             return
         if not self.rows:
             self.pos = 0
-        need = max(lens[b] for b in keep)
+        need, rows = max(lens[b] for b in keep), len(self.rows) + len(keep)
         if need > self.pos:  # not enough slots before `pos`: shift the batch right (room for the next write too)
-            self._relayout(need - self.pos, max(self.cap, need + 1))
+            self._relayout(need - self.pos, max(self.cap, need + 1), rows)
+        elif rows > self.row_cap:
+            self._relayout(0, self.cap, rows)
         for b in keep:
             row, s = len(self.rows), self.pos - lens[b]
             for layer in range(self.shape[0]):
@@ -261,12 +264,15 @@ class ContinuousBatcher:
             self.rows.append(r)
             self.starts.append(0)
 
-    def _relayout(self, delta: int, cap: int) -> None:
-        """Move every active row's slots by `delta` into a cache of `cap` slots (allocated anew)."""
+    def _relayout(self, delta: int, cap: int, rows: int = 0) -> None:
+        """Move every active row's slots by `delta` into a cache of `cap` slots and at least `rows` rows (allocated
+        anew; zeros, so a masked slot never holds a NaN that 0-weight attention would still multiply)."""
         n_layer, H, D = self.shape
         cap = max(cap, 1)
-        new_k = [torch.zeros(self.max_batch, H, cap, D, dtype=self.dtype, device=self.device) for _ in range(n_layer)]
-        new_v = [torch.zeros(self.max_batch, H, cap, D, dtype=self.dtype, device=self.device) for _ in range(n_layer)]
+        if rows > self.row_cap:
+            self.row_cap = min(self.max_batch, max(rows, 2 * self.row_cap))
+        new_k = [torch.zeros(self.row_cap, H, cap, D, dtype=self.dtype, device=self.device) for _ in range(n_layer)]
+        new_v = [torch.zeros(self.row_cap, H, cap, D, dtype=self.dtype, device=self.device) for _ in range(n_layer)]
         n = len(self.rows)
         if n:
             lo = min(self.starts)
