@@ -290,22 +290,27 @@ def test_fused_decode_layer_equals_the_module_path(monkeypatch, path_restore):
                       norm="rmsnorm", mlp="swiglu", intermediate_size=96, bias=False)
     model = quantize_model(Transformer(cfg).eval(), "q4_1")
     calls = count_fused_calls(monkeypatch)
-    ids = torch.randint(0, 96, (1, 30))
+    ids = torch.randint(0, 96, (1, 40))
 
     def run():
         cache, out = make_cache(model, 1, 64), []
         with torch.inference_mode():
-            out.append(model(ids[:, :5], cache=cache, pos=0)[:, -1:])
-            for i in range(5, 30):
+            out.append(model(ids[:, :5], cache=cache, pos=0))  # a short prompt: the causal seq mode
+            out.append(model(ids[:, 5:12], cache=cache, pos=5))  # a chunk after cached tokens (a verify step)
+            for i in range(12, 30):
                 out.append(model(ids[:, i:i + 1], cache=cache, pos=i))
         return torch.cat(out, 1)
     fused = run()
-    assert len(calls) == 25 * cfg.n_layer
+    assert len(calls) == (2 + 18) * cfg.n_layer
     monkeypatch.setenv("LMSTACK_FUSED_DECODE", "0")
     calls.clear()
     plain = run()
     assert calls == []
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    monkeypatch.delenv("LMSTACK_FUSED_DECODE")
+    with torch.inference_mode():  # from GEMM_MIN_ROWS tokens on, prefill takes the unpacked-GEMM path instead
+        model(ids[:, :kernels.GEMM_MIN_ROWS], cache=make_cache(model, 1, 64), pos=0)
+    assert calls == []
 
 
 def test_fused_decode_in_the_continuous_batcher(monkeypatch, path_restore):

@@ -5,7 +5,9 @@ SDPA, residuals): at SmolLM2's size their dispatch costs as much as the quantize
 and the call fit the fused layer — pre-norm RMSNorm / RoPE / SwiGLU blocks whose four linears are all QuantLinear,
 no sliding window, one new token per row, a plain float32 KVCache, inference, a native kernel path — the
 Transformer runs its blocks through `fused_blocks` instead (batch 1, or a continuous batch with per-row positions
-and padding masks); anything else takes the ordinary path. Same math as the
+and padding masks). A few new tokens of one sequence (a short prompt, the tokens a speculative step verifies: fewer
+than kernels.GEMM_MIN_ROWS, where prefill switches to unpacked GEMMs) run the same layer in its causal `seq` mode.
+Anything else takes the ordinary path. Same math as the
 ordinary path with the same kernels (attention summed in a different order: ~1e-6). LMSTACK_FUSED_DECODE=0 turns
 it off.
 """
@@ -40,7 +42,11 @@ def fused_blocks(model, x: torch.Tensor, rope, cache, pos: int, padding_mask: to
     """x (B, 1, d) after the embedding -> the blocks' output, or None when this call does not fit (the caller runs
     the ordinary blocks). rope: (cos, sin) rows for position `pos` ((1, D)) or per row ((B, 1, 1, D), a continuous
     batch's own positions); padding_mask (B, pos + 1) bool: the slots each row attends to."""
-    if (x.shape[1] != 1 or type(cache) is not KVCache or rope is None or x.dtype != torch.float32
+    B, T = x.shape[:2]
+    seq = T > 1  # a few consecutive tokens of one row: causal within them
+    if seq and (B != 1 or padding_mask is not None or T >= kernels.GEMM_MIN_ROWS):
+        return None
+    if (type(cache) is not KVCache or rope is None or x.dtype != torch.float32
             or x.device.type != "cpu" or torch.is_grad_enabled() or model.training
             or os.environ.get("LMSTACK_FUSED_DECODE", "1") == "0" or torch.compiler.is_compiling()
             or not eligible(model)):
@@ -48,9 +54,10 @@ def fused_blocks(model, x: torch.Tensor, rope, cache, pos: int, padding_mask: to
     ext = kernels.loaded()
     if ext is None:
         return None
-    B, cfg = x.shape[0], model.config
+    cfg = model.config
     cos, sin = (t.reshape(-1, t.shape[-1]) for t in rope)
-    if cos.shape[0] not in (1, B) or cache.k[0].shape[0] < B or not cache.k[0].is_contiguous():
+    if (cos.shape[0] not in ((T,) if seq else (1, B)) or cache.k[0].shape[0] < B or not cache.k[0].is_contiguous()
+            or pos + T > cache.k[0].shape[2]):
         return None
     cos, sin = cos.float().contiguous(), sin.float().contiguous()
     mask = None
@@ -60,7 +67,7 @@ def fused_blocks(model, x: torch.Tensor, rope, cache, pos: int, padding_mask: to
             return None
     x = x.contiguous()
     for i, args in enumerate(_layer_args(model)):
-        x = ext.decode_layer(x, *args, cos, sin, cache.k[i], cache.v[i], pos, cfg.n_head, cfg.kv_heads, mask)
+        x = ext.decode_layer(x, *args, cos, sin, cache.k[i], cache.v[i], pos, cfg.n_head, cfg.kv_heads, mask, seq)
     return x
 
 

@@ -304,8 +304,8 @@ class Transformer(nn.Module):
                 rope = (cos_t[positions][:, None].to(x.dtype), sin_t[positions][:, None].to(x.dtype))
             else:
                 rope = (cos_t[pos:end].to(x.dtype), sin_t[pos:end].to(x.dtype))
-        if T == 1 and cache is not None and attn_mask is None:  # a packed Llama-style model decoding one token
-            fused = fused_blocks(self, x, rope, cache, pos, padding_mask)  # per row: one native call per layer
+        if T < kernels.GEMM_MIN_ROWS and cache is not None and attn_mask is None:  # a packed Llama-style model
+            fused = fused_blocks(self, x, rope, cache, pos, padding_mask)  # decoding: one native call per layer
             if fused is not None:
                 x = self.norm_f(fused)
                 return x if return_hidden else self.lm_head(x)

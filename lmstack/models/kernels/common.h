@@ -48,4 +48,4 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv,
                            c10::optional<torch::Tensor> fc_b, torch::Tensor down, int64_t down_fmt,
                            c10::optional<torch::Tensor> down_b, double eps, torch::Tensor cos, torch::Tensor sin,
                            torch::Tensor kc, torch::Tensor vc, int64_t pos, int64_t H, int64_t KV,
-                           c10::optional<torch::Tensor> mask);
+                           c10::optional<torch::Tensor> mask, bool seq);

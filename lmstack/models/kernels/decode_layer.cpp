@@ -6,17 +6,22 @@
 // -> attention over slots [0, pos] (GQA, softmax(q.k / sqrt(D)); mask (B, pos + 1) bool, optional: False slots are
 // skipped, e.g. a continuous batch's left padding) -> proj -> residual -> RMSNorm -> [gate; up] -> silu(gate) * up ->
 // down -> residual. The Python decode step is ~40 small ops per layer; this is one call (models/fused_decode.py).
+// seq = true: the B rows are instead B consecutive new tokens of one sequence (a short prompt chunk, or the tokens a
+// speculative step verifies): row r has position pos + r (cos/sin (B, D)), is written at slot pos + r of cache row 0,
+// and attends to slots [0, pos + r] (causal); no mask.
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv, int64_t qkv_fmt,
                            c10::optional<torch::Tensor> qkv_b, torch::Tensor proj, int64_t proj_fmt,
                            c10::optional<torch::Tensor> proj_b, torch::Tensor n2, torch::Tensor fc, int64_t fc_fmt,
                            c10::optional<torch::Tensor> fc_b, torch::Tensor down, int64_t down_fmt,
                            c10::optional<torch::Tensor> down_b, double eps, torch::Tensor cos, torch::Tensor sin,
                            torch::Tensor kc, torch::Tensor vc, int64_t pos, int64_t H, int64_t KV,
-                           c10::optional<torch::Tensor> mask) {
+                           c10::optional<torch::Tensor> mask, bool seq) {
     const int64_t D = cos.size(-1), L = kc.size(2), half = D / 2, d = x.size(-1), B = x.numel() / d;
-    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == torch::kFloat32 && pos < L &&
-                kc.size(0) >= B && cos.is_contiguous() && sin.is_contiguous() && (cos.numel() == D || cos.numel() == B * D),
-                "decode_layer: float32 contiguous caches with room for pos, cos/sin (1 or B, D)");
+    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == torch::kFloat32 &&
+                pos + (seq ? B : 1) <= L && kc.size(0) >= (seq ? 1 : B) && cos.is_contiguous() && sin.is_contiguous() &&
+                (cos.numel() == D || cos.numel() == B * D) && !(seq && mask.has_value()),
+                "decode_layer: float32 contiguous caches with room for the new slots, cos/sin (1 or B, D), "
+                "no mask in seq mode");
     const bool* mp = nullptr;
     int64_t mstride = 0;
     if (mask.has_value()) {
@@ -32,6 +37,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv,
     float *kp = kc.data_ptr<float>(), *vp = vc.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b) {
         const float *cp = cos.numel() == D ? cp0 : cp0 + b * D, *sp = sin.numel() == D ? sp0 : sp0 + b * D;
+        const int64_t cb = seq ? 0 : b, slot = seq ? pos + b : pos;  // cache row and slot of this row's k, v
         float* hb = hp + b * hw;
         for (int64_t hh = 0; hh < H + KV; ++hh) {  // q heads, then k heads
             float* v = hb + hh * D;
@@ -42,21 +48,21 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv,
             }
         }
         for (int64_t g = 0; g < KV; ++g) {
-            std::memcpy(kp + ((b * KV + g) * L + pos) * D, hb + (H + g) * D, D * sizeof(float));
-            std::memcpy(vp + ((b * KV + g) * L + pos) * D, hb + (H + KV + g) * D, D * sizeof(float));
+            std::memcpy(kp + ((cb * KV + g) * L + slot) * D, hb + (H + g) * D, D * sizeof(float));
+            std::memcpy(vp + ((cb * KV + g) * L + slot) * D, hb + (H + KV + g) * D, D * sizeof(float));
         }
     }
     auto att = torch::empty({B, H * D}, x.options());
     float* ap = att.data_ptr<float>();
     const float scale = 1.f / std::sqrt((float)D);
-    const int64_t T = pos + 1, rep = H / KV;
+    const int64_t rep = H / KV;
     at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
-        std::vector<float> sc(T);
+        std::vector<float> sc(pos + (seq ? B : 1));
         for (int64_t bh = i0; bh < i1; ++bh) {
-            const int64_t b = bh / H, hh = bh % H;
+            const int64_t b = bh / H, hh = bh % H, cb = seq ? 0 : b, T = (seq ? pos + b : pos) + 1;
             const float* q = hp + b * hw + hh * D;
-            const float* K = kp + (b * KV + hh / rep) * L * D;
-            const float* V = vp + (b * KV + hh / rep) * L * D;
+            const float* K = kp + (cb * KV + hh / rep) * L * D;
+            const float* V = vp + (cb * KV + hh / rep) * L * D;
             const bool* mrow = mp ? mp + b * mstride : nullptr;
             float mx = -INFINITY;
             for (int64_t t = 0; t < T; ++t) {

@@ -346,7 +346,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     // The GIL is released while a kernel runs: a server's event loop and stream threads keep working during a decode
     // step instead of waiting for it (measured with py-spy: the batcher held the GIL ~76% of the time without this).
     using nogil = py::call_guard<py::gil_scoped_release>;
-    m.def("decode_layer", &decode_layer, "one fused Llama-style decoder layer for one token", nogil());
+    m.def("decode_layer", &decode_layer, "one fused Llama-style decoder layer for one new token per row (seq: a few tokens of one row)", nogil());
     m.def("rmsnorm", &rmsnorm, "fused RMSNorm (float32)", nogil());
     m.def("qlinear", &qlinear, "quantized linear (GGUF block formats)", nogil());
     m.def("dequantize", &dequantize, "packed blocks -> float32", nogil());
