@@ -32,7 +32,7 @@ import torch
 from ..errors import LMStackError
 from ..models.kv_cache import KVCache, is_state_cache_model
 from ..models.utils import eval_mode
-from .engine import TokenStep, fit_context, make_generator, stop_set
+from .engine import TokenStep, fit_context, make_generator, prefill_logits, stop_set
 from .sampling import SamplingParams, sample_next
 
 
@@ -223,12 +223,12 @@ class ContinuousBatcher:
             ids[b, Lm - lens[b]:] = torch.tensor(r.prompt)
         ids = ids.to(self.device)
         if B == 1:
-            logits = self.model(ids, cache=cache, pos=0)[:, -1]
+            logits = prefill_logits(self.model, ids, cache)
         else:
             pads = torch.tensor([Lm - n for n in lens], device=self.device)
             mask = torch.arange(Lm, device=self.device)[None, :] >= pads[:, None]
             positions = (torch.arange(Lm, device=self.device)[None, :] - pads[:, None]).clamp(min=0)
-            logits = self.model(ids, cache=cache, pos=0, padding_mask=mask, positions=positions)[:, -1]
+            logits = prefill_logits(self.model, ids, cache, padding_mask=mask, positions=positions)
         self._sample(reqs, logits)
         keep = [b for b, r in enumerate(reqs) if not (r.finished or r.cancelled)]
         for b, r in enumerate(reqs):

@@ -68,14 +68,15 @@ def _steps(logits: torch.Tensor, toks: torch.Tensor, top_logprobs: int) -> list[
     return [TokenStep(int(t), c, tp) for t, c, tp in zip(toks.tolist(), chosen, tops)]
 
 
-def prefill_logits(model, ids: torch.Tensor, cache) -> torch.Tensor:
-    """Logits (B, vocab) of the last prompt position. Decoder models with a separate head run it on that position
-    only (a 49k-vocabulary head over every prompt token is most of a short prefill's work)."""
+def prefill_logits(model, ids: torch.Tensor, cache, **kw) -> torch.Tensor:
+    """Logits (B, vocab) of the last prompt position (`kw`: padding_mask / positions of a left-padded batch).
+    Decoder models with a separate head run it on that position only (a 49k-vocabulary head over every prompt
+    token is most of a short prefill's work)."""
     head = getattr(model, "lm_head", None)
     if ids.shape[1] > 1 and head is not None and getattr(model.config, "arch", "transformer") == "transformer":
-        hidden = model(ids, cache=cache, pos=0, return_hidden=True)
+        hidden = model(ids, cache=cache, pos=0, return_hidden=True, **kw)
         return head(hidden[:, -1:])[:, -1]
-    return model(ids, cache=cache, pos=0)[:, -1]
+    return model(ids, cache=cache, pos=0, **kw)[:, -1]
 
 
 @torch.inference_mode()

@@ -80,7 +80,7 @@ def extension(isa: str):
             return _built.get(isa)
         try:
             from torch.utils.cpp_extension import get_default_build_root, load
-            name = f"lmstack_qmatmul_{isa}_v16"
+            name = f"lmstack_qmatmul_{isa}_v18"
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
             if not any(root.glob(f"{name}/*.so")) and not any(root.glob(f"*/{name}/*.so")):
                 print(f"lmstack: compiling the {isa} quantized-matmul kernels (first use, about a minute; cached "

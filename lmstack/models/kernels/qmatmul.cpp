@@ -11,6 +11,8 @@
 // Tiles of MT rows of x by NT rows of W keep the accumulators in registers; threads split the rows of W.
 #include "common.h"
 
+#include <atomic>
+
 // x (K floats) -> q (K int8), d and s per block of 32 (s = d * sum q)
 static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* s) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -224,11 +226,17 @@ static void row_tiles(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int
     for (; n < n1; ++n) tile<FMT, MT, 1>(w, ws, x, m0, n, y, N, bias);
 }
 
+// Chunks of 64 weight rows (they stay in cache while all rows of x pass), handed out dynamically: a thread the OS
+// preempts (a server's stream threads, a noisy VM) leaves its remaining chunks to the others instead of holding the
+// whole step at the end of a static split.
 template <int FMT>
 static void run(const uint8_t* w, int64_t ws, const XQ& x, int64_t M, int64_t N, float* y, const float* bias) {
-    at::parallel_for(0, N, 32, [&](int64_t n0, int64_t n1) {
-        for (int64_t c0 = n0; c0 < n1; c0 += 64) {  // 64 weight rows stay in cache while all rows of x pass
-            const int64_t c1 = std::min(n1, c0 + 64);
+    constexpr int64_t C = 64;
+    const int64_t chunks = (N + C - 1) / C;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(chunks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+        for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
+            const int64_t c0 = c * C, c1 = std::min(N, c0 + C);
             int64_t m = 0;
             for (; m + MT_MAX <= M; m += MT_MAX) row_tiles<FMT, MT_MAX>(w, ws, x, m, c0, c1, y, N, bias);
             for (; m < M; ++m) row_tiles<FMT, 1>(w, ws, x, m, c0, c1, y, N, bias);
