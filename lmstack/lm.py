@@ -8,6 +8,7 @@ import torch
 
 from .convert.load import load_any, resolve_source
 from .errors import LMStackError
+from .generate.constrain import new_matcher
 from .generate import (PREFILL_BATCH_TOKENS, ContinuousBatcher, Request, SamplingParams, TextStream, TokenStep,
                        beam_search, embed, fit_context, make_generator, score, speculative_generate, stop_set,
                        stream_steps, stream_tokens)
@@ -51,8 +52,12 @@ class LM:
         sp = SamplingParams(**params)
         stops = self._stops(stop_ids)
         ids = stream_tokens(self.model, self.prompt_ids(prompt), sp, eos_id=stops, truncate=truncate,
-                            use_cache=use_cache)
+                            use_cache=use_cache, matcher=self.matcher(sp, stops))
         yield from self.text_stream(sp, stops).texts(ids)
+
+    def matcher(self, params: SamplingParams, stop_ids: Iterable[int] | None = None):
+        """A fresh structured-output state for one generation with `params` (None without a constraint)."""
+        return new_matcher(params, self.tokenizer, self.config.vocab_size, self._stops(stop_ids))
 
     def stream_steps(self, prompt: str, truncate: str | None = None, top_logprobs: int = 0,
                      stop_ids: Iterable[int] | None = None, **params) -> Iterator[TokenStep]:
@@ -60,7 +65,7 @@ class LM:
         Stop strings are a text-level feature: use `stream` for them."""
         sp = SamplingParams(**params)
         yield from stream_steps(self.model, self.prompt_ids(prompt), sp, eos_id=self._stops(stop_ids),
-                                truncate=truncate, top_logprobs=top_logprobs)
+                                truncate=truncate, top_logprobs=top_logprobs, matcher=self.matcher(sp, stop_ids))
 
     def generate_batch(self, prompts: list[str], truncate: str | None = None, max_batch: int | None = None,
                        **params) -> list[str]:
@@ -76,7 +81,8 @@ class LM:
         streams = [self.text_stream(sp, eos) for _ in prompts]
         for i, prompt in enumerate(prompts):
             ids = fit_context(self.prompt_ids(prompt), sp.max_new_tokens, self.config.block_size, truncate)
-            req = Request(ids, sp, eos, generator=make_generator(None if sp.seed is None else sp.seed + i))
+            req = Request(ids, sp, eos, generator=make_generator(None if sp.seed is None else sp.seed + i),
+                          matcher=self.matcher(sp, eos))
 
             def on_step(step, ts=streams[i], req=req):
                 ts.feed(step)
@@ -95,6 +101,9 @@ class LM:
                     **params) -> list[tuple[str, float]]:
         """Beam search: [(text, score)] best first; score = sum logprob / generated_length ** length_penalty."""
         sp = SamplingParams(**{"temperature": 0, **params})
+        if sp.constraint is not None:
+            raise LMStackError("beam search does not take structured output yet; use sampling or greedy "
+                               "(num_beams=1) with json_schema / regex / choices / grammar")
         eos = self._stops(None)
         hyps = beam_search(self.model, self.prompt_ids(prompt), num_beams=num_beams,
                            max_new_tokens=sp.max_new_tokens, length_penalty=length_penalty,
@@ -103,16 +112,50 @@ class LM:
         # a hypothesis ends at its EOS whatever stop_at_eos says (beam search has no text past the end)
         return [(TextStream(self.tokenizer, eos, sp.stop).decode(h.tokens), h.score) for h in hyps]
 
-    def speculative_generate(self, prompt: str, draft: "LM", num_draft_tokens: int = 4, truncate: str | None = None,
-                             return_stats: bool = False, **params):
-        """Generate with speculative decoding: `draft` (a smaller LM over the same tokenizer) proposes
-        `num_draft_tokens` tokens per round, this model verifies them in one pass. Same distribution as `generate`
-        (greedy: the same text). return_stats=True: (text, SpeculativeResult) with `.acceptance_rate`."""
+    def speculative_drafter(self, draft):
+        """The Drafter for `draft`: another LM (a smaller model with this LM's tokenizer; a different tokenizer is
+        an error that names the first difference), 'ngram' / '[ngram]' (prompt lookup, no draft model), or a
+        Drafter as is (e.g. NgramDrafter(ngram_max=5))."""
+        from .generate import ModelDrafter, NgramDrafter, check_draft_tokenizer, is_ngram_spec
+        if isinstance(draft, str):
+            if not is_ngram_spec(draft):
+                raise LMStackError(f"draft {draft!r}: give an LM (lmstack.load(path)) or 'ngram' for prompt lookup")
+            return NgramDrafter()
+        if isinstance(draft, LM):
+            check_draft_tokenizer(self.tokenizer, draft.tokenizer, f"the draft model {draft.path or ''}".rstrip())
+            drafter = ModelDrafter(draft.model)
+            drafter.check(self.model)
+            return drafter
+        return draft
+
+    def speculative_stream(self, prompt: str, draft, num_draft_tokens: int = 4, truncate: str | None = None,
+                           stop_ids: Iterable[int] | None = None, stats=None, **params) -> Iterator[str]:
+        """`stream` with speculative decoding: text pieces as each round is verified. draft: see
+        `speculative_drafter`; stats: a SpeculativeResult that receives the tokens and acceptance counts (adding to
+        what it holds, so one can count a whole chat session)."""
+        from .generate import stream_speculative
         sp = SamplingParams(**params)
-        eos = self._stops(None)
-        res = speculative_generate(self.model, draft.model, self.prompt_ids(prompt), sp, num_draft_tokens,
-                                   eos_id=eos, truncate=truncate)
-        text = self.text_stream(sp, eos).decode(res.tokens)
+        stops = self._stops(stop_ids)
+        ids = stream_speculative(self.model, self.speculative_drafter(draft), self.prompt_ids(prompt), sp,
+                                 num_draft_tokens, eos_id=stops, truncate=truncate, stats=stats)
+        yield from self.text_stream(sp, stops).texts(ids)
+
+    def speculative_chat_stream(self, messages: list[dict], draft, num_draft_tokens: int = 4, stats=None,
+                                **params) -> Iterator[str]:
+        """`chat_stream` with speculative decoding (see `speculative_stream`)."""
+        yield from self.speculative_stream(self.chat_prompt(messages), draft, num_draft_tokens, truncate="left",
+                                           stop_ids=self.tokenizer.end_of_turn_ids, stats=stats, **params)
+
+    def speculative_generate(self, prompt: str, draft, num_draft_tokens: int = 4, truncate: str | None = None,
+                             return_stats: bool = False, **params):
+        """Generate with speculative decoding: `draft` (a smaller LM over the same tokenizer, or 'ngram' for prompt
+        lookup; see `speculative_drafter`) proposes `num_draft_tokens` tokens per round, this model verifies them in
+        one pass. Same distribution as `generate` (greedy: the same text). return_stats=True: (text,
+        SpeculativeResult) with `.acceptance_rate`."""
+        from .generate import SpeculativeResult
+        res = SpeculativeResult()
+        text = "".join(self.speculative_stream(prompt, draft, num_draft_tokens, truncate=truncate, stats=res,
+                                               **params))
         return (text, res) if return_stats else text
 
     def score(self, context: str, continuation: str) -> tuple[float, bool]:

@@ -156,7 +156,8 @@ class Tokenizer:
                    and meta["model_max_length"] < 1e12 else None)
 
     # ---- chat --------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **template_vars) -> str:
+        """The prompt text of `messages` (template_vars: more template variables, e.g. `tools`)."""
         if not self.chat_template:
             # plain fallback: "role: content" lines
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
@@ -169,7 +170,7 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         return env.from_string(self.chat_template).render(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **template_vars)
 
 
 def _token_to_bytes(hf: HFTokenizer, tok: str) -> bytes:

@@ -334,3 +334,41 @@ def test_fused_decode_in_the_continuous_batcher(monkeypatch, path_restore):
     for a, b in zip(fused, plain):
         assert [s.token for s in a] == [s.token for s in b]
         np.testing.assert_allclose([s.logprob for s in a], [s.logprob for s in b], rtol=1e-4, atol=1e-4)
+
+
+def test_first_forward_of_a_process_equals_the_next(tmp_path):
+    """A fresh process: the kernel path (and with it the fused RMSNorm) is settled when packed layers are built,
+    not at the first matmul. It once was at the first matmul, so a first forward ran its leading norms before the
+    extension loaded and rounded differently from every later one: on SmolLM2 a 320-token prompt's greedy tokens
+    differed between a process's first call and its second."""
+    if not [p for p in NATIVE if p != "amx"]:
+        pytest.skip("no native kernels on this CPU")
+    from lmstack.convert.gguf_export import export_gguf
+    from lmstack.tokenizer import train_bpe
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_embd=128, pos_emb="rope",
+                      norm="rmsnorm", mlp="swiglu", intermediate_size=256, bias=False)
+    export_gguf(Transformer(cfg).eval(), train_bpe(["abc def ghi " * 50], 300), tmp_path / "q.gguf", quant="q8_0")
+    smol = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    code = f"""
+import torch, lmstack
+from lmstack.models import kernels
+from lmstack.models.kv_cache import KVCache
+lm = lmstack.load({str(tmp_path / "q.gguf")!r})
+print("LOADED" if kernels.loaded() is not None else "NOT LOADED")
+if {smol.is_file()!r}:
+    lm = lmstack.load({str(smol)!r})
+    ids = torch.tensor([lm.prompt_ids("The lighthouse at Harrow Point was built in 1871 by Margaret Ellison. " * 20)])
+    with torch.inference_mode():
+        ks = []
+        for _ in range(2):
+            cache = KVCache.for_model(lm.model, 1, ids.shape[1])
+            lm.model(ids, cache=cache, pos=0)
+            ks.append(cache.k[0])
+    print("SAME" if torch.equal(*ks) else "DIFF")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.split()
+    assert lines[0] == "LOADED"
+    assert lines[1:] in ([], ["SAME"]), r.stdout

@@ -32,15 +32,49 @@ def add_sampling_flags(t: argparse.ArgumentParser, max_new: int, temperature: fl
     t.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (bfloat16: half the bytes)")
     t.add_argument("--quantize", choices=list(QUANT_MODES),
                    help="weight-only quantized linears: int8 per channel, or GGUF blocks q8_0|q4_0|q4_1")
+    g = t.add_argument_group("structured output (one at a time)")
+    g.add_argument("--json-object", action="store_true", help="the output is a JSON object")
+    g.add_argument("--json-schema", metavar="FILE", help="the output is JSON that fits this JSON Schema file")
+    g.add_argument("--regex", help="the output matches this regular expression")
+    g.add_argument("--choices", metavar="A,B,C", help="the output is one of these comma-separated strings")
+    g.add_argument("--grammar", metavar="FILE", help="the output follows this Lark (or GBNF) grammar file")
 
 
 def sampling(a) -> dict:
-    """SamplingParams fields from the shared decoding flags."""
-    from ..generate import parse_logit_bias
-    return dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                min_p=a.min_p, repetition_penalty=a.repetition_penalty, frequency_penalty=a.frequency_penalty,
-                presence_penalty=a.presence_penalty, logit_bias=parse_logit_bias(a.logit_bias),
-                min_new_tokens=a.min_new_tokens, stop=a.stop or None, seed=a.seed)
+    """SamplingParams fields from the shared decoding flags (checked here, so a bad flag fails before any output)."""
+    from ..generate import SamplingParams, parse_logit_bias
+    params = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                  min_p=a.min_p, repetition_penalty=a.repetition_penalty, frequency_penalty=a.frequency_penalty,
+                  presence_penalty=a.presence_penalty, logit_bias=parse_logit_bias(a.logit_bias),
+                  min_new_tokens=a.min_new_tokens, stop=a.stop or None, seed=a.seed, **constraint_flags(a))
+    SamplingParams(**params)
+    return params
+
+
+def constraint_flags(a) -> dict:
+    """SamplingParams structured-output fields from --json-object / --json-schema / --regex / --choices /
+    --grammar (files read here; a missing one is an error naming it)."""
+    from pathlib import Path
+
+    from ..errors import LMStackError
+
+    def read(path: str, what: str) -> str:
+        try:
+            return Path(path).read_text()
+        except OSError as e:
+            raise LMStackError(f"cannot read the {what} file {path!r}: {e.strerror}") from None
+    out: dict = {}
+    if getattr(a, "json_object", False):
+        out["json_object"] = True
+    if getattr(a, "json_schema", None):
+        out["json_schema"] = read(a.json_schema, "--json-schema")
+    if getattr(a, "regex", None):
+        out["regex"] = a.regex
+    if getattr(a, "choices", None):
+        out["choices"] = [c for c in a.choices.split(",") if c]
+    if getattr(a, "grammar", None):
+        out["grammar"] = read(a.grammar, "--grammar")
+    return out
 
 
 def add_run_flags(t: argparse.ArgumentParser, lr_help: str, out: str) -> None:

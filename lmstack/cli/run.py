@@ -7,9 +7,46 @@ import sys
 from .common import DTYPES, QUANT_MODES, add_sampling_flags, dtype, sampling
 
 
+def add_speculative_flags(t) -> None:
+    t.add_argument("--draft-model", metavar="M",
+                   help="speculative decoding: a smaller draft model with the same tokenizer (checkpoint dir, Hugging "
+                        "Face dir or GGUF, loaded with the target's --dtype/--quantize), or 'ngram' / '[ngram]' for "
+                        "prompt lookup (drafts copied from earlier text, no draft model); same output distribution")
+    t.add_argument("--num-speculative", type=int, default=4, metavar="K", help="draft tokens per round (default 4)")
+    t.add_argument("--ngram-max", type=int, default=3, metavar="N",
+                   help="prompt lookup: match the last N tokens, then fewer down to --ngram-min (default 3)")
+    t.add_argument("--ngram-min", type=int, default=2, metavar="N",
+                   help="prompt lookup: the shortest match that proposes drafts (default 2)")
+
+
+def speculative_drafter(a, lm):
+    """The --draft-model drafter for `lm` (None without the flag): prompt lookup for 'ngram' / '[ngram]', else the
+    draft model, whose tokenizer must be the target's."""
+    if a.draft_model is None:
+        return None
+    import lmstack
+    from ..errors import LMStackError
+    from ..generate import NgramDrafter, is_ngram_spec
+    if a.num_speculative < 1:
+        raise LMStackError(f"--num-speculative must be >= 1 (draft tokens per round), got {a.num_speculative}")
+    if is_ngram_spec(a.draft_model):
+        return NgramDrafter(ngram_max=a.ngram_max, ngram_min=a.ngram_min)
+    return lm.speculative_drafter(lmstack.load(a.draft_model, dtype=dtype(a.dtype), quantize=a.quantize))
+
+
+def print_speculative_stats(stats) -> None:
+    print(f"speculative: {stats.summary()}", file=sys.stderr)
+
+
 def cmd_generate(a) -> None:
     import lmstack
+    from ..errors import LMStackError
+    if a.draft_model is not None and (a.num_beams > 1 or a.no_cache):
+        flag = f"--num-beams {a.num_beams}" if a.num_beams > 1 else "--no-cache"
+        raise LMStackError(f"--draft-model does not combine with {flag} (speculative decoding verifies one "
+                           f"KV-cached sequence); drop one of the two flags")
     lm = lmstack.load(a.model, dtype=dtype(a.dtype), quantize=a.quantize)
+    drafter = speculative_drafter(a, lm)
     params = sampling(a)
     if a.num_beams > 1:
         early = {"true": True, "false": False, "never": "never"}[a.early_stopping]
@@ -19,15 +56,27 @@ def cmd_generate(a) -> None:
             print(f"[score {score:.4f}] {a.prompt}{text}")
         return
     sys.stdout.write(a.prompt)
-    for piece in lm.stream(a.prompt, truncate=a.truncate, use_cache=not a.no_cache, **params):
+    if drafter is not None:
+        from ..generate import SpeculativeResult
+        stats = SpeculativeResult()
+        pieces = lm.speculative_stream(a.prompt, drafter, a.num_speculative, truncate=a.truncate, stats=stats,
+                                       **params)
+    else:
+        pieces = lm.stream(a.prompt, truncate=a.truncate, use_cache=not a.no_cache, **params)
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if drafter is not None:
+        print_speculative_stats(stats)
 
 
 def cmd_chat(a) -> None:
     import lmstack
+    from ..generate import SpeculativeResult
     lm = lmstack.load(a.model, dtype=dtype(a.dtype), quantize=a.quantize)
+    drafter = speculative_drafter(a, lm)
+    stats = SpeculativeResult()  # over the whole session
     params = sampling(a)
     system = [{"role": "system", "content": a.system}] if a.system else []
     history: list[dict] = []
@@ -35,13 +84,23 @@ def cmd_chat(a) -> None:
     def answer(question: str) -> None:
         history.append({"role": "user", "content": question})
         parts = []
-        for piece in lm.chat_stream(system + history, **params):
+        messages = system + history
+        pieces = (lm.chat_stream(messages, **params) if drafter is None else
+                  lm.speculative_chat_stream(messages, drafter, a.num_speculative, stats=stats, **params))
+        for piece in pieces:
             parts.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": "".join(parts).strip()})
 
+    chat_loop(a, answer, history)
+    if drafter is not None:
+        print_speculative_stats(stats)
+
+
+def chat_loop(a, answer, history: list[dict]) -> None:
+    """Answer --prompt, or read questions from stdin until /exit or end of input."""
     if a.prompt is not None:
         answer(a.prompt)
         return
@@ -106,6 +165,7 @@ def register(sub) -> None:
     t.add_argument("--num-return-sequences", type=int, default=1)
     t.add_argument("--truncate", choices=["left"], help="cut an over-long prompt from the left instead of failing")
     t.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (for checking)")
+    add_speculative_flags(t)
     t.set_defaults(fn=cmd_generate)
 
     t = sub.add_parser("chat", help="chat with a model using its own chat template")
@@ -113,6 +173,7 @@ def register(sub) -> None:
     t.add_argument("--system", help="system message")
     t.add_argument("-p", "--prompt", help="answer this one question and exit")
     add_sampling_flags(t, max_new=256, temperature=0.0)
+    add_speculative_flags(t)
     t.set_defaults(fn=cmd_chat)
 
     t = sub.add_parser("embed", help="mean-pooled, normalised sentence embeddings (one JSON line per text)")

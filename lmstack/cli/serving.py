@@ -7,7 +7,8 @@ from .common import DTYPES, QUANT_MODES, dtype
 def cmd_serve(a) -> None:
     from ..serve import serve
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, model_name=a.model_name,
-          threads=a.threads, indexes=a.index, dtype=dtype(a.dtype), quantize=a.quantize)
+          threads=a.threads, indexes=a.index, prefix_cache_mb=None if a.no_prefix_cache else a.prefix_cache_mb,
+          dtype=dtype(a.dtype), quantize=a.quantize)
 
 
 def cmd_feedback(a) -> None:
@@ -48,6 +49,10 @@ def register(sub) -> None:
                    "/embeddings pages); repeat for more")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads for the model (default: PyTorch's); "
                    "on a small CPU box shared with clients, one fewer than the cores lowers single-stream latency")
+    t.add_argument("--prefix-cache-mb", type=float, default=256, metavar="N", help="memory (MiB) for the prefix "
+                   "cache: keys/values of prompt prefixes (system prompt, few-shot examples) reused by later "
+                   "requests, least recently used evicted first (default 256; off for sliding-window models)")
+    t.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt from its first token")
     t.set_defaults(fn=cmd_serve)
 
 

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Iterator
 from ..errors import LMStackError
 from .batching import ContinuousBatcher, Request
 from .engine import TokenStep, fit_context, stop_set
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams
 
 _END = object()
@@ -52,10 +53,11 @@ class StepStream:
 class BackgroundBatcher:
     """A ContinuousBatcher on its own daemon thread: `submit` from any thread, tokens arrive as they are decoded.
     `run(fn)` executes other model work (scoring, embeddings, beam search) on the same thread between decode
-    steps, so the model is never entered from two threads at once."""
+    steps, so the model is never entered from two threads at once. prefix_cache: reuse the keys/values of prompt
+    prefixes seen before (ContinuousBatcher; plain Transformer KV caches only)."""
 
-    def __init__(self, model, max_batch: int = 16):
-        self.core = ContinuousBatcher(model, max_batch)
+    def __init__(self, model, max_batch: int = 16, prefix_cache: PrefixCache | None = None):
+        self.core = ContinuousBatcher(model, max_batch, prefix_cache=prefix_cache)
         self.model = model
         self._cv = threading.Condition()
         self._calls: deque[tuple[Callable, Future]] = deque()
@@ -64,14 +66,17 @@ class BackgroundBatcher:
         self._thread.start()
 
     def submit(self, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
-               truncate: str | None = None, top_logprobs: int = 0) -> StepStream:
-        """Queue one generation; raises ContextLengthError / LMStackError at once for a request that cannot run."""
+               truncate: str | None = None, top_logprobs: int = 0, matcher=None) -> StepStream:
+        """Queue one generation; raises ContextLengthError / LMStackError at once for a request that cannot run.
+        matcher: its structured-output state (constrain.new_matcher), required when params carry a constraint."""
         if not prompt:
             raise LMStackError("the prompt is empty; give at least one token (e.g. the BOS/EOS token)")
         if top_logprobs < 0:
             raise LMStackError(f"top_logprobs must be >= 0, got {top_logprobs}")
         prompt = fit_context(list(prompt), params.max_new_tokens, self.core.block, truncate)
-        req = Request(prompt, params, stop_set(eos_id), top_logprobs)
+        if params.constraint is not None and matcher is None:
+            raise LMStackError("structured output needs a matcher: constrain.new_matcher(params, tokenizer, vocab)")
+        req = Request(prompt, params, stop_set(eos_id), top_logprobs, matcher=matcher)
         stream = StepStream(req, self._wake)
         self.core.add(req)
         self._wake()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -33,6 +33,7 @@ from ..errors import LMStackError
 from ..models.kv_cache import KVCache, is_state_cache_model
 from ..models.utils import eval_mode
 from .engine import TokenStep, fit_context, make_generator, prefill_logits, stop_set
+from .prefix_cache import PrefixCache, check_prefix_cache_model
 from .sampling import SamplingParams, sample_next
 
 
@@ -49,6 +50,7 @@ class Request:
     on_done: Callable[[BaseException | None], None] = lambda e: None
     generator: torch.Generator | None = None
     cancelled: bool = False
+    matcher: Any = None  # structured output: the generation's constrain.Matcher (None: unconstrained)
     # decoding state
     history: list[int] = field(default_factory=list)
     generated: int = 0
@@ -71,9 +73,14 @@ def _simple_greedy(p: SamplingParams) -> bool:
 class ContinuousBatcher:
     """Step-driven continuous batching over `model` with at most `max_batch` rows decoding at once."""
 
-    def __init__(self, model, max_batch: int = 16, prefill_tokens: int | None = None):
+    def __init__(self, model, max_batch: int = 16, prefill_tokens: int | None = None,
+                 prefix_cache: PrefixCache | None = None):
         if max_batch < 1:
             raise LMStackError(f"max_batch must be >= 1, got {max_batch}")
+        if prefix_cache is not None:  # plain KV caches only: a clear error for sliding-window / stateful models
+            check_prefix_cache_model(model)
+        # reused prompt-prefix keys/values (prefix_cache.py); with one, joiners are prefilled one at a time
+        self.prefix_cache = prefix_cache
         self.model, self.max_batch = model, max_batch
         cfg = model.config
         self.block = cfg.block_size
@@ -162,13 +169,16 @@ class ContinuousBatcher:
         req.generated += 1
         req.pending = token
         try:
+            if req.matcher is not None:
+                req.matcher.advance(token)
             req.on_step(step)
         except Exception as e:  # a consumer that cannot take tokens any more ends its request, nothing else
             req.cancelled = True
             req._finish(e)
             return
         p = req.params
-        if (p.stop_at_eos and token in req.stop_ids) or req.generated >= p.max_new_tokens:
+        if ((p.stop_at_eos and token in req.stop_ids) or req.generated >= p.max_new_tokens
+                or (req.matcher is not None and req.matcher.done)):
             req._finish()
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> None:
@@ -177,7 +187,7 @@ class ContinuousBatcher:
         and any requested top-n alternatives are copied to the host."""
         logits = logits.float()  # no copy when already float32
         n = len(reqs)
-        easy = [i for i, r in enumerate(reqs) if _simple_greedy(r.params)]
+        easy = [i for i, r in enumerate(reqs) if _simple_greedy(r.params) and r.matcher is None]
         if len(easy) == n:
             toks = logits.argmax(-1)
         else:
@@ -186,9 +196,10 @@ class ContinuousBatcher:
                 idx = torch.tensor(easy, device=logits.device)
                 toks[idx] = logits[idx].argmax(-1)
             for i, r in enumerate(reqs):
-                if not _simple_greedy(r.params):
+                if not _simple_greedy(r.params) or r.matcher is not None:
                     toks[i] = sample_next(logits[i:i + 1], r.params, r.generator, ids=[r.history],
-                                          prompt_len=len(r.prompt), eos_ids=r.stop_ids)[0]
+                                          prompt_len=len(r.prompt), eos_ids=r.stop_ids,
+                                          allowed=None if r.matcher is None else r.matcher.allowed())[0]
         logp = torch.log_softmax(logits, dim=-1)
         chosen = logp.gather(-1, toks.view(-1, 1)).squeeze(-1).tolist()
         tok_list = toks.tolist()
@@ -213,6 +224,10 @@ class ContinuousBatcher:
             return
         if self.state is not None:
             return self._admit_stateful(reqs)
+        if self.prefix_cache is not None and len(reqs) > 1:  # each joiner alone, from its own cached prefix
+            for r in reqs:
+                self._admit([r])
+            return
         lens = [len(r.prompt) for r in reqs]
         B, Lm = len(reqs), max(lens)
         # the full cache, also for sliding-window models: rows are copied into the batch's own slot layout (slot =
@@ -222,8 +237,9 @@ class ContinuousBatcher:
         for b, r in enumerate(reqs):
             ids[b, Lm - lens[b]:] = torch.tensor(r.prompt)
         ids = ids.to(self.device)
-        if B == 1:
-            logits = prefill_logits(self.model, ids, cache)
+        if B == 1:  # with a prefix cache: only the prompt past its longest cached prefix runs
+            logits = prefill_logits(self.model, ids, cache) if self.prefix_cache is None else \
+                self.prefix_cache.prefill(self.model, reqs[0].prompt, ids, cache)
         else:
             pads = torch.tensor([Lm - n for n in lens], device=self.device)
             mask = torch.arange(Lm, device=self.device)[None, :] >= pads[:, None]

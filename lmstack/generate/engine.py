@@ -68,23 +68,30 @@ def _steps(logits: torch.Tensor, toks: torch.Tensor, top_logprobs: int) -> list[
     return [TokenStep(int(t), c, tp) for t, c, tp in zip(toks.tolist(), chosen, tops)]
 
 
-def prefill_logits(model, ids: torch.Tensor, cache, **kw) -> torch.Tensor:
+def prefill_logits(model, ids: torch.Tensor, cache, pos: int = 0, **kw) -> torch.Tensor:
     """Logits (B, vocab) of the last prompt position (`kw`: padding_mask / positions of a left-padded batch).
+    pos > 0: `ids` continue a prefix whose keys/values are already in `cache` slots [0, pos) (a prefix-cache hit).
     Decoder models with a separate head run it on that position only (a 49k-vocabulary head over every prompt
     token is most of a short prefill's work)."""
     head = getattr(model, "lm_head", None)
     if ids.shape[1] > 1 and head is not None and getattr(model.config, "arch", "transformer") == "transformer":
-        hidden = model(ids, cache=cache, pos=0, return_hidden=True, **kw)
+        hidden = model(ids, cache=cache, pos=pos, return_hidden=True, **kw)
         return head(hidden[:, -1:])[:, -1]
-    return model(ids, cache=cache, pos=0, **kw)[:, -1]
+    return model(ids, cache=cache, pos=pos, **kw)[:, -1]
 
 
 @torch.inference_mode()
 def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
-                 use_cache: bool = True, truncate: str | None = None, top_logprobs: int = 0) -> Iterator[TokenStep]:
+                 use_cache: bool = True, truncate: str | None = None, top_logprobs: int = 0,
+                 matcher=None) -> Iterator[TokenStep]:
     """Yield TokenSteps (id, logprob, top alternatives) one at a time. `eos_id`: one id or several (e.g. a chat
-    model's end-of-turn tokens); generation stops after yielding one of them."""
+    model's end-of-turn tokens); generation stops after yielding one of them. matcher: the generation's
+    structured-output state (constrain.new_matcher) when params carry a constraint; it also ends the generation
+    once the grammar is complete."""
     stop_ids = stop_set(eos_id)
+    if params.constraint is not None and matcher is None:
+        raise LMStackError("structured output needs the tokenizer: generate through an LM (lmstack.load(...)) or "
+                           "pass matcher=constrain.new_matcher(params, tokenizer, vocab_size)")
     if not prompt:
         raise LMStackError("the prompt is empty; give at least one token (e.g. the BOS/EOS token)")
     if top_logprobs < 0:
@@ -104,11 +111,14 @@ def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int |
             # the logits stay where the model left them (float32 once, no copy when they already are): only the
             # chosen id, its logprob (and the top-n) move to the host
             logits = logits.float()
-            nxt = sample_next(logits, params, gen, ids=[history], prompt_len=len(prompt), eos_ids=stop_ids)
+            nxt = sample_next(logits, params, gen, ids=[history], prompt_len=len(prompt), eos_ids=stop_ids,
+                              allowed=None if matcher is None else matcher.allowed())
             step = _steps(logits, nxt, top_logprobs)[0]
             history.append(step.token)
+            if matcher is not None:
+                matcher.advance(step.token)
             yield step
-            if params.stop_at_eos and step.token in stop_ids:
+            if (params.stop_at_eos and step.token in stop_ids) or (matcher is not None and matcher.done):
                 return
             nxt = nxt.view(1, 1).to(device)
             if cache is not None:
@@ -120,9 +130,9 @@ def stream_steps(model, prompt: list[int], params: SamplingParams, eos_id: int |
 
 
 def stream_tokens(model, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
-                  use_cache: bool = True, truncate: str | None = None) -> Iterator[int]:
+                  use_cache: bool = True, truncate: str | None = None, matcher=None) -> Iterator[int]:
     """Yield new token ids one at a time (stream_steps without the logprobs)."""
-    steps = stream_steps(model, prompt, params, eos_id, use_cache, truncate)
+    steps = stream_steps(model, prompt, params, eos_id, use_cache, truncate, matcher=matcher)
     try:
         for s in steps:
             yield s.token

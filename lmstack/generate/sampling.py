@@ -40,6 +40,12 @@ class SamplingParams:
     stop: list[str] | None = None  # stop strings: the text ends right before the first one, which is not returned
     seed: int | None = None
     stop_at_eos: bool = True
+    # structured output (constrain.py), at most one: any JSON object, a JSON Schema, a regex, a choice, a grammar
+    json_object: bool = False
+    json_schema: dict | str | None = None
+    regex: str | None = None
+    choices: list[str] | None = None
+    grammar: str | None = None    # Lark, or GBNF (recognised by its ::= rules)
 
     def __post_init__(self) -> None:
         def bad(msg):
@@ -71,6 +77,16 @@ class SamplingParams:
             self.stop = list(self.stop)
             if not all(isinstance(s, str) and s for s in self.stop):
                 bad(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        from .constrain import make_constraint
+        self._constraint = make_constraint(self.json_object, self.json_schema, self.regex, self.choices, self.grammar)
+        if self._constraint is not None and self.min_new_tokens:
+            bad("min_new_tokens cannot be combined with structured output (json_schema, regex, choices, grammar): "
+                "the grammar decides where the output may end")
+
+    @property
+    def constraint(self):
+        """The compiled structured-output Constraint, or None."""
+        return self._constraint
 
     @property
     def greedy(self) -> bool:
@@ -181,8 +197,13 @@ def process_logits(logits: torch.Tensor, p: SamplingParams, ids: torch.Tensor | 
 
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None = None,
-                ids=None, prompt_len: int | Sequence[int] = 0, eos_ids: Iterable[int] | None = None) -> torch.Tensor:
-    """(B, V) raw logits -> (B,) next token ids (argmax of the processed logits when temperature=0)."""
+                ids=None, prompt_len: int | Sequence[int] = 0, eos_ids: Iterable[int] | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) raw logits -> (B,) next token ids (argmax of the processed logits when temperature=0). allowed:
+    (B, V) or (V,) bool, the tokens a structured-output constraint permits (constrain.Matcher.allowed); the others
+    are -inf before any other processing."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
     if p.greedy and not p.needs_history and not p.logit_bias:
         return logits.argmax(-1)  # nothing to process: no copy of the (B, V) logits
     processed = process_logits(logits, p, ids, prompt_len, eos_ids)

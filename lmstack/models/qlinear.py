@@ -29,6 +29,10 @@ class QuantLinear(nn.Module):
                              f"got {qweight.dtype} {tuple(qweight.shape)}")
         self.register_buffer("qweight", qweight)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        # choose (and load) the kernel path now, not at the first matmul: the fused RMSNorm follows whether the
+        # extension is loaded, and a first forward whose leading norms ran before it was would round differently
+        # from every later one (the same prompt gave different greedy tokens on the first call of a process)
+        kernels.kernel_path()
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, fmt: str) -> "QuantLinear":

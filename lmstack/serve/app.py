@@ -40,13 +40,16 @@ __all__ = ["create_app", "serve", "default_model_name", "APIError", "error_respo
 
 
 def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
-               max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16, indexes: list | None = None) -> FastAPI:
+               max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16, indexes: list | None = None,
+               prefix_cache_mb: float | None = 256) -> FastAPI:
     """The FastAPI app serving `lm` under the name `model_name`. api_key: required as `Authorization: Bearer KEY`
     on every /v1 route. max_batch + max_queue: requests admitted at once (more get 429); max_batch also caps the
     choices (prompts x n) of one request. max_body_bytes: larger bodies get 413. indexes: RAG index directories (or
-    open `lmstack.rag.Index`es), each served as a vector store (/v1/vector_stores, /v1/rag/*, the /rag page)."""
+    open `lmstack.rag.Index`es), each served as a vector store (/v1/vector_stores, /v1/rag/*, the /rag page).
+    prefix_cache_mb: budget of the prefix cache that reuses prompt-prefix keys/values across requests (None/0: off;
+    always off for sliding-window and stateful models); its counters are in /metrics."""
     state = ServerState(lm, model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                        max_body_bytes=max_body_bytes, max_n=max_n)
+                        max_body_bytes=max_body_bytes, max_n=max_n, prefix_cache_mb=prefix_cache_mb)
     rag = RagState(indexes)
 
     @asynccontextmanager
@@ -89,10 +92,11 @@ def default_model_name(model: str | os.PathLike) -> str:
 
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
-          model_name: str | None = None, threads: int = 0, indexes: list[str] | None = None, **load_kw) -> None:
+          model_name: str | None = None, threads: int = 0, indexes: list[str] | None = None,
+          prefix_cache_mb: float | None = 256, **load_kw) -> None:
     """Load `model` and serve it with uvicorn until interrupted (`lmstack serve`). threads > 0: torch CPU threads.
     model_name: the id clients pass as `model` (default: `default_model_name(model)`). indexes: RAG index
-    directories served as vector stores (`--index`)."""
+    directories served as vector stores (`--index`). prefix_cache_mb: prefix-cache budget in MiB (None: off)."""
     import torch
     import uvicorn
     if threads:
@@ -101,5 +105,5 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from ..lm import load
     lm = load(model, **load_kw)
     app = create_app(lm, model_name or default_model_name(model), api_key=api_key, max_batch=max_batch,
-                     indexes=indexes)
+                     indexes=indexes, prefix_cache_mb=prefix_cache_mb)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -31,7 +31,9 @@ class Metrics:
             self.prompt_tokens += prompt
             self.completion_tokens += completion
 
-    def render(self, active: int, queued: int = 0, batch: int = 0) -> str:
+    def render(self, active: int, queued: int = 0, batch: int = 0, prefix: dict | None = None) -> str:
+        """The Prometheus text. prefix: PrefixCache.stats() of the engine (None: no prefix cache, reported as
+        lmstack_prefix_cache_enabled 0)."""
         with self.lock:
             out = ["# HELP lmstack_requests_total HTTP requests by route and status.",
                    "# TYPE lmstack_requests_total counter"]
@@ -57,7 +59,29 @@ class Metrics:
             out.append(f'lmstack_request_duration_seconds_bucket{{le="+Inf"}} {cum + self.hist[-1]}')
             out.append(f"lmstack_request_duration_seconds_sum {self.lat_sum}")
             out.append(f"lmstack_request_duration_seconds_count {self.lat_count}")
+        out += _prefix_lines(prefix)
         return "\n".join(out) + "\n"
+
+
+_PREFIX_METRICS = (  # (name, stats key, type, help)
+    ("lookup_tokens_total", "lookup_tokens", "counter", "Prompt tokens looked up in the prefix cache."),
+    ("hit_tokens_total", "hit_tokens", "counter", "Prompt tokens served from the prefix cache (not recomputed)."),
+    ("hit_rate", "hit_rate", "gauge", "Prefix-cache hit tokens / looked-up prompt tokens since start."),
+    ("bytes", "bytes", "gauge", "Bytes of keys/values held by the prefix cache."),
+    ("budget_bytes", "budget_bytes", "gauge", "The prefix cache's byte budget."),
+    ("blocks", "blocks", "gauge", "Token blocks held by the prefix cache."),
+    ("evictions_total", "evictions", "counter", "Prefix-cache blocks evicted (least recently used) for the budget."),
+)
+
+
+def _prefix_lines(stats: dict | None) -> list[str]:
+    """Prometheus lines of the prefix cache's stats (only `enabled 0` without one)."""
+    out = ["# HELP lmstack_prefix_cache_enabled Whether the engine reuses prompt-prefix keys/values.",
+           "# TYPE lmstack_prefix_cache_enabled gauge", f"lmstack_prefix_cache_enabled {int(stats is not None)}"]
+    for name, key, kind, text in _PREFIX_METRICS if stats is not None else ():
+        out += [f"# HELP lmstack_prefix_cache_{name} {text}", f"# TYPE lmstack_prefix_cache_{name} {kind}",
+                f"lmstack_prefix_cache_{name} {stats[key]}"]
+    return out
 
 
 class Observe:

@@ -128,7 +128,44 @@ def sampling_fields(body: dict, max_tokens: int, vocab_size: int) -> dict:
                 presence_penalty=read_field(body, "presence_penalty", "float", 0.0),
                 frequency_penalty=read_field(body, "frequency_penalty", "float", 0.0),
                 logit_bias=bias or None, stop=stop_field(body),
-                seed=None if seed is None else seed % (2 ** 63))
+                seed=None if seed is None else seed % (2 ** 63), **constraint_fields(body))
+
+
+def constraint_fields(body: dict) -> dict:
+    """Structured output as SamplingParams keywords: OpenAI's `response_format` ({"type": "json_object"} or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}) and vLLM's `guided_json`,
+    `guided_regex`, `guided_choice`, `guided_grammar`. The spec itself is checked when SamplingParams compiles it
+    (a bad one is a 400 naming the problem)."""
+    out: dict = {}
+    rf = body.get("response_format")
+    if rf is not None:
+        kind = rf.get("type") if isinstance(rf, dict) else None
+        if kind == "json_object":
+            out["json_object"] = True
+        elif kind == "json_schema":
+            js = rf.get("json_schema")
+            schema = js.get("schema") if isinstance(js, dict) else None
+            if not isinstance(schema, dict):
+                raise APIError(400, "response_format json_schema needs 'json_schema': {'name': ..., 'schema': {...}}",
+                               param="response_format")
+            out["json_schema"] = schema
+        elif kind != "text":
+            raise APIError(400, "response_format 'type' must be 'text', 'json_object' or 'json_schema', got "
+                                f"{json.dumps(kind)[:60]}", param="response_format")
+    for name, key, ok in (("guided_json", "json_schema", lambda v: isinstance(v, (dict, str))),
+                          ("guided_regex", "regex", lambda v: isinstance(v, str)),
+                          ("guided_choice", "choices", lambda v: isinstance(v, list)),
+                          ("guided_grammar", "grammar", lambda v: isinstance(v, str))):
+        v = body.get(name)
+        if v is None:
+            continue
+        if not ok(v):
+            raise APIError(400, f"'{name}' has the wrong type: {json.dumps(v)[:80]}", param=name)
+        if out:
+            raise APIError(400, f"give one structured-output constraint at a time ('{name}' and "
+                                f"{'response_format' if rf is not None else 'another guided_* field'})", param=name)
+        out[key] = v
+    return out
 
 
 def include_usage(body: dict) -> bool:
@@ -183,14 +220,17 @@ def chat_messages(body: dict) -> list[dict]:
             c = ""
         if not isinstance(c, str):
             raise APIError(400, "message 'content' must be a string or a list of text parts", param="messages")
-        clean.append({"role": m["role"], "content": c})
+        extra = {k: m[k] for k in ("tool_calls", "tool_call_id", "name") if m.get(k) is not None}
+        if "tool_calls" in extra and not isinstance(extra["tool_calls"], list):
+            raise APIError(400, "message 'tool_calls' must be a list", param="messages")
+        clean.append({"role": m["role"], "content": c, **extra})
     return clean
 
 
-def chat_prompt_ids(lm, messages: list[dict]) -> list[int]:
-    """The prompt token ids of `messages` through the model's chat template."""
+def chat_prompt_ids(lm, messages: list[dict], template_vars: dict | None = None) -> list[int]:
+    """The prompt token ids of `messages` through the model's chat template (template_vars: e.g. `tools`)."""
     try:
-        prompt = lm.chat_prompt(messages)
+        prompt = lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **(template_vars or {}))
     except LMStackError as e:
         raise APIError(400, str(e), param="messages") from None
     except Exception as e:  # jinja template errors on odd input

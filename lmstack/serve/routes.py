@@ -31,8 +31,10 @@ async def health(state: ServerState, request: Request):
 
 
 async def prometheus(state: ServerState, request: Request):
-    return PlainTextResponse(state.metrics.render(state.active, state.engine.queued, state.engine.active),
-                             media_type="text/plain; version=0.0.4")
+    pc = state.prefix_cache
+    text = state.metrics.render(state.active, state.engine.queued, state.engine.active,
+                                prefix=pc.stats() if pc is not None else None)
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
 async def models(state: ServerState, request: Request):

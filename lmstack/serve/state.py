@@ -11,7 +11,8 @@ from typing import Callable
 from fastapi import Request
 
 from ..errors import ContextLengthError, LMStackError
-from ..generate import BackgroundBatcher
+from ..generate import BackgroundBatcher, PrefixCache, prefix_cache_unsupported
+from ..generate.constrain import new_matcher
 from .metrics import Metrics
 from .protocol import APIError, check_bearer, parse_body
 
@@ -49,13 +50,24 @@ class Admit:
         self.state.active -= 1
 
 
+def make_prefix_cache(model, budget_mb: float | None) -> PrefixCache | None:
+    """The server's prefix cache: `budget_mb` MiB, or None when turned off (None / 0) or the model cannot use one."""
+    if budget_mb is not None and budget_mb < 0:
+        raise LMStackError(f"prefix cache budget must be >= 0 MiB, got {budget_mb} (0 or --no-prefix-cache: off)")
+    if not budget_mb or prefix_cache_unsupported(model) is not None:
+        return None
+    return PrefixCache(budget_bytes=int(budget_mb * 1024 * 1024))
+
+
 class ServerState:
     """The shared state of one app (see the module docstring). api_key: required as `Authorization: Bearer KEY` on
     every /v1 route. max_batch + max_queue: requests admitted at once; max_batch also caps the choices of one
-    request. max_body_bytes: larger bodies get 413. max_n: the largest `n`."""
+    request. max_body_bytes: larger bodies get 413. max_n: the largest `n`. prefix_cache_mb: the byte budget (MiB)
+    of the engine's prefix cache (keys/values of prompt prefixes reused across requests); None or 0 turns it off,
+    and it is off for models that cannot use one (sliding-window or stateful: `prefix_cache_unsupported`)."""
 
     def __init__(self, lm, model_name: str, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
-                 max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16):
+                 max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16, prefix_cache_mb: float | None = 256):
         self.lm, self.model_name, self.api_key = lm, model_name, api_key
         self.max_batch, self.max_queue, self.max_body_bytes, self.max_n = max_batch, max_queue, max_body_bytes, max_n
         self.tokenizer = lm.tokenizer
@@ -65,7 +77,8 @@ class ServerState:
         self.created = int(time.time())
         self.metrics = Metrics()
         self.active = 0  # requests admitted and not finished (changed on the event loop only)
-        self.engine = BackgroundBatcher(lm.model, max_batch=max_batch)
+        self.prefix_cache = make_prefix_cache(lm.model, prefix_cache_mb)
+        self.engine = BackgroundBatcher(lm.model, max_batch=max_batch, prefix_cache=self.prefix_cache)
         # threads that wait for tokens and turn them into text/SSE chunks (blocking waits, little CPU)
         self.consumers = ThreadPoolExecutor(max_workers=max_batch + max_queue + 4, thread_name_prefix="lmstack-stream")
 
@@ -119,7 +132,8 @@ class ServerState:
         try:
             for c in choices:
                 h = NoTokens() if c.params.max_new_tokens == 0 else \
-                    self.engine.submit(c.ids, c.params, c.stop_ids, c.truncate, c.top_n)
+                    self.engine.submit(c.ids, c.params, c.stop_ids, c.truncate, c.top_n,
+                                       matcher=new_matcher(c.params, self.tokenizer, self.vocab, c.stop_ids))
                 handles.append(h)
                 out.append(h)
         except BaseException:
