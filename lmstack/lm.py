@@ -101,9 +101,6 @@ class LM:
                     **params) -> list[tuple[str, float]]:
         """Beam search: [(text, score)] best first; score = sum logprob / generated_length ** length_penalty."""
         sp = SamplingParams(**{"temperature": 0, **params})
-        if sp.constraint is not None:
-            raise LMStackError("beam search does not take structured output yet; use sampling or greedy "
-                               "(num_beams=1) with json_schema / regex / choices / grammar")
         eos = self._stops(None)
         hyps = beam_search(self.model, self.prompt_ids(prompt), num_beams=num_beams,
                            max_new_tokens=sp.max_new_tokens, length_penalty=length_penalty,

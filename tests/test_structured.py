@@ -101,6 +101,8 @@ def test_bad_specs_are_errors_naming_the_problem():
 def test_the_engine_needs_a_matcher_for_a_constraint(smol):
     with pytest.raises(LMStackError, match="needs the tokenizer"):
         next(stream_steps(smol.model, [1, 2, 3], SamplingParams(regex="[0-9]+")))
+    with pytest.raises(LMStackError, match="beam search does not take structured output"):
+        smol.beam_search("x", num_beams=2, regex="[0-9]+", max_new_tokens=4)
 
 
 def test_constrained_and_plain_rows_in_one_batch_equal_their_solo_runs(tiny_run):

@@ -61,6 +61,9 @@ def beam_search(model, prompt: list[int], num_beams: int = 4, max_new_tokens: in
     prompt = fit_context(list(prompt), max_new_tokens, model.config.block_size, truncate)
     device = next(model.parameters()).device
     K, P = num_beams, len(prompt)
+    if params is not None and params.constraint is not None:
+        raise LMStackError("beam search does not take structured output yet; use sampling or greedy (num_beams=1) "
+                           "with json_schema / regex / choices / grammar")
     greedy_params = None if params is None else SamplingParams(**{**params.to_dict(), "temperature": 0})
 
     with eval_mode(model):

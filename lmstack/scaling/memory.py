@@ -142,9 +142,10 @@ def _norm_saved(cfg: ModelConfig, r: int) -> int:
 
 
 def activation_bytes(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None = None, dtype: str = "float32",
-                     attention: str = "sdpa", master_weights: bool = False) -> dict[str, int]:
+                     attention: str = "sdpa", master_weights: bool = False, device: str = "cuda") -> dict[str, int]:
     """Bytes autograd saves for backward in one forward + loss of a (batch_size, seq_len) micro-batch (see the module
-    docstring for the tensor-by-tensor accounting). Keys: per_layer, blocks, logits (log-softmax + targets), other
+    docstring for the tensor-by-tensor accounting). device="cpu" with bf16 autocast: attention runs in float32 there
+    (models/transformer.attend), so SDPA saves float32 copies of q, k, v and a float32 output. Keys: per_layer, blocks, logits (log-softmax + targets), other
     (embeddings, final norm, head input), total; checkpointed_inputs, checkpointed (block inputs + one block's
     recompute + logits + other); loss_transient (not saved; the peak at the start of backward)."""
     _check_precision(dtype, master_weights)
@@ -165,10 +166,15 @@ def activation_bytes(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None 
     attn += c * (d if repeat else kv) * ((not k_view) + (not v_view))  # new k / v (n_head wide when repeated)
     attn += c * (d + 2 * kv) if (q_view or k_view or v_view) else 0   # the fused qkv buffer
     attn += c * d                                                     # SDPA output = proj input
+    if device == "cpu" and dtype == "bfloat16" and not pure_bf16:     # attention in fp32 under CPU autocast:
+        attn = c * d + 4 * (d + 2 * (d if repeat else kv)) + 4 * d + c * d  # qkv input, fp32 q k v, fp32 output
+        c_att = 4                                                     # + proj's bf16 copy of it
+    else:
+        c_att = c
     if attention == "sdpa":
         attn += 4 * H                                                 # logsumexp, fp32
     else:
-        attn += H * T * (c if c == 4 or pure_bf16 else 4 + c)         # softmax probabilities (+ bf16 copy)
+        attn += H * T * (c_att if c_att == 4 or pure_bf16 else 4 + c)  # softmax probabilities (+ bf16 copy)
     mlp = c * d                                                       # fc input
     if cfg.mlp == "swiglu":
         mlp += c * 4 * f
