@@ -1,6 +1,6 @@
 """Run every `lmstack ...` line of README.md as written, top to bottom, the way a new user would: in a fresh clone
 of this repository with ../shared beside it and the clone's .venv on PATH. Shell variable lines of the README's
-code blocks (GGUF=..., SHAKES=..., MINILM=$(...)), `torchrun ...` and `python -c ...` lines and their `mkdir`/`head`
+code blocks (GGUF=..., SHAKES=..., MINILM=$(...)), `torchrun ...` and `python -c ...` lines and their `mkdir`/`head`/`printf`
 helper lines run too, in one bash
 session, so each command sees what the ones before it made.
 
@@ -44,7 +44,7 @@ def commands(readme: str) -> list[str]:
             continue
         s = line.strip()
         if s.startswith(("lmstack ", "torchrun ", "python -c ")) or re.match(r"^[A-Z_]+=", s) or \
-                s.startswith(("mkdir ", "head ")):
+                s.startswith(("mkdir ", "head ", "printf ")):
             if s.endswith("\\"):
                 buf = s
             else:
