@@ -26,7 +26,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import DEFAULT_MODEL, REPO, free_port, lmstack_cmd, one_request, pct, wait_health  # noqa: E402
+from serve_load import (DEFAULT_MODEL, REPO, free_port, lmstack_cmd, one_request, pct, stop_server,  # noqa: E402
+                        wait_health)
 
 RULES = ["answer in plain English", "keep every answer under three sentences unless asked for more",
          "say so when you do not know", "never invent a citation, a number or a name", "prefer metric units",
@@ -105,14 +106,7 @@ def run_server(name: str, flags: list[str], a) -> dict:
               f"{r['tok_s']:.1f} tok/s, errors {r['errors']} {r['error_samples'] or ''}", flush=True)
         return r
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if log:
-            log.close()
+        stop_server(proc, log)
 
 
 def table(rows: list[dict]) -> str:

@@ -182,15 +182,20 @@ def run_server(engine: str, a, levels: list[int], serve_args: list[str]) -> list
                   f"p50 {r['ttft_p50'] * 1000:.0f} ms, errors {r['errors']}"
                   + (f" {r['error_samples']}" if r["errors"] else ""), flush=True)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if log:
-            log.close()
+        stop_server(proc, log)
     return rows
+
+
+def stop_server(proc: subprocess.Popen, log=None) -> None:
+    """End a server subprocess (terminate, then kill after 15 s) and close its log file."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if log:
+        log.close()
 
 
 def main() -> None:

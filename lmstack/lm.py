@@ -8,10 +8,11 @@ import torch
 
 from .convert.load import load_any, resolve_source
 from .errors import LMStackError
-from .generate.constrain import new_matcher
-from .generate import (PREFILL_BATCH_TOKENS, ContinuousBatcher, Request, SamplingParams, TextStream, TokenStep,
-                       beam_search, embed, fit_context, make_generator, score, speculative_generate, stop_set,
+from .generate import (PREFILL_BATCH_TOKENS, ContinuousBatcher, ModelDrafter, NgramDrafter, Request,
+                       SamplingParams, SpeculativeResult, TextStream, TokenStep, beam_search, check_draft_tokenizer,
+                       embed, fit_context, is_ngram_spec, make_generator, score, stop_set, stream_speculative,
                        stream_steps, stream_tokens)
+from .generate.constrain import new_matcher
 
 __all__ = ["LM", "load", "resolve_source"]
 
@@ -113,7 +114,6 @@ class LM:
         """The Drafter for `draft`: another LM (a smaller model with this LM's tokenizer; a different tokenizer is
         an error that names the first difference), 'ngram' / '[ngram]' (prompt lookup, no draft model), or a
         Drafter as is (e.g. NgramDrafter(ngram_max=5))."""
-        from .generate import ModelDrafter, NgramDrafter, check_draft_tokenizer, is_ngram_spec
         if isinstance(draft, str):
             if not is_ngram_spec(draft):
                 raise LMStackError(f"draft {draft!r}: give an LM (lmstack.load(path)) or 'ngram' for prompt lookup")
@@ -130,7 +130,6 @@ class LM:
         """`stream` with speculative decoding: text pieces as each round is verified. draft: see
         `speculative_drafter`; stats: a SpeculativeResult that receives the tokens and acceptance counts (adding to
         what it holds, so one can count a whole chat session)."""
-        from .generate import stream_speculative
         sp = SamplingParams(**params)
         stops = self._stops(stop_ids)
         ids = stream_speculative(self.model, self.speculative_drafter(draft), self.prompt_ids(prompt), sp,
@@ -149,7 +148,6 @@ class LM:
         lookup; see `speculative_drafter`) proposes `num_draft_tokens` tokens per round, this model verifies them in
         one pass. Same distribution as `generate` (greedy: the same text). return_stats=True: (text,
         SpeculativeResult) with `.acceptance_rate`."""
-        from .generate import SpeculativeResult
         res = SpeculativeResult()
         text = "".join(self.speculative_stream(prompt, draft, num_draft_tokens, truncate=truncate, stats=res,
                                                **params))

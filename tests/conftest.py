@@ -48,6 +48,21 @@ def llama_cfg_dict(**over) -> dict:
     return d
 
 
+def lively_model(family: str = "llama", seed: int = 0, **over):
+    """A tiny random Transformer (tiny_cfg_dict for 'gpt2', else llama_cfg_dict, `over` on top) in eval mode with
+    livelier random weights: varied, peaked next-token distributions, so greedy and sampled tests mean something."""
+    from lmstack.config import ModelConfig
+    from lmstack.models import Transformer
+    torch.manual_seed(seed)
+    d = (tiny_cfg_dict if family == "gpt2" else llama_cfg_dict)(**over)
+    m = Transformer(ModelConfig(**d)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    return m
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
     """`python -m lmstack.cli ARGS` in a subprocess; returns CompletedProcess (text mode)."""
     e = dict(os.environ)

@@ -5,23 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import llama_cfg_dict, tiny_cfg_dict
-from lmstack.config import ModelConfig
+from conftest import lively_model
 from lmstack.errors import ContextLengthError, LMStackError
 from lmstack.generate import (SamplingParams, generate, generate_batch, generate_text, score, stream_steps,
                               stream_tokens, continuation_logprobs)
-from lmstack.models import Transformer
 
 
 def model(family, seed=0):
-    torch.manual_seed(seed)
-    d = (tiny_cfg_dict if family == "gpt2" else llama_cfg_dict)()
-    m = Transformer(ModelConfig(**d)).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # livelier random weights: varied, peaked next-token distributions
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
+    return lively_model(family, seed)
 
 
 PROMPTS = [[5, 9, 2], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [33], [7, 7, 8, 40, 41, 2, 9]]

@@ -6,26 +6,15 @@ import threading
 import time
 
 import pytest
-import torch
 
-from conftest import llama_cfg_dict, tiny_cfg_dict
-from lmstack.config import ModelConfig
+from conftest import lively_model
 from lmstack.errors import ContextLengthError
 from lmstack.generate import (BackgroundBatcher, ContinuousBatcher, SamplingParams, generate_batch, stream_steps)
 from lmstack.generate.batching import Request
-from lmstack.models import Transformer
 
 
 def model(family, seed=0, **over):
-    torch.manual_seed(seed)
-    d = (tiny_cfg_dict if family == "gpt2" else llama_cfg_dict)()
-    d.update(over)
-    m = Transformer(ModelConfig(**d)).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # livelier random weights: varied, peaked next-token distributions
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
+    return lively_model(family, seed, **over)
 
 
 def alone(m, prompt, sp, eos=None, top=0):

@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import llama_cfg_dict, start_server, tiny_cfg_dict
+from conftest import lively_model, llama_cfg_dict, start_server
 from lmstack.config import ModelConfig
 from lmstack.errors import LMStackError
 from lmstack.generate import BackgroundBatcher, ContinuousBatcher, PrefixCache, SamplingParams
@@ -18,14 +18,7 @@ BT = 8  # block tokens in these tests
 
 
 def model(family="llama", seed=0, **over):
-    torch.manual_seed(seed)
-    d = (tiny_cfg_dict if family == "gpt2" else llama_cfg_dict)(block_size=128, n_layer=3, **over)
-    m = Transformer(ModelConfig(**d)).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # livelier random weights: varied, peaked next-token distributions
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.2)
-    return m
+    return lively_model(family, seed, block_size=128, n_layer=3, **over)
 
 
 def block_bytes(m) -> int:

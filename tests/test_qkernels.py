@@ -280,14 +280,17 @@ def count_fused_calls(monkeypatch) -> list:
     return calls
 
 
+FUSED_CFG = ModelConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos_emb="rope",
+                        norm="rmsnorm", mlp="swiglu", intermediate_size=96, bias=False)  # a packed Llama, tiny
+
+
 def test_fused_decode_layer_equals_the_module_path(monkeypatch, path_restore):
     if not [p for p in NATIVE if p != "amx"]:
         pytest.skip("no native kernels on this CPU")
     from lmstack.models.kv_cache import make_cache
     kernels.set_kernel_path(NATIVE[-1])
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos_emb="rope",
-                      norm="rmsnorm", mlp="swiglu", intermediate_size=96, bias=False)
+    cfg = FUSED_CFG
     model = quantize_model(Transformer(cfg).eval(), "q4_1")
     calls = count_fused_calls(monkeypatch)
     ids = torch.randint(0, 96, (1, 40))
@@ -321,8 +324,7 @@ def test_fused_decode_in_the_continuous_batcher(monkeypatch, path_restore):
     from lmstack.generate.batching import generate_batch
     kernels.set_kernel_path(NATIVE[-1])
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos_emb="rope",
-                      norm="rmsnorm", mlp="swiglu", intermediate_size=96, bias=False)
+    cfg = FUSED_CFG
     model = quantize_model(Transformer(cfg).eval(), "q8_0")
     prompts = [[3, 5, 7], [9, 11, 13, 15, 17, 19, 21], [2, 4, 6, 8, 10]]
     params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
