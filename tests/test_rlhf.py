@@ -235,6 +235,46 @@ def test_ppo_resumes_exactly_at_a_rollout_boundary(tmp_path, tiny_run):
     assert a["final_kl_coef"] == b["final_kl_coef"] != 0.1
 
 
+def test_ppo_resumes_exactly_inside_a_rollout(tmp_path, tiny_run):
+    """A checkpoint in the middle of a rollout's minibatch updates saves that rollout; after a crash the resumed run
+    finishes the rollout from the file (it can't be re-sampled: the policy has moved) and ends with the same floats,
+    metrics and KL coefficient as a run that never stopped."""
+    from safetensors.torch import load_file
+    from lmstack.train.ppo import ROLLOUT_FILE, PPOConfig, train_ppo
+    from lmstack.train.reward import finetune_config
+    run_dir, _ = tiny_run
+    calls = {"n": 0}
+
+    def count_e(prompts, completions):
+        return [float(c.count("e")) for c in completions]
+
+    def crash_on_third_rollout(prompts, completions):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("killed")
+        return count_e(prompts, completions)
+    ppo = PPOConfig(rollout_batch=4, max_new_tokens=6, ppo_epochs=2, minibatches=2, horizon=16)  # 4 updates/rollout
+    common = {"lr": 1e-3, "min_lr": 1e-3, "lr_schedule": "constant", "warmup_steps": 0, "progress": False,
+              "ckpt_interval": 6}
+    prompts, q = ["The", "A cat", "Where"], dict(log=lambda *a: None)
+    a = train_ppo(str(run_dir / "last"), count_e, prompts, finetune_config(tmp_path / "a", common), ppo, 4, **q)
+    with pytest.raises(RuntimeError, match="killed"):  # dies at step 8; the last checkpoint is step 6 (mid-rollout 2)
+        train_ppo(str(run_dir / "last"), crash_on_third_rollout, prompts, finetune_config(tmp_path / "b", common),
+                  ppo, 4, **q)
+    assert (tmp_path / "b" / "last" / ROLLOUT_FILE).exists()
+    b = train_ppo(str(run_dir / "last"), count_e, prompts, finetune_config(tmp_path / "b", {**common, "resume": True}),
+                  ppo, 4, **q)
+    assert not (tmp_path / "b" / "last" / ROLLOUT_FILE).exists()  # the final checkpoint is on a boundary
+    for f in ("model.safetensors", "value_head.safetensors"):
+        x, y = load_file(str(tmp_path / "a" / "last" / f)), load_file(str(tmp_path / "b" / "last" / f))
+        assert all(torch.equal(x[k], y[k]) for k in x), f
+    ra, rb = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    strip = lambda rows: [{k: v for k, v in r.items() if "elapsed" not in k and k not in ("tokens_per_sec", "train_s")}  # noqa: E731
+                          for r in rows]
+    assert strip(ra) == strip(rb) and len(ra) == 16
+    assert a["final_kl_coef"] == b["final_kl_coef"] and a["end_reward"] == b["end_reward"] and b["rollouts"] == 4
+
+
 # ---- CLI, a few steps each ------------------------------------------------------------------------------------
 class _Result:
     def __init__(self, returncode, stdout, stderr):

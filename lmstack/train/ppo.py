@@ -19,7 +19,11 @@ fraction, policy/value losses and approx KL to metrics.jsonl. (The reward/KL plo
 
 Checkpoints: the Trainer's layout for the policy (full: a standard checkpoint; lora=: adapter tensors + adapter
 files naming the base model; either way `lmstack.load` / generate / serve open it as the trained policy) plus
-value_head.safetensors; the KL coefficient is part of train_state.pt. Both resume exactly at a rollout boundary.
+value_head.safetensors; the KL coefficient, the loss statistics since the last rollout and the per-rollout history
+are part of train_state.pt. A checkpoint may fall inside a rollout (`ckpt_interval` needs no alignment): the
+rollout being trained on (sampled by an earlier policy, so it can't be re-made) is then saved with it as
+rollout.safetensors, and a resumed run carries on with that rollout's remaining minibatches: the same floats as a
+run that never stopped.
 """
 from __future__ import annotations
 
@@ -65,6 +69,10 @@ class PPOConfig:
     whiten_advantages: bool = True
     lora: str | None = None           # LoRA spec: train policy adapters (+ the value head); the reference is the
                                       # policy with its adapters disabled (no copy of the model)
+
+
+ROLLOUT_FILE = "rollout.safetensors"
+ROLLOUT_KEYS = ("ids", "attn", "mask", "logp", "values", "advantages", "returns")  # PPOObjective.data, in order
 
 
 # ---- the pieces, each testable on its own --------------------------------------------------------------------
@@ -193,12 +201,16 @@ def build_policy(backbone: nn.Module, ppo: PPOConfig, device,
 
 def ppo_schedule(cfg: TrainConfig, updates: int, minibatch: int) -> None:
     """Fit the run's TrainConfig to PPO: one evaluate (the rollout's metrics) per rollout of `updates` optimizer
-    steps, no accumulation, minibatch-sized batches, checkpoints on rollout boundaries only."""
+    steps, no accumulation, minibatch-sized batches; a checkpoint every 10 rollouts unless `ckpt_interval` (any
+    number of optimizer steps: a checkpoint inside a rollout saves the rollout too) says otherwise."""
     cfg.eval_interval = updates
     cfg.grad_accum = 1
     cfg.batch_size = minibatch
-    if cfg.ckpt_interval is None or cfg.ckpt_interval % updates:
-        cfg.ckpt_interval = updates * max(1, (cfg.ckpt_interval or 10 * updates) // updates)
+    if cfg.ckpt_interval is None:
+        cfg.ckpt_interval = 10 * updates
+    elif cfg.ckpt_interval < 1:
+        raise LMStackError(f"ckpt_interval={cfg.ckpt_interval}: a PPO checkpoint interval is a number of optimizer "
+                           "steps >= 1")
 
 
 class PPOObjective:
@@ -326,10 +338,31 @@ class PPOObjective:
         return out
 
     def extra_state(self) -> dict[str, Any]:
-        return {"kl_coef": self.kl_ctl.value, "ppo": asdict(self.ppo)}
+        return {"kl_coef": self.kl_ctl.value, "ppo": asdict(self.ppo), "stats": self.stats, "window": self.window,
+                "history": self.history}
 
     def load_extra(self, d: dict[str, Any]) -> None:
         self.kl_ctl.value = float(d["kl_coef"])
+        self.stats, self.window = d.get("stats", {}), d.get("window", {})
+        self.history = d.get("history", [])
+
+    def write_rollout(self, d: Path, step: int) -> None:
+        """Into checkpoint temp dir `d`: the current rollout, when the checkpoint falls inside it."""
+        from safetensors.torch import save_file
+        if step % self.updates == 0 or self.data is None:
+            return
+        save_file({k: t.detach().contiguous().cpu() for k, t in zip(ROLLOUT_KEYS, self.data)},
+                  str(d / ROLLOUT_FILE), metadata={"rollout": str(self.r)})
+
+    def read_rollout(self, d: Path) -> None:
+        """On resume: the rollout a mid-rollout checkpoint saved (none at a rollout boundary: it is re-made)."""
+        from safetensors import safe_open
+        f = Path(d) / ROLLOUT_FILE
+        if not f.exists():
+            return
+        with safe_open(str(f), "pt", device=str(self.device)) as sf:
+            self.r = int(sf.metadata()["rollout"])
+            self.data = tuple(sf.get_tensor(k) for k in ROLLOUT_KEYS)
 
     def summary(self, cfg: TrainConfig, steps: int) -> dict[str, Any]:
         """Reward and KL averaged over the first and the last few rollouts, and where the run's files are."""
@@ -365,5 +398,8 @@ def train_ppo(model_path: str, reward: str | Callable, prompts: str | list[str],
     trainer = HeadTrainer(policy, cfg, obj.loss, obj.get_batch, rollouts * obj.updates, evaluate=obj.evaluate,
                           tokenizer=tok, lora=lora_cfg, base_model=base_model_path(model_path))
     trainer.extra_state, trainer.load_extra = obj.extra_state, obj.load_extra
+    write_head, read_head = trainer.write_extra, trainer.read_extra
+    trainer.write_extra = lambda d: (write_head(d), obj.write_rollout(d, trainer.step))
+    trainer.read_extra = lambda d: (read_head(d), obj.read_rollout(d))
     trainer.fit()
     return obj.summary(cfg, trainer.step)
