@@ -121,10 +121,13 @@ def test_feedback_server_from_config(chat_lm, tmp_path, monkeypatch):
     srv = feedback_server(FeedbackConfig(model=str(chat_lm.path), prompts=prompts, out=out, annotator="bob",
                                          max_new_tokens=6, port=9123, open_browser=False))
     assert srv.url == "http://localhost:9123/"
-    assert srv.notes() == [f"feedback: 0/1 prompts already voted in {out}; open {srv.url}  (Ctrl+C to stop)"]
+    assert srv.notes() == [f"feedback: 0/1 prompts already voted in {out}; open {srv.url}  (Ctrl+C to stop)",
+                           "feedback: strategy active: 4 candidates per prompt, the reward model is refit every 10 "
+                           "votes (0 so far); random order until its first fit"]  # active is the CLI's default
     c = client(srv.app)
     nxt = c.get("/api/next").json()
     assert nxt["sampling"]["max_new_tokens"] == 6 and nxt["model"] == str(chat_lm.path)
+    assert nxt["progress"]["strategy"] == "active" and 2 <= nxt["candidates"] <= 4 and nxt["information"] == 0.0
     assert c.post("/api/vote", json={"id": nxt["id"], "choice": "a"}).json()["saved"]["annotator"] == "bob"
     ran, opened = [], []
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.append(kw))
@@ -132,10 +135,11 @@ def test_feedback_server_from_config(chat_lm, tmp_path, monkeypatch):
     srv.serve()
     assert ran == [{"host": "127.0.0.1", "port": 9123, "log_level": "warning"}] and not opened
     warm = feedback_server(FeedbackConfig(model=str(chat_lm.path), prompts=prompts, out=out, host="0.0.0.0",
-                                          temperature=0, chat=True))
+                                          temperature=0, chat=True, strategy="sequential"))
     notes = warm.notes()
     assert notes[0].startswith("feedback: 1/1 prompts already voted") and "localhost:8008" in notes[0]
     assert "no login" in notes[1] and "greedy" in notes[2]
+    warm.app.state.feedback_state.close()
 
 
 def test_vote_written_at_once_and_valid_jsonl(chat_lm, prompts_txt, tmp_path):
@@ -373,7 +377,7 @@ def test_cli_serves_the_page(chat_lm, tmp_path):
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "feedback", "--model", str(chat_lm.path),
                              "--prompts", str(prompts), "--out", str(out), "--port", str(port), "--no-browser",
-                             "--max-new-tokens", "8", "--annotator", "bob"],
+                             "--max-new-tokens", "8", "--annotator", "bob", "--candidates", "2"],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -388,6 +392,7 @@ def test_cli_serves_the_page(chat_lm, tmp_path):
         assert "text/html" in httpx.get(url + "/").headers["content-type"]
         nxt = httpx.get(url + "/api/next", timeout=30).json()
         assert nxt["prompt"] == "The king " and nxt["sampling"]["max_new_tokens"] == 8
+        assert nxt["progress"]["strategy"] == "active" and nxt["candidates"] <= 2  # the CLI's default strategy
         assert httpx.post(url + "/api/vote", json={"id": nxt["id"], "choice": "a"}, timeout=30).status_code == 200
         rec = read_jsonl(out)[0]
         assert rec["annotator"] == "bob" and rec["model"] == str(chat_lm.path)

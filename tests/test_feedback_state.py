@@ -46,3 +46,25 @@ def test_feedback_state_and_checks_without_a_model(tmp_path):
     st.skip("p2")
     assert st.next_id() is None and (st.progress()["skipped"], st.progress()["session_votes"]) == (1, 1)
     st.close()
+
+
+def test_featurize_runs_under_the_model_lock_in_chunks(tmp_path):
+    """The learner's featurizer shares the LM with sampling: FeedbackState.locked runs it with the model lock held,
+    a few texts at a time (so a refit featurizing many votes lets the page sample in between)."""
+    import torch
+    from lmstack.serve.feedback_state import FeedbackState
+
+    class StubLM:
+        tokenizer, path = type("Tok", (), {"chat_template": None})(), None
+
+    st = FeedbackState(StubLM(), [{"id": "p1", "prompt": "one "}], tmp_path / "votes.jsonl")
+    calls = []
+
+    def featurize(prompts, completions):
+        calls.append((len(prompts), st.model_lock.locked()))
+        return torch.tensor([[float(len(c))] for c in completions]).reshape(-1, 1)
+
+    f = st.locked(featurize, chunk=3)
+    out = f(["p"] * 7, [str(10 ** i) for i in range(7)])
+    assert out.flatten().tolist() == [1, 2, 3, 4, 5, 6, 7] and calls == [(3, True), (3, True), (1, True)]
+    assert not st.model_lock.locked()

@@ -442,3 +442,47 @@ def test_demo_ppo_raises_reward_with_bounded_kl(tmp_path, demo, demo_base):
     s = demo.run_ppo(base, tmp_path, 30, 16, log=lambda *a: None)
     assert s["end_reward"] > s["start_reward"] + 0.5
     assert s["max_kl"] < 40
+
+
+# ---- reward regression on ratings (issue 17) ------------------------------------------------------------------
+RATINGS = [("The cat", " sat on the mat.", 7), ("The cat", " the night?", 1), ("Where is", " my good cat?", 6),
+           ("Where is", " lord sang.", 2), ("A bird", " and a cat.", 6.5), ("A bird", " and a dog.", 2.5),
+           ("Thou art", " my cat.", 7), ("Thou art", " my friend.", 3)]
+
+
+def test_cli_reward_train_regression_lowers_rating_mse(tmp_path, tiny_run, cli):
+    """`reward train --objective regression`: the reward head learns the ratings (training-set MSE against
+    (rating - 4) / 1.5, recomputed here from the saved model, falls); malformed ratings fail with file:line."""
+    from lmstack.data.prefs import load_ratings, rating_target
+    from lmstack.train.reward import RewardModel, load_reward_model
+    run_dir, _ = tiny_run
+    data = tmp_path / "ratings.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c, "rating": r, "tags": ["t"]}) + "\n"
+                            for p, c, r in RATINGS))
+    ex = load_ratings(data)
+    y = torch.tensor([rating_target(e.rating) for e in ex])
+
+    def mse(rm, tok):
+        return float(((torch.tensor(rm.score_pairs(tok, [e.prompt for e in ex], [e.completion for e in ex])) - y) ** 2)
+                     .mean())
+    from lmstack.checkpoint import load_model
+    backbone, tok = load_model(run_dir / "last")
+    torch.manual_seed(1337)                         # the run's seed: the same initial head as the run starts from
+    before = mse(RewardModel(backbone).eval(), tok)
+    out = tmp_path / "rm"
+    r = cli("reward", "train", "--objective", "regression", "--model", str(run_dir / "last"), "--data", str(data),
+            "--out", str(out), "--steps", "30", "--batch-size", "4", "--val-fraction", "0", "--lr", "3e-3",
+            "--no-progress")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["objective"] == "regression" and summary["train_ratings"] == len(RATINGS)
+    rm, rtok = load_reward_model(out / "last")
+    after = mse(rm, rtok)
+    assert after < 0.5 * before, (before, after)
+    assert json.loads((out / "last" / "reward_config.json").read_text())["objective"] == "regression"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "completion": "b", "rating": 4}) + "\n"
+                   + json.dumps({"prompt": "a", "completion": "b", "rating": 9}) + "\n")
+    r = cli("reward", "train", "--objective", "regression", "--model", str(run_dir / "last"), "--data", str(bad),
+            "--out", str(tmp_path / "rm2"), "--steps", "1", "--no-progress")
+    assert r.returncode == 2 and f"{bad}:2" in r.stderr and "1 to 7" in r.stderr

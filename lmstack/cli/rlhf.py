@@ -19,10 +19,14 @@ def _run_config(a, defaults: dict, **flags):
 def cmd_reward_train(a) -> None:
     from ..train.reward import train_reward
     cfg = _run_config(a, {"lr": 1e-4}, max_steps=a.steps, batch_size=a.batch_size, eval_interval=a.eval_interval)
-    s = train_reward(a.model, a.data, cfg, val_fraction=a.val_fraction, max_length=a.max_length)
-    if s["val_accuracy"] is not None:
+    s = train_reward(a.model, a.data, cfg, val_fraction=a.val_fraction, max_length=a.max_length,
+                     objective=a.objective)
+    if s.get("val_accuracy") is not None:
         print(f"held-out pairwise accuracy: {s['start_val_accuracy']:.3f} -> {s['val_accuracy']:.3f} "
               f"({s['val_pairs']} pairs)")
+    if s.get("val_mse") is not None:
+        print(f"held-out rating MSE (target (rating - 4) / 1.5): {s['start_val_mse']:.4f} -> {s['val_mse']:.4f} "
+              f"({s['val_ratings']} ratings)")
     print(f"reward model -> {s['model']}")
     print(json.dumps(s))
 
@@ -77,13 +81,18 @@ def _objective_flags(t, lr_help: str, out: str) -> None:
 def register(sub) -> None:
     rw = sub.add_parser("reward", help="reward models: train on preference pairs, score texts")
     rws = rw.add_subparsers(dest="rverb", required=True)
-    t = rws.add_parser("train", help="scalar-head reward model, Bradley-Terry loss on prompt/chosen/rejected JSONL")
+    t = rws.add_parser("train", help="scalar-head reward model: Bradley-Terry loss on prompt/chosen/rejected JSONL, "
+                       "or regression on 1-7 ratings")
     t.add_argument("--model", required=True, help="base model (the backbone): checkpoint dir, HF dir or GGUF file")
-    t.add_argument("--data", required=True, help="preference JSONL: prompt, chosen, rejected")
+    t.add_argument("--data", required=True, help="bt: preference JSONL (prompt, chosen, rejected); regression: "
+                   "ratings JSONL (prompt, completion, rating 1-7; `lmstack feedback --export OUT --format ratings`)")
+    t.add_argument("--objective", choices=["bt", "regression"], default="bt",
+                   help="bt: Bradley-Terry on pairs (default); regression: mean squared error against "
+                   "(rating - 4) / 1.5 (1..7 -> -2..+2)")
     t.add_argument("--steps", type=int, help="optimizer steps (default 200)")
     t.add_argument("--batch-size", type=int, help="pairs per step (default 8)")
     t.add_argument("--eval-interval", type=int)
-    t.add_argument("--val-fraction", type=float, default=0.1, help="held-out pairs for pairwise accuracy")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="held-out pairs (ratings) for accuracy (MSE)")
     t.add_argument("--max-length", type=int, help="tokens per sequence (default: the context window)")
     _objective_flags(t, "learning rate (default 1e-4)", "runs/reward")
     t.set_defaults(fn=cmd_reward_train)

@@ -5,6 +5,10 @@ feedback page writes). `prompt` is a string or a chat (a list of {"role", "conte
 tokenizer's chat template, ready for the assistant's reply); `chosen`/`rejected` are strings, an assistant message
 {"role": "assistant", "content": ...}, or a list of messages whose last one is the reply.
 
+Ratings (`load_ratings`, for `lmstack reward train --objective regression`): JSONL, {"prompt": str | chat,
+"completion": str, "rating": 1-7, "tags": [str] (optional), "critique": str (optional)} (the feedback page's
+`--format ratings` export). The regression target of a rating is `rating_target(r) = (r - 4) / 1.5` (1..7 -> -2..+2).
+
 Prompts for PPO: JSONL with a "prompt" field (string or chat) or a "messages" chat (the feedback page's prompt
 format), or a plain text file with one prompt per line (a literal \n in a line becomes a newline).
 
@@ -74,6 +78,63 @@ def load_prefs(path: str | Path, tokenizer=None) -> list[PrefExample]:
                                _completion_text(row["rejected"], "rejected", where), chat))
     if not out:
         raise LMStackError(f"{path} holds no preference pairs")
+    return out
+
+
+RATING_MIN, RATING_MAX = 1.0, 7.0
+
+
+@dataclass
+class RatingExample:
+    prompt: str
+    completion: str
+    rating: float          # 1..7
+    chat: bool = False
+    tags: tuple[str, ...] = ()
+    critique: str = ""
+
+
+def rating_target(rating):
+    """The regression target of a 1-7 rating: (rating - 4) / 1.5, so 1..7 maps to -2..+2 (4, "neutral", is 0); a
+    reward gap of 2 (3 rating points) is then a Bradley-Terry preference of sigmoid(2) = 0.88. Works on floats and
+    tensors."""
+    return (rating - 4.0) / 1.5
+
+
+def check_rating(value: Any, where: str = "rating") -> float:
+    """A 1-7 rating as a float; anything else raises LMStackError naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise LMStackError(f"{where}: 'rating' must be a number from 1 to 7, got {value!r}")
+    if not RATING_MIN <= float(value) <= RATING_MAX:
+        raise LMStackError(f"{where}: 'rating' must be from 1 to 7, got {value:g}")
+    return float(value)
+
+
+def load_ratings(path: str | Path, tokenizer=None) -> list[RatingExample]:
+    """Read a ratings JSONL file (prompt, completion, rating 1-7, optional tags and critique). A malformed line
+    raises LMStackError naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise LMStackError(f"no ratings file at {path}; pass a JSONL file of prompt/completion/rating objects "
+                           "(`lmstack feedback --export OUT --format ratings` writes one)")
+    out = []
+    for lineno, row in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        missing = [k for k in ("prompt", "completion", "rating") if k not in row]
+        if missing:
+            raise LMStackError(f"{where}: missing {', '.join(repr(k) for k in missing)} "
+                               "(each line needs prompt, completion and rating)")
+        prompt, chat = _render_prompt(row["prompt"], tokenizer, where)
+        tags = row.get("tags") or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise LMStackError(f"{where}: 'tags' must be a list of strings")
+        critique = row.get("critique") or ""
+        if not isinstance(critique, str):
+            raise LMStackError(f"{where}: 'critique' must be a string")
+        out.append(RatingExample(prompt, _completion_text(row["completion"], "completion", where),
+                                 check_rating(row["rating"], where), chat, tuple(tags), critique))
+    if not out:
+        raise LMStackError(f"{path} holds no ratings")
     return out
 
 

@@ -15,10 +15,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LMStackError
-from .feedback_state import CHOICES, MAX_NAME, MAX_TEXT, FeedbackError, FeedbackState, Vote
+from .feedback_state import (CHOICES, DEFAULT_TAGS, MAX_CRITIQUE, MAX_NAME, MAX_TEXT, SIDES, FeedbackError,
+                             FeedbackState, Vote)
 
 STATIC_DIR = Path(__file__).parent / "static"  # feedback.html is served at /
-VOTE_FIELDS = {"id", "choice", "edited_text", "annotator"}
+VOTE_FIELDS = {"id", "choice", "edited_text", "annotator", "ratings", "tags", "critique"}
 
 
 def error(status: int, message: str) -> JSONResponse:
@@ -49,8 +50,61 @@ def vote_annotator(who, default: str | None) -> str:
     return who
 
 
-def parse_vote(body: dict, default_annotator: str | None) -> Vote:
-    """The fields of a POST /api/vote body, checked (422 with what is wrong); the prompt id is not looked up."""
+def per_side(value, field: str, shape: str) -> dict:
+    """The {"a": ..., "b": ...} object of a ratings/tags field (400 naming the field when it is not one)."""
+    if not isinstance(value, dict):
+        raise FeedbackError(400, f"{field} must be an object {shape}, got {type(value).__name__}")
+    for side in value:
+        if side not in SIDES:
+            raise FeedbackError(400, f"{field}: unknown side {side!r}; use \"a\" or \"b\"")
+    return value
+
+
+def check_ratings(value) -> dict | None:
+    """The 1-7 ratings of completions A and B (either may be left out); 400 naming the field when bad."""
+    if value is None:
+        return None
+    value = per_side(value, "ratings", '{"a": 1-7, "b": 1-7}')
+    for side, r in value.items():
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 7:
+            raise FeedbackError(400, f"ratings.{side} must be a whole number from 1 to 7, got {r!r}")
+    return {s: value[s] for s in SIDES if s in value} or None
+
+
+def check_vote_tags(value, allowed=DEFAULT_TAGS) -> dict | None:
+    """The tags of completions A and B, each a list of distinct names from the page's tag list (--tags)."""
+    if value is None:
+        return None
+    value = per_side(value, "tags", '{"a": [tag, ...], "b": [tag, ...]}')
+    out = {}
+    for side in SIDES:
+        tags = value.get(side) or []
+        if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+            raise FeedbackError(400, f"tags.{side} must be a list of tag names")
+        for t in tags:
+            if t not in allowed:
+                raise FeedbackError(400, f"tags.{side}: unknown tag {t!r}; the tags are {', '.join(allowed)}")
+        if len(set(tags)) != len(tags):
+            raise FeedbackError(400, f"tags.{side}: a tag is given twice")
+        if tags:
+            out[side] = tags
+    return out or None
+
+
+def check_critique(value) -> str | None:
+    """The free-text critique (at most MAX_CRITIQUE characters; blank = none)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise FeedbackError(400, f"critique must be a string, got {type(value).__name__}")
+    if len(value) > MAX_CRITIQUE:
+        raise FeedbackError(400, f"critique: at most {MAX_CRITIQUE} characters, got {len(value)}; shorten it")
+    return value.strip() or None
+
+
+def parse_vote(body: dict, default_annotator: str | None, tags=DEFAULT_TAGS) -> Vote:
+    """The fields of a POST /api/vote body, checked (422 with what is wrong in id/choice/edited_text/annotator, 400
+    naming the field for bad ratings, tags or critique); the prompt id is not looked up."""
     unknown = set(body) - VOTE_FIELDS
     if unknown:
         raise FeedbackError(422, f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -61,7 +115,9 @@ def parse_vote(body: dict, default_annotator: str | None) -> Vote:
         raise FeedbackError(422, f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
     if edited is not None and (not isinstance(edited, str) or len(edited) > MAX_TEXT):
         raise FeedbackError(422, f"edited_text must be a string of at most {MAX_TEXT} characters")
-    return Vote(pid, choice, edited, vote_annotator(body.get("annotator"), default_annotator))
+    return Vote(pid, choice, edited, vote_annotator(body.get("annotator"), default_annotator),
+                check_ratings(body.get("ratings")), check_vote_tags(body.get("tags"), tags),
+                check_critique(body.get("critique")))
 
 
 def check_edit(vote: Vote) -> None:
@@ -83,8 +139,9 @@ async def progress(state: FeedbackState, request: Request):
 
 
 async def next_pair(state: FeedbackState, request: Request):
-    """The next unjudged prompt with completions A and B (sampled on a worker thread), or {"done": true}."""
-    pid = state.next_id()
+    """The next unjudged prompt with completions A and B (chosen and sampled on a worker thread), or
+    {"done": true}."""
+    pid = await run_in_threadpool(state.next_id)
     if pid is None:
         return {"done": True, "progress": state.progress()}
     try:
@@ -108,7 +165,7 @@ async def unskip(state: FeedbackState, request: Request):
 
 async def vote(state: FeedbackState, request: Request):
     """Check the vote, build its record and append it (fsync'ed) before answering "saved"."""
-    v = parse_vote(await read_object(request), state.annotator)
+    v = parse_vote(await read_object(request), state.annotator, state.tags)
     pair = state.shown_pair(v.id)
     check_edit(v)
     rec = state.vote_record(pair, v)

@@ -1,5 +1,6 @@
-"""Reward model: a Transformer backbone plus a scalar head on the last real token, trained with the Bradley-Terry
-loss -log sigmoid(r(chosen) - r(rejected)) on preference pairs, through the one Trainer core.
+"""Reward model: a Transformer backbone plus a scalar head on the last real token, trained through the one Trainer
+core with the Bradley-Terry loss -log sigmoid(r(chosen) - r(rejected)) on preference pairs (objective "bt"), or
+with the squared error (r(x) - (rating - 4) / 1.5)^2 on 1-7 ratings (objective "regression").
 
 On disk a reward model is a standard checkpoint directory (the backbone: config.json, model.safetensors,
 tokenizer.json, so `lmstack.load` still opens it as an LM) plus `reward_head.safetensors` and a marker file
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_model, resolve_checkpoint, save_checkpoint
 from ..convert.load import load_any
-from ..data.prefs import collate, encode_pair, load_prefs, split_prefs
+from ..data.prefs import collate, encode_pair, load_prefs, load_ratings, rating_target, split_prefs
 from ..data.sampler import epoch_batch
 from ..errors import LMStackError
 from ..models.utils import eval_mode
@@ -229,52 +230,98 @@ def pair_batch(tokenizer, examples, max_length: int, device) -> tuple[torch.Tens
     return collate(seqs, device=device)
 
 
+def rating_batch(tokenizer, examples, max_length: int, device) -> tuple[torch.Tensor, ...]:
+    """(ids, attn, targets) of rated completions: the reward model's encoding and rating_target(rating)."""
+    ids, attn, _ = collate([encode_pair(tokenizer, e.prompt, e.completion, max_length, e.chat) for e in examples],
+                           device=device)
+    return ids, attn, torch.tensor([rating_target(e.rating) for e in examples], dtype=torch.float32, device=device)
+
+
+def _bt_objective(model, batch) -> torch.Tensor:
+    ids, attn, _ = batch
+    r = model(ids, attn)
+    n = r.shape[0] // 2
+    return bt_loss(r[:n], r[n:])
+
+
+def _regression_objective(model, batch) -> torch.Tensor:
+    ids, attn, y = batch
+    return F.mse_loss(model(ids, attn), y)
+
+
+def _bt_eval(model, batches) -> dict[str, Any]:
+    rc, rr = [], []
+    for ids, attn, _ in batches:
+        r = model(ids, attn)
+        n = r.shape[0] // 2
+        rc.append(r[:n])
+        rr.append(r[n:])
+    rc, rr = torch.cat(rc), torch.cat(rr)
+    return {"val_loss": float(bt_loss(rc, rr)), "val_accuracy": float((rc > rr).float().mean()),
+            "val_margin": float((rc - rr).mean())}
+
+
+def _regression_eval(model, batches) -> dict[str, Any]:
+    pred, y = [], []
+    for ids, attn, t in batches:
+        pred.append(model(ids, attn))
+        y.append(t)
+    pred, y = torch.cat(pred), torch.cat(y)
+    mse = float(F.mse_loss(pred, y))
+    return {"val_loss": mse, "val_mse": mse, "val_mae": float((pred - y).abs().mean())}
+
+
+OBJECTIVES = ("bt", "regression")
+
+
 def train_reward(model_path: str, data: str, cfg: TrainConfig, val_fraction: float = 0.1,
-                 max_length: int | None = None, log=print) -> dict[str, Any]:
-    """Train a reward model on preference pairs; returns a summary with held-out pairwise accuracy."""
+                 max_length: int | None = None, log=print, objective: str = "bt") -> dict[str, Any]:
+    """Train a reward model through the one Trainer. objective "bt": Bradley-Terry on preference pairs (`data`:
+    prompt/chosen/rejected JSONL; summary: held-out pairwise accuracy); "regression": mean squared error of the
+    scalar reward against rating_target(rating) = (rating - 4) / 1.5 on 1-7 ratings (`data`: prompt/completion/
+    rating JSONL, data.prefs.load_ratings; summary: held-out MSE)."""
+    if objective not in OBJECTIVES:
+        raise LMStackError(f"unknown reward objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
     backbone, tok, device = load_for_training(model_path, cfg)
-    examples = load_prefs(data, tok)
+    bt = objective == "bt"
+    examples = load_prefs(data, tok) if bt else load_ratings(data, tok)
     train, val = split_prefs(examples, val_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
     rm = RewardModel(backbone).to(device)
     L = max_length or backbone.config.block_size
-    log(f"reward model on {model_path}: {len(train)} train / {len(val)} held-out pairs, {cfg.max_steps} steps")
+    what = "pairs" if bt else "ratings"
+    log(f"reward model ({objective}) on {model_path}: {len(train)} train / {len(val)} held-out {what}, "
+        f"{cfg.max_steps} steps")
     bs = cfg.batch_size
+    make_batch = pair_batch if bt else rating_batch
 
     def get_batch(step: int, micro: int):
         idx = epoch_batch(len(train), bs, cfg.seed, distributed.stream_index(step, micro, cfg.grad_accum))
-        return pair_batch(tok, [train[i] for i in idx], L, device)
-
-    def loss_fn(model, batch):
-        ids, attn, _ = batch
-        r = model(ids, attn)
-        n = r.shape[0] // 2
-        return bt_loss(r[:n], r[n:])
+        return make_batch(tok, [train[i] for i in idx], L, device)
 
     def evaluate(model) -> dict[str, Any]:
         if not val:
             return {}
-        rc, rr = [], []
-        for i in range(0, len(val), bs):
-            ids, attn, _ = pair_batch(tok, val[i:i + bs], L, device)
-            r = model(ids, attn)
-            n = r.shape[0] // 2
-            rc.append(r[:n])
-            rr.append(r[n:])
-        rc, rr = torch.cat(rc), torch.cat(rr)
-        return {"val_loss": float(bt_loss(rc, rr)), "val_accuracy": float((rc > rr).float().mean()),
-                "val_margin": float((rc - rr).mean())}
+        batches = (make_batch(tok, val[i:i + bs], L, device) for i in range(0, len(val), bs))
+        return (_bt_eval if bt else _regression_eval)(model, batches)
 
-    trainer = HeadTrainer(rm, cfg, loss_fn, get_batch, int(cfg.max_steps), evaluate=evaluate, tokenizer=tok)
+    trainer = HeadTrainer(rm, cfg, _bt_objective if bt else _regression_objective, get_batch, int(cfg.max_steps),
+                          evaluate=evaluate, tokenizer=tok)
     trainer.marker = {"kind": "reward_model", "head": "reward_head.safetensors", "pooling": "last_token",
-                      "base_model": str(model_path)}
+                      "base_model": str(model_path), "objective": objective}
+    if not bt:
+        trainer.marker["rating_scale"] = "(rating - 4) / 1.5"
     start = trainer.run_eval() if val else {}
     history = trainer.fit()
     final = trainer.run_eval() if val else {}
     summary = {"out_dir": cfg.out_dir, "model": str(Path(cfg.out_dir) / "last"), "steps": trainer.step,
-               "train_pairs": len(train), "val_pairs": len(val),
-               "start_val_accuracy": start.get("val_accuracy"), "val_accuracy": final.get("val_accuracy"),
+               "objective": objective, f"train_{what}": len(train), f"val_{what}": len(val),
                "val_loss": final.get("val_loss")}
+    if bt:
+        summary.update(start_val_accuracy=start.get("val_accuracy"), val_accuracy=final.get("val_accuracy"))
+    else:
+        summary.update(start_val_mse=start.get("val_mse"), val_mse=final.get("val_mse"),
+                       val_mae=final.get("val_mae"))
     if history:
         summary["train_loss"] = history[-1]["train_loss"]
     return summary

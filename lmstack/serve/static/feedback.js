@@ -6,6 +6,10 @@ const sides = ["a", "b"];
 let current = null;        // the pair on screen: {id, prompt, messages?, completion_a, completion_b, ...}
 let defaultAnnotator = "";  // the server's --annotator (or the user name it runs under)
 let busy = false;
+let tagNames = [];         // the server's --tags
+const ratings = {};        // side -> 1..7 (unset: no rating)
+const tagsOn = { a: new Set(), b: new Set() };
+let pollTimer = null;      // refreshes the learner line while a refit runs
 
 function setStatus(text, cls) {
   const s = $("status");
@@ -23,6 +27,92 @@ function showProgress(p) {
   let t = `${p.done} / ${p.total} judged`;
   if (p.skipped) t += `, ${p.skipped} skipped`;
   $("progress").textContent = t;
+  showLearner(p);
+}
+
+// the active-learning counter: votes, votes since the last refit, held-out agreement of the current reward model
+function showLearner(p) {
+  const el = $("learner");
+  const a = p.active;
+  if (!a) {
+    el.textContent = p.strategy === "random" ? "random order" : "file order";
+    return;
+  }
+  const agree = a.agreement === null || a.agreement === undefined ? "—"
+    : `${Math.round(a.agreement * 100)}% of ${a.heldout}`;
+  let t = `active learning: ${a.votes} vote${a.votes === 1 ? "" : "s"}, ${a.since_refit} since refit · ` +
+    `held-out agreement ${agree}`;
+  if (a.fitting) t += " · refitting…";
+  if (a.refit_error) t += ` · refit failed: ${a.refit_error}`;
+  el.textContent = t;
+  el.className = a.refit_error ? "error" : "";
+  el.dataset.votes = a.votes;
+  clearTimeout(pollTimer);
+  if (a.fitting) pollTimer = setTimeout(refreshProgress, 2000);
+}
+
+async function refreshProgress() {
+  const { ok, data } = await api("/api/progress");
+  if (ok) showProgress(data);
+}
+
+function buildFeedbackControls() {
+  for (const s of sides) {
+    const r = $("rating-" + s);
+    for (let v = 1; v <= 7; v++) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = String(v);
+      b.dataset.value = String(v);
+      b.title = `rate ${s.toUpperCase()} ${v} of 7 (click again to clear)`;
+      b.setAttribute("aria-pressed", "false");
+      b.addEventListener("click", () => { ratings[s] = ratings[s] === v ? undefined : v; showFeedbackControls(); });
+      r.append(b);
+    }
+    const t = $("tags-" + s);
+    for (const name of tagNames) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = name;
+      b.dataset.tag = name;
+      b.setAttribute("aria-pressed", "false");
+      b.addEventListener("click", () => {
+        if (tagsOn[s].has(name)) tagsOn[s].delete(name); else tagsOn[s].add(name);
+        showFeedbackControls();
+      });
+      t.append(b);
+    }
+  }
+}
+
+function showFeedbackControls() {
+  for (const s of sides) {
+    $("rating-" + s).querySelectorAll("button").forEach((b) => {
+      b.setAttribute("aria-pressed", String(ratings[s] === Number(b.dataset.value)));
+    });
+    $("tags-" + s).querySelectorAll("button").forEach((b) => {
+      b.setAttribute("aria-pressed", String(tagsOn[s].has(b.dataset.tag)));
+    });
+  }
+}
+
+function resetFeedbackControls() {
+  for (const s of sides) { ratings[s] = undefined; tagsOn[s].clear(); }
+  $("critique").value = "";
+  showFeedbackControls();
+}
+
+// the optional richer feedback of a vote: ratings, tags, critique (only what was given)
+function richFeedback(body) {
+  const r = {}, t = {};
+  for (const s of sides) {
+    if (ratings[s]) r[s] = ratings[s];
+    if (tagsOn[s].size) t[s] = tagNames.filter((n) => tagsOn[s].has(n));
+  }
+  if (Object.keys(r).length) body.ratings = r;
+  if (Object.keys(t).length) body.tags = t;
+  const c = $("critique").value.trim();
+  if (c) body.critique = c;
 }
 
 async function api(path, body) {
@@ -51,6 +141,8 @@ function renderPrompt(pair) {
     box.textContent = pair.prompt;
   }
   $("prompt-id").textContent = `#${pair.id}`;
+  $("info").textContent = pair.information ? `information ${pair.information.toPrecision(2)} ` +
+    `(best of ${pair.candidates} candidates)` : "";
 }
 
 function markEdited(side) {
@@ -72,6 +164,7 @@ async function loadNext() {
     $("cand-" + s).classList.remove("picked");
     markEdited(s);
   }
+  resetFeedbackControls();
   const { ok, data } = await api("/api/next");
   if (!ok) {
     setStatus(data.error ? data.error.message : "could not load the next prompt", "error");
@@ -83,7 +176,9 @@ async function loadNext() {
   if (data.done) {
     $("prompt").textContent = "";
     $("prompt-id").textContent = "";
+    $("info").textContent = "";
     $("pair").hidden = true;
+    $("critique-box").hidden = true;
     $("done").hidden = false;
     $("unskip").hidden = !(data.progress && data.progress.skipped);
     setStatus("");
@@ -92,6 +187,7 @@ async function loadNext() {
     return;
   }
   $("pair").hidden = false;
+  $("critique-box").hidden = false;
   $("done").hidden = true;
   current = data;
   renderPrompt(data);
@@ -125,6 +221,7 @@ async function vote(choice) {
     if (text !== current["completion_" + choice]) body.edited_text = text;
     $("cand-" + choice).classList.add("picked");
   }
+  richFeedback(body);
   setBusy(true);
   setStatus("saving…");
   const { ok, status, data } = await api("/api/vote", body);
@@ -133,6 +230,8 @@ async function vote(choice) {
     showProgress(data.progress);
     await loadNext();
     let msg = `saved: ${label}${data.saved.edited ? " (edited)" : ""}`;
+    const extra = [data.saved.ratings && "rating", data.saved.tags && "tags", data.saved.critique && "critique"];
+    if (extra.some(Boolean)) msg += ` with ${extra.filter(Boolean).join(", ")}`;
     if (dropped.length) msg += ` (your edit of ${dropped.join(" and ").toUpperCase()} was not kept: edits count only for the side you pick)`;
     setStatus(msg, "ok");
   } else if (status === 409) {  // voted elsewhere (another tab) or the server restarted: move on
@@ -174,6 +273,7 @@ for (const s of sides) {
     if (e.key === "Escape") ta.blur();
   });
 }
+$("critique").addEventListener("keydown", (e) => { if (e.key === "Escape") e.target.blur(); });
 $("annotator").addEventListener("change", () => {
   try { localStorage.setItem("lmstack-annotator", $("annotator").value.trim()); } catch (e) { /* private mode */ }
 });
@@ -188,11 +288,14 @@ document.addEventListener("keydown", (e) => {
   if (map[k]) { e.preventDefault(); vote(map[k]); }
   else if (k === "s") { e.preventDefault(); skip(); }
   else if (k === "e") { e.preventDefault(); $("completion-" + (e.shiftKey ? "b" : "a")).focus(); }
+  else if (k === "c") { e.preventDefault(); $("critique").focus(); }
 });
 
 (async function init() {
   const { ok, data } = await api("/api/config");
   if (ok) {
+    tagNames = data.tags || [];
+    $("critique").maxLength = data.max_critique || 4000;
     $("model").textContent = data.model;
     defaultAnnotator = data.annotator || "";
     $("annotator").placeholder = defaultAnnotator || "your name";
@@ -202,5 +305,6 @@ document.addEventListener("keydown", (e) => {
   let saved = "";
   try { saved = localStorage.getItem("lmstack-annotator") || ""; } catch (e) { /* private mode */ }
   $("annotator").value = saved || defaultAnnotator;
+  buildFeedbackControls();
   await loadNext();
 })();
