@@ -1,6 +1,13 @@
 """Prompt-lookup speculative decoding against plain decoding, same model, same run, alternating A/B/A/B.
 
     python benchmarks/speculative.py [--model GGUF] [--new-tokens 128] [--rounds 3] [-k 4] [--ngram-max 3]
+    python benchmarks/speculative.py --serve [--clients 8] [--threads 2] ...
+
+--serve measures `lmstack serve --draft-model ngram` against plain `lmstack serve`: both servers run at once (one
+idle while the other is measured), and each round sends, to one then the other, one streamed chat request with this
+prompt (tok/s = completion tokens / request wall time, acceptance from the ngram server's /metrics), then --clients
+concurrent ones (aggregate tok/s: with more than one row decoding the batcher does not speculate, so the two should
+match).
 
 The prompt is a chat turn that hands the model a paragraph (a few hundred tokens) and asks for a summary that quotes
 it: output that copies its input is where prompt lookup (lmstack.generate.NgramDrafter) helps. Greedy, so both
@@ -9,7 +16,9 @@ included); the median over rounds is reported with the speed-up and the acceptan
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,6 +59,77 @@ def run_once(lm, ids: list[int], sp: SamplingParams, stops: set[int], spec: bool
     return toks, time.perf_counter() - t0, None
 
 
+async def chat_stream(client, url: str, payload: dict) -> tuple[str, int, float]:
+    """(text, completion tokens, seconds) of one streamed /v1/chat/completions request."""
+    import json
+    t0, text, n = time.perf_counter(), [], 0
+    async with client.stream("POST", url, json=payload) as r:
+        if r.status_code != 200:
+            raise SystemExit(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            text += [c["delta"].get("content") or "" for c in d.get("choices") or []]
+            n = (d.get("usage") or {}).get("completion_tokens", n)
+    return "".join(text), n, time.perf_counter() - t0
+
+
+async def serve_level(base: str, clients: int, new_tokens: int) -> tuple[list[str], int, float]:
+    """(texts, tokens, wall seconds) of `clients` concurrent streamed requests."""
+    import httpx
+    payload = {"model": "gguf", "messages": [{"role": "user", "content": f"{PARAGRAPH}\n\n{REQUEST}"}],
+               "max_tokens": new_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0)) as client:
+        t0 = time.perf_counter()
+        res = await asyncio.gather(*(chat_stream(client, base + "/v1/chat/completions", payload)
+                                     for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return [r[0] for r in res], sum(r[1] for r in res), wall
+
+
+def serve_main(a) -> None:
+    """Plain and --draft-model ngram servers side by side, alternating 1-client and N-client rounds."""
+    import httpx
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_load import free_port, lmstack_cmd, stop_server, wait_health
+    flags = {"plain": [], "ngram": ["--draft-model", "ngram", "--num-speculative", str(a.num_speculative),
+                                    "--ngram-max", str(a.ngram_max), "--ngram-min", str(a.ngram_min)]}
+    procs, bases = {}, {}
+    try:
+        for name, extra in flags.items():
+            port = free_port()
+            cmd = lmstack_cmd() + ["serve", "--model", a.model, "--port", str(port), "--model-name", "gguf",
+                                   "--threads", str(a.threads or 2)] + extra
+            print("server:", " ".join(cmd), flush=True)
+            procs[name] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            bases[name] = f"http://127.0.0.1:{port}"
+            wait_health(bases[name], procs[name], 300)
+        speeds = {(n, c): [] for n in flags for c in (1, a.clients)}
+        texts: dict[str, list[str]] = {}
+        for r in range(a.rounds + 1):  # round 0 warms up
+            for clients in (1, a.clients):
+                for name in flags:
+                    out, toks, wall = asyncio.run(serve_level(bases[name], clients, a.new_tokens))
+                    if r:
+                        speeds[name, clients].append(toks / wall)
+                        texts.setdefault(name, out[:1])
+                        print(f"  round {r} {name:5s} clients={clients}: {toks} tokens in {wall:.2f} s = "
+                              f"{toks / wall:.1f} tok/s", flush=True)
+        metrics = httpx.get(bases["ngram"] + "/metrics").text
+    finally:
+        for p in procs.values():
+            stop_server(p)
+    med = {k: statistics.median(v) for k, v in speeds.items()}
+    for c in (1, a.clients):  # the ratio of each round's adjacent pair, then their median (drift cancels)
+        pairs = [y / x for x, y in zip(speeds["plain", c], speeds["ngram", c])]
+        print(f"{c} client(s): plain {med['plain', c]:.1f} tok/s, ngram {med['ngram', c]:.1f} tok/s (medians); "
+              f"ngram/plain per round {' '.join(f'{r:.2f}' for r in pairs)}, median {statistics.median(pairs):.2f}x")
+    print("ngram server /metrics:", *(ln for ln in metrics.splitlines() if ln.startswith("lmstack_speculative")),
+          sep="\n  ")
+    print(f"1-client texts identical: {texts['plain'] == texts['ngram']}")
+
+
 def main() -> None:
     """Note: with a packed GGUF model the first (warm-up) generation of a process can differ from later ones after a
     few dozen tokens (a near-tie in the logits decided differently once the kernels are warm), so the equality check
@@ -61,8 +141,12 @@ def main() -> None:
     ap.add_argument("-k", "--num-speculative", type=int, default=4)
     ap.add_argument("--ngram-max", type=int, default=3)
     ap.add_argument("--ngram-min", type=int, default=2)
-    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    ap.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; --serve: 2)")
+    ap.add_argument("--serve", action="store_true", help="measure `lmstack serve` with/without --draft-model ngram")
+    ap.add_argument("--clients", type=int, default=8, help="--serve: concurrent clients of the loaded rounds")
     a = ap.parse_args()
+    if a.serve:
+        return serve_main(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     lm = lmstack.load(a.model)

@@ -54,10 +54,14 @@ class BackgroundBatcher:
     """A ContinuousBatcher on its own daemon thread: `submit` from any thread, tokens arrive as they are decoded.
     `run(fn)` executes other model work (scoring, embeddings, beam search) on the same thread between decode
     steps, so the model is never entered from two threads at once. prefix_cache: reuse the keys/values of prompt
-    prefixes seen before (ContinuousBatcher; plain Transformer KV caches only)."""
+    prefixes seen before (ContinuousBatcher; plain Transformer KV caches only). draft / num_speculative:
+    speculative decoding while one generation decodes alone (a draft model or a Drafter such as NgramDrafter;
+    ContinuousBatcher); `speculative_stats()` counts its drafts."""
 
-    def __init__(self, model, max_batch: int = 16, prefix_cache: PrefixCache | None = None):
-        self.core = ContinuousBatcher(model, max_batch, prefix_cache=prefix_cache)
+    def __init__(self, model, max_batch: int = 16, prefix_cache: PrefixCache | None = None, draft=None,
+                 num_speculative: int = 4):
+        self.core = ContinuousBatcher(model, max_batch, prefix_cache=prefix_cache, draft=draft,
+                                      num_speculative=num_speculative)
         self.model = model
         self._cv = threading.Condition()
         self._calls: deque[tuple[Callable, Future]] = deque()
@@ -96,6 +100,9 @@ class BackgroundBatcher:
     @property
     def queued(self) -> int:
         return self.core.queued
+
+    def speculative_stats(self) -> dict | None:
+        return self.core.speculative_stats()
 
     def close(self) -> None:
         with self._cv:

@@ -19,6 +19,13 @@ Models that carry state instead of keys/values (LSTM, GRU, gated CNN: `model.new
 max_batch rows instead: each row's state is its own whatever its length, so there are no slots, masks or shifts. A
 joiner is prefilled alone (a pad would enter its state) and its state copied into its row; a finished row is
 swap-removed the same way; a decode step feeds every row its pending token from its own state.
+
+Speculative decoding (`draft=`: a draft model or a Drafter such as NgramDrafter, speculative.py): while exactly one
+row is active, a step is one speculative round instead (`RowSpeculator`): the row moves to slot 0 (so no padding
+mask is needed and packed models take the fused seq-mode layer), its pending token and k drafts are written at
+slots pos..pos+k in one forward pass, `verify_drafts` accepts some, and `pos` advances past the accepted ones only:
+the rejected slots lie beyond `pos`, where the next write lands. With two or more rows, or nothing proposed, the
+step is the plain batched decode.
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from ..models.utils import eval_mode
 from .engine import TokenStep, fit_context, make_generator, prefill_logits, stop_set
 from .prefix_cache import PrefixCache, check_prefix_cache_model
 from .sampling import SamplingParams, sample_next
+from .speculative import RowSpeculator
 
 
 @dataclass
@@ -74,7 +82,7 @@ class ContinuousBatcher:
     """Step-driven continuous batching over `model` with at most `max_batch` rows decoding at once."""
 
     def __init__(self, model, max_batch: int = 16, prefill_tokens: int | None = None,
-                 prefix_cache: PrefixCache | None = None):
+                 prefix_cache: PrefixCache | None = None, draft=None, num_speculative: int = 4):
         if max_batch < 1:
             raise LMStackError(f"max_batch must be >= 1, got {max_batch}")
         if prefix_cache is not None:  # plain KV caches only: a clear error for sliding-window / stateful models
@@ -104,6 +112,8 @@ class ContinuousBatcher:
         self.prefill_tokens = prefill_tokens if prefill_tokens is not None else (
             4096 if self.device.type == "cuda" else 0)
         self.steps_run = 0
+        # speculative rounds while one row decodes alone (module docstring); None: plain decoding only
+        self.speculator = RowSpeculator(model, draft, num_speculative) if draft is not None else None
 
     # ---- public -----------------------------------------------------------------------------------
     def add(self, req: Request) -> Request:
@@ -129,10 +139,14 @@ class ContinuousBatcher:
     def has_work(self) -> bool:
         return bool(self.rows or self.waiting)
 
+    def speculative_stats(self) -> dict | None:
+        """RowSpeculator.stats() (proposed / accepted drafts, rounds, acceptance rate); None without a drafter."""
+        return None if self.speculator is None else self.speculator.stats()
+
     @torch.inference_mode()
     def step(self) -> None:
         """Admit waiting requests into free rows, then one decode step for all active rows."""
-        with eval_mode(self.model):
+        with eval_mode(self.model, *(self.speculator.models if self.speculator is not None else ())):
             self._drop_cancelled()
             while len(self.rows) < self.max_batch:
                 joining = []
@@ -164,6 +178,8 @@ class ContinuousBatcher:
     # ---- internals ----------------------------------------------------------------------------------
     def _emit(self, req: Request, token: int, logprob: float, top: list) -> None:
         """Record and hand out one sampled token; finish the request when it ends."""
+        if req.finished:  # ended earlier in this speculative round (a consumer that failed)
+            return
         step = TokenStep(token, logprob, top)
         req.history.append(token)
         req.generated += 1
@@ -200,6 +216,10 @@ class ContinuousBatcher:
                     toks[i] = sample_next(logits[i:i + 1], r.params, r.generator, ids=[r.history],
                                           prompt_len=len(r.prompt), eos_ids=r.stop_ids,
                                           allowed=None if r.matcher is None else r.matcher.allowed())[0]
+        self._emit_all(reqs, logits, toks)
+
+    def _emit_all(self, reqs: list[Request], logits: torch.Tensor, toks: torch.Tensor) -> None:
+        """Emit toks[i] for reqs[i] with its logprob (and top alternatives) under the raw float32 logits[i]."""
         logp = torch.log_softmax(logits, dim=-1)
         chosen = logp.gather(-1, toks.view(-1, 1)).squeeze(-1).tolist()
         tok_list = toks.tolist()
@@ -331,6 +351,10 @@ class ContinuousBatcher:
             self.pos = 0
 
     def _decode(self) -> None:
+        if self.speculator is not None and len(self.rows) == 1 and self.speculator.eligible(self.rows[0]):
+            drafts, q = self.speculator.propose(self.rows[0])
+            if drafts:
+                return self._speculate(drafts, q)
         if self.state is not None:  # every row continues from its own state: no slots, masks or positions
             toks = torch.tensor([[r.pending] for r in self.rows], dtype=torch.long, device=self.device)
             logits = self.model(toks, cache=self.state.view(len(self.rows)), pos=0)[:, -1]
@@ -349,6 +373,27 @@ class ContinuousBatcher:
         self.pos += 1
         self.steps_run += 1
         self._sample(list(self.rows), logits)
+        self._drop_cancelled()
+
+    def _speculate(self, drafts: list[int], q) -> None:
+        """One speculative round for the only active row (module docstring)."""
+        r, s = self.rows[0], self.starts[0]
+        if s:  # without a padding mask the row's attention starts at slot 0: move its slots there
+            for layer in range(self.shape[0]):
+                self.k[layer][0, :, :self.pos - s] = self.k[layer][0, :, s:self.pos].clone()
+                self.v[layer][0, :, :self.pos - s] = self.v[layer][0, :, s:self.pos].clone()
+            self.starts[0], self.pos = 0, self.pos - s
+        T = 1 + len(drafts)
+        if self.pos + T > self.cap:
+            self._relayout(0, max(self.pos + T, min(max(2 * self.cap, 64), self.block)))
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.max_len = [t[:1] for t in self.k], [t[:1] for t in self.v], self.cap
+        ids = torch.tensor([[r.pending] + drafts], dtype=torch.long, device=self.device)
+        logits = self.model(ids, cache=view, pos=self.pos)[0].float()  # (T, V): a causal chunk after slot pos
+        self.steps_run += 1
+        new = self.speculator.verify(r, logits, drafts, q)
+        self.pos += len(new)  # the cache is valid through the pending token and the accepted drafts
+        self._emit_all([r] * len(new), logits[:len(new)], torch.tensor(new, device=logits.device))
         self._drop_cancelled()
 
 

@@ -23,7 +23,8 @@ token for token the target's greedy output.
 The target (and a draft model) keep a pre-allocated KV cache. Rejected positions need no undo: the next round
 writes from the first unaccepted position onward, and attention only reads the cache up to the current position.
 `stream_speculative` yields the tokens of each round as it completes (for streaming text); `speculative_generate`
-runs it to the end.
+runs it to the end. `RowSpeculator` runs the same rounds inside the continuous batcher (the server) while one
+generation is decoding alone.
 """
 from __future__ import annotations
 
@@ -127,6 +128,19 @@ def as_drafter(draft) -> Drafter:
     return draft if hasattr(draft, "propose") else ModelDrafter(draft)
 
 
+def checked_drafter(target, draft) -> Drafter:
+    """as_drafter(draft), after checking that it can draft for `target` (LMStackError: a model that carries its
+    state forward, a different vocabulary)."""
+    drafter = as_drafter(draft)
+    for role, m in (("target", target),) + tuple(("draft", d) for d in drafter.models):
+        if is_state_cache_model(m):
+            raise LMStackError(f"speculative decoding needs caches that can rewind to the last accepted token; the "
+                               f"{role} model ({m.config.arch}) carries its state forward only. Use Transformer "
+                               f"models, or generate without a draft model")
+    drafter.check(target)
+    return drafter
+
+
 def check_draft_tokenizer(target_tok, draft_tok, draft_name: str = "the draft model") -> None:
     """Raise LMStackError naming the first difference when the draft's tokenizer is not the target's (the same
     ids must mean the same tokens, or the target would verify tokens the draft never meant)."""
@@ -144,8 +158,8 @@ def check_draft_tokenizer(target_tok, draft_tok, draft_name: str = "the draft mo
                        f"(--draft-model ngram), which needs no draft model")
 
 
-def _probs(logits: torch.Tensor, params: SamplingParams, history: list[int], prompt_len: int,
-           stop_ids: set[int]) -> torch.Tensor:
+def target_probs(logits: torch.Tensor, params: SamplingParams, history: list[int], prompt_len: int,
+                 stop_ids: set[int]) -> torch.Tensor:
     """(V,) raw logits -> (V,) the distribution `sample_next` draws from (one-hot argmax when greedy)."""
     processed = process_logits(logits.float().cpu().view(1, -1), params, ids=[history], prompt_len=prompt_len,
                                eos_ids=stop_ids)[0]
@@ -158,8 +172,8 @@ def _sample(probs: torch.Tensor, gen: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def _verify(t_logits: torch.Tensor, drafts: list[int], q: list[torch.Tensor] | None, probs: ProbsFn,
-            history: list[int], gen: torch.Generator, stop_ids: set[int] | None) -> tuple[list[int], int]:
+def verify_drafts(t_logits: torch.Tensor, drafts: list[int], q: list[torch.Tensor] | None, probs: ProbsFn,
+                  history: list[int], gen: torch.Generator, stop_ids: set[int] | None) -> tuple[list[int], int]:
     """Accept / reject the drafts against the target's logits (len(drafts) + 1 rows) -> (new tokens, accepted).
     q None: one-hot draft distributions. stop_ids: ids that end generation once accepted (None: none do)."""
     new: list[int] = []
@@ -197,13 +211,7 @@ def stream_speculative(target, draft, prompt_ids: list[int], params: SamplingPar
     if getattr(params, "constraint", None) is not None:
         raise LMStackError("speculative decoding does not take structured output (json_schema / regex / choices / "
                            "grammar) yet; generate without a draft model for constrained output")
-    drafter = as_drafter(draft)
-    for role, m in (("target", target),) + tuple(("draft", d) for d in drafter.models):
-        if is_state_cache_model(m):
-            raise LMStackError(f"speculative decoding needs caches that can rewind to the last accepted token; the "
-                               f"{role} model ({m.config.arch}) carries its state forward only. Use Transformer "
-                               f"models, or generate without a draft model")
-    drafter.check(target)
+    drafter = checked_drafter(target, draft)
     stop_ids = stop_set(eos_id)
     block = min(target.config.block_size, drafter.block_size or target.config.block_size)
     prompt = fit_context(list(prompt_ids), params.max_new_tokens, block, truncate)
@@ -214,7 +222,7 @@ def stream_speculative(target, draft, prompt_ids: list[int], params: SamplingPar
     t_dev = next(target.parameters()).device
 
     def probs(logits: torch.Tensor, hist: list[int]) -> torch.Tensor:
-        return _probs(logits, params, hist, P, stop_ids)
+        return target_probs(logits, params, hist, P, stop_ids)
 
     with eval_mode(target, *drafter.models):
         # sliding-window models roll (kv_cache.RollingKVCache): a round rewinds at most num_draft_tokens positions
@@ -232,8 +240,8 @@ def stream_speculative(target, draft, prompt_ids: list[int], params: SamplingPar
             drafts, q = drafts[:k], (q[:k] if q is not None else None)
             # the target scores the pending token and all drafts in one pass
             t_logits = target(torch.tensor([[history[-1]] + drafts], device=t_dev), cache=t_cache, pos=t_n)[0]
-            new, accepted = _verify(t_logits, drafts, q, probs, history, gen,
-                                    stop_ids if params.stop_at_eos else None)
+            new, accepted = verify_drafts(t_logits, drafts, q, probs, history, gen,
+                                          stop_ids if params.stop_at_eos else None)
             out.target_passes += 1
             out.drafted += len(drafts)
             out.accepted += accepted
@@ -259,3 +267,64 @@ def speculative_generate(target, draft, prompt_ids: list[int], params: SamplingP
                                 stats=out):
         pass
     return out
+
+
+class RowSpeculator:
+    """Speculative rounds inside the continuous batcher (batching.py), for a batch of ONE active row.
+
+    Design: speculate only while one generation is decoding. Then a decode step is bound by weight reads and
+    dispatch, so verifying 1 + k tokens costs about what one token does and every accepted draft is a step saved;
+    with more rows the batch already fills each step, so (as vLLM does under load) rows decode plainly and the
+    batch runs exactly as without a drafter. One drafter therefore serves one generation at a time: it restarts
+    (`begin`) when the row it drafts for changes, and keeps its state when the same row pauses for a batch and is
+    alone again (its history only grew). A row speculates unless something needs token-by-token control: a
+    structured-output matcher, fewer than 2 tokens left, or prompt + max_new_tokens past the drafter's context.
+    Verification is `verify_drafts` with the row's own sampling params, history, stop ids and generator, so greedy
+    rows emit the target's greedy tokens and sampled rows keep the target's distribution. Counters: `stats()`."""
+
+    def __init__(self, target, draft, num_draft_tokens: int = 4):
+        if num_draft_tokens < 1:
+            raise LMStackError(f"num_speculative (--num-speculative) must be >= 1 draft tokens per round, got "
+                               f"{num_draft_tokens}")
+        self.drafter = checked_drafter(target, draft)
+        self.k = num_draft_tokens
+        self.owner = None  # the request the drafter's state belongs to
+        self.rounds = self.proposed = self.accepted = self.tokens = 0
+
+    @property
+    def models(self) -> tuple:
+        return self.drafter.models
+
+    def eligible(self, req) -> bool:
+        block = self.drafter.block_size
+        return (req.matcher is None and req.params.max_new_tokens - req.generated >= 2
+                and (block is None or len(req.prompt) + req.params.max_new_tokens <= block))
+
+    @staticmethod
+    def _probs(req) -> ProbsFn:
+        return lambda logits, hist: target_probs(logits, req.params, hist, len(req.prompt), req.stop_ids)
+
+    def propose(self, req) -> tuple[list[int], list[torch.Tensor] | None]:
+        """Up to k drafts continuing req.history (its last token is the pending one) and their distributions."""
+        if self.owner is not req:
+            self.drafter.begin(req.history, len(req.prompt) + req.params.max_new_tokens, self.k)
+            self.owner = req
+        k = min(self.k, req.params.max_new_tokens - req.generated - 1)
+        drafts, q = self.drafter.propose(req.history, k, self._probs(req), req.generator)
+        return drafts[:k], (q[:k] if q is not None else None)
+
+    def verify(self, req, logits: torch.Tensor, drafts: list[int], q: list[torch.Tensor] | None) -> list[int]:
+        """logits (1 + len(drafts), V): the target's for [pending, *drafts] -> the round's new tokens."""
+        stop = req.stop_ids if req.params.stop_at_eos else None
+        new, accepted = verify_drafts(logits, drafts, q, self._probs(req), req.history, req.generator, stop)
+        self.drafter.rollback(len(req.history) + len(new) - 1)
+        self.rounds += 1
+        self.proposed += len(drafts)
+        self.accepted += accepted
+        self.tokens += len(new)
+        return new
+
+    def stats(self) -> dict:
+        """proposed / accepted draft tokens, verify rounds, tokens those rounds emitted, acceptance rate."""
+        return {"proposed": self.proposed, "accepted": self.accepted, "rounds": self.rounds, "tokens": self.tokens,
+                "acceptance_rate": self.accepted / self.proposed if self.proposed else 0.0}

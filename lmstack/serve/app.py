@@ -7,7 +7,9 @@ request is submitted to one decode loop on its own thread, joins the running bat
 arrive on a blocking stream that a small thread pool turns into text pieces and SSE chunks. A client that
 disconnects (even before its stream starts) cancels its generations at once, freeing their rows. Other model work
 (echo scoring, embeddings, beam search) runs on the engine thread between decode steps, so the model is never
-entered from two threads at once. Every bad request gets an OpenAI-style error JSON
+entered from two threads at once. With a drafter (`--draft-model ngram|PATH`) the engine runs speculative rounds
+while exactly one generation is decoding (generate/batching.py) and plain batched steps otherwise; the tokens are
+the same (greedy) or identically distributed (sampled), and /metrics counts the drafts. Every bad request gets an OpenAI-style error JSON
 ({"error": {message, type, param, code}}) with a 4xx status; never a 500.
 
 The pieces: protocol.py (request parsing, APIError), state.py (ServerState: engine, thread pool, admission,
@@ -33,7 +35,7 @@ from .rag_routes import register as register_rag
 from .rag_state import RagState
 from .responses import GuardedStream
 from .routes import STATIC_DIR, register
-from .state import ServerState
+from .state import ServerState, load_drafter
 
 __all__ = ["create_app", "serve", "default_model_name", "APIError", "error_response", "generate_pieces",
            "GuardedStream", "Metrics", "ServerState", "STATIC_DIR"]
@@ -41,15 +43,18 @@ __all__ = ["create_app", "serve", "default_model_name", "APIError", "error_respo
 
 def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
                max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16, indexes: list | None = None,
-               prefix_cache_mb: float | None = 256) -> FastAPI:
+               prefix_cache_mb: float | None = 256, draft=None, num_speculative: int = 4) -> FastAPI:
     """The FastAPI app serving `lm` under the name `model_name`. api_key: required as `Authorization: Bearer KEY`
     on every /v1 route. max_batch + max_queue: requests admitted at once (more get 429); max_batch also caps the
     choices (prompts x n) of one request. max_body_bytes: larger bodies get 413. indexes: RAG index directories (or
     open `lmstack.rag.Index`es), each served as a vector store (/v1/vector_stores, /v1/rag/*, the /rag page).
     prefix_cache_mb: budget of the prefix cache that reuses prompt-prefix keys/values across requests (None/0: off;
-    always off for sliding-window and stateful models); its counters are in /metrics."""
+    always off for sliding-window and stateful models); its counters are in /metrics. draft: speculative decoding
+    while one generation decodes alone — a Drafter (NgramDrafter(): prompt lookup) or a draft model with `lm`'s
+    tokenizer (`lm.speculative_drafter(other_lm)`), `num_speculative` drafts per round; counters in /metrics."""
     state = ServerState(lm, model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                        max_body_bytes=max_body_bytes, max_n=max_n, prefix_cache_mb=prefix_cache_mb)
+                        max_body_bytes=max_body_bytes, max_n=max_n, prefix_cache_mb=prefix_cache_mb, draft=draft,
+                        num_speculative=num_speculative)
     rag = RagState(indexes)
 
     @asynccontextmanager
@@ -93,10 +98,14 @@ def default_model_name(model: str | os.PathLike) -> str:
 
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
           model_name: str | None = None, threads: int = 0, indexes: list[str] | None = None,
-          prefix_cache_mb: float | None = 256, **load_kw) -> None:
+          prefix_cache_mb: float | None = 256, draft_model: str | None = None, num_speculative: int = 4,
+          ngram_max: int = 3, ngram_min: int = 2, **load_kw) -> None:
     """Load `model` and serve it with uvicorn until interrupted (`lmstack serve`). threads > 0: torch CPU threads.
     model_name: the id clients pass as `model` (default: `default_model_name(model)`). indexes: RAG index
-    directories served as vector stores (`--index`). prefix_cache_mb: prefix-cache budget in MiB (None: off)."""
+    directories served as vector stores (`--index`). prefix_cache_mb: prefix-cache budget in MiB (None: off).
+    draft_model: speculative decoding while one generation decodes alone: 'ngram' (prompt lookup, n-grams of
+    ngram_max down to ngram_min tokens) or a draft model path with the same tokenizer (loaded with `load_kw`);
+    num_speculative: drafts per round."""
     import torch
     import uvicorn
     if threads:
@@ -104,6 +113,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
 
     from ..lm import load
     lm = load(model, **load_kw)
+    draft = load_drafter(lm, draft_model, ngram_max, ngram_min, **load_kw)
     app = create_app(lm, model_name or default_model_name(model), api_key=api_key, max_batch=max_batch,
-                     indexes=indexes, prefix_cache_mb=prefix_cache_mb)
+                     indexes=indexes, prefix_cache_mb=prefix_cache_mb, draft=draft, num_speculative=num_speculative)
     uvicorn.run(app, host=host, port=port, log_level="info")

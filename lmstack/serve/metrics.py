@@ -17,6 +17,7 @@ class Metrics:
         self.hist = [0] * (len(self.BUCKETS) + 1)
         self.lat_sum = 0.0
         self.lat_count = 0
+        self.speculative = lambda: None  # the engine's speculative_stats (ServerState sets it; None: no drafter)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
         with self.lock:
@@ -60,6 +61,7 @@ class Metrics:
             out.append(f"lmstack_request_duration_seconds_sum {self.lat_sum}")
             out.append(f"lmstack_request_duration_seconds_count {self.lat_count}")
         out += _prefix_lines(prefix)
+        out += _speculative_lines(self.speculative())
         return "\n".join(out) + "\n"
 
 
@@ -81,6 +83,25 @@ def _prefix_lines(stats: dict | None) -> list[str]:
     for name, key, kind, text in _PREFIX_METRICS if stats is not None else ():
         out += [f"# HELP lmstack_prefix_cache_{name} {text}", f"# TYPE lmstack_prefix_cache_{name} {kind}",
                 f"lmstack_prefix_cache_{name} {stats[key]}"]
+    return out
+
+
+_SPEC_METRICS = (  # (name, stats key, type, help)
+    ("proposed_tokens_total", "proposed", "counter", "Draft tokens proposed for verification."),
+    ("accepted_tokens_total", "accepted", "counter", "Draft tokens the model accepted."),
+    ("acceptance_rate", "acceptance_rate", "gauge", "Accepted / proposed draft tokens since start."),
+    ("rounds_total", "rounds", "counter", "Speculative verify passes (one forward pass each)."),
+    ("emitted_tokens_total", "tokens", "counter", "Tokens emitted by speculative rounds (accepted + one each)."),
+)
+
+
+def _speculative_lines(stats: dict | None) -> list[str]:
+    """Prometheus lines of the engine's speculative decoding (only `enabled 0` without a --draft-model)."""
+    out = ["# HELP lmstack_speculative_enabled Whether the engine drafts tokens (--draft-model).",
+           "# TYPE lmstack_speculative_enabled gauge", f"lmstack_speculative_enabled {int(stats is not None)}"]
+    for name, key, kind, text in _SPEC_METRICS if stats is not None else ():
+        out += [f"# HELP lmstack_speculative_{name} {text}", f"# TYPE lmstack_speculative_{name} {kind}",
+                f"lmstack_speculative_{name} {stats[key]}"]
     return out
 
 

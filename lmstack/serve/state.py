@@ -11,8 +11,9 @@ from typing import Callable
 from fastapi import Request
 
 from ..errors import ContextLengthError, LMStackError
-from ..generate import BackgroundBatcher, PrefixCache, prefix_cache_unsupported
+from ..generate import BackgroundBatcher, NgramDrafter, PrefixCache, is_ngram_spec, prefix_cache_unsupported
 from ..generate.constrain import new_matcher
+from ..lm import load
 from .metrics import Metrics
 from .protocol import APIError, check_bearer, parse_body
 
@@ -59,15 +60,29 @@ def make_prefix_cache(model, budget_mb: float | None) -> PrefixCache | None:
     return PrefixCache(budget_bytes=int(budget_mb * 1024 * 1024))
 
 
+def load_drafter(lm, draft_model: str | None, ngram_max: int = 3, ngram_min: int = 2, **load_kw):
+    """The server's speculative drafter (`--draft-model`): None without one, prompt lookup for 'ngram' / '[ngram]',
+    else the model at that path (lmstack.load with `load_kw`), whose tokenizer must be `lm`'s (LMStackError naming
+    the first difference)."""
+    if draft_model is None:
+        return None
+    if is_ngram_spec(draft_model):
+        return NgramDrafter(ngram_max=ngram_max, ngram_min=ngram_min)
+    return lm.speculative_drafter(load(draft_model, **load_kw))
+
+
 class ServerState:
     """The shared state of one app (see the module docstring). api_key: required as `Authorization: Bearer KEY` on
     every /v1 route. max_batch + max_queue: requests admitted at once; max_batch also caps the choices of one
     request. max_body_bytes: larger bodies get 413. max_n: the largest `n`. prefix_cache_mb: the byte budget (MiB)
     of the engine's prefix cache (keys/values of prompt prefixes reused across requests); None or 0 turns it off,
-    and it is off for models that cannot use one (sliding-window or stateful: `prefix_cache_unsupported`)."""
+    and it is off for models that cannot use one (sliding-window or stateful: `prefix_cache_unsupported`).
+    draft / num_speculative: speculative decoding in the engine while one generation decodes alone (a Drafter or a
+    draft model: `load_drafter`); its counters are in /metrics."""
 
     def __init__(self, lm, model_name: str, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
-                 max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16, prefix_cache_mb: float | None = 256):
+                 max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16, prefix_cache_mb: float | None = 256,
+                 draft=None, num_speculative: int = 4):
         self.lm, self.model_name, self.api_key = lm, model_name, api_key
         self.max_batch, self.max_queue, self.max_body_bytes, self.max_n = max_batch, max_queue, max_body_bytes, max_n
         self.tokenizer = lm.tokenizer
@@ -78,7 +93,9 @@ class ServerState:
         self.metrics = Metrics()
         self.active = 0  # requests admitted and not finished (changed on the event loop only)
         self.prefix_cache = make_prefix_cache(lm.model, prefix_cache_mb)
-        self.engine = BackgroundBatcher(lm.model, max_batch=max_batch, prefix_cache=self.prefix_cache)
+        self.engine = BackgroundBatcher(lm.model, max_batch=max_batch, prefix_cache=self.prefix_cache, draft=draft,
+                                        num_speculative=num_speculative)
+        self.metrics.speculative = self.engine.speculative_stats
         # threads that wait for tokens and turn them into text/SSE chunks (blocking waits, little CPU)
         self.consumers = ThreadPoolExecutor(max_workers=max_batch + max_queue + 4, thread_name_prefix="lmstack-stream")
 
