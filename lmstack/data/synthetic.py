@@ -4,7 +4,8 @@ reward → DPO → PPO loop can be tried (and verified) offline in minutes:
     instructions(n)      Alpaca records: additions, upper-casing, first letters, word counts
     prompts(n)           short text prompts for sampling (feedback page, PPO)
     preference_pairs(n)  prompt/chosen/rejected where chosen mentions the word "cat" and rejected does not
-    simulated_votes(n)   the same preference as vote records of the feedback page (`lmstack feedback` format),
+    simulated_votes(n)   the same preference as vote records of the feedback page (`lmstack feedback` format;
+                         each completion also rated 1 + 2 * its "cat" count (max 7) and the loser tagged off-topic),
                          from a simulated annotator who prefers the completion that mentions "cat"
     cat_reward           the matching programmatic reward for PPO (python:lmstack.data.synthetic:cat_reward)
 
@@ -73,9 +74,11 @@ def simulated_votes(n: int, seed: int = 0) -> list[dict]:
     for i, p in enumerate(preference_pairs(n, seed)):
         a_wins = r.random() < 0.5
         a, b = (p["chosen"], p["rejected"]) if a_wins else (p["rejected"], p["chosen"])
+        rating = {side: 1 + 2 * min(3, int(n)) for side, n in zip("ab", cat_reward(["", ""], [a, b]))}
         out.append({"id": i, "prompt": p["prompt"], "chat": False, "completion_a": a, "completion_b": b,
                     "choice": "a" if a_wins else "b", "chosen": p["chosen"], "rejected": p["rejected"],
-                    "edited": False, "annotator": "simulated:prefers-cat"})
+                    "edited": False, "annotator": "simulated:prefers-cat", "ratings": rating,
+                    "tags": {"a": [] if a_wins else ["off-topic"], "b": ["off-topic"] if a_wins else []}})
     return out
 
 
