@@ -47,8 +47,8 @@ def test_pack_equals_gguf_quantize_and_unpack_equals_dequantize(fmt):
 def test_pack_rejects_rows_not_a_multiple_of_32():
     with pytest.raises(LMStackError, match="divisible by 32"):
         qf.pack(torch.randn(4, 40), "q8_0")
-    with pytest.raises(LMStackError, match="supported: q8_0, q4_0, q4_1"):
-        qf.check_format("q5_k")
+    with pytest.raises(LMStackError, match="supported: q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k"):
+        qf.check_format("q3_k")
 
 
 # ---- kernel paths -------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import LMStackError
+from ..models.qformats import base_formats
 from ..models.transformer import Transformer, rope_frequencies
 from ..tokenizer import Tokenizer, bytes_to_unicode
 from . import gguf_packed
@@ -319,5 +320,6 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None,
     del reader, tensors  # drop the memory map
     if dtype is not None:
         model = model.to(dtype)
-    model.quantization = "gguf:" + ",".join(sorted(set(plan.values()))) if plan else None
+    fmts = sorted({f for v in plan.values() for f in base_formats(v)})
+    model.quantization = "gguf:" + ",".join(fmts) if plan else None
     return model.eval(), tokenizer

@@ -9,7 +9,7 @@ and padding masks). A few new tokens of one sequence (a short prompt, the tokens
 than kernels.GEMM_MIN_ROWS, where prefill switches to unpacked GEMMs) run the same layer in its causal `seq` mode.
 Anything else takes the ordinary path. Same math as the
 ordinary path with the same kernels (attention summed in a different order: ~1e-6). LMSTACK_FUSED_DECODE=0 turns
-it off.
+it off. Any block formats, mixed-format layers included (the kernels take them in one call).
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import torch
 
 from . import kernels
 from .kv_cache import KVCache
-from .qformats import FORMAT_IDS
 from .qlinear import QuantLinear
 
 
@@ -79,9 +78,9 @@ def _layer_args(model) -> list[tuple]:
         args = []
         for b in model.blocks:
             a, m = b.attn, b.mlp
-            args.append((b.norm1.weight, a.qkv.qweight, FORMAT_IDS[a.qkv.fmt], a.qkv.bias, a.proj.qweight,
-                         FORMAT_IDS[a.proj.fmt], a.proj.bias, b.norm2.weight, m.fc.qweight, FORMAT_IDS[m.fc.fmt],
-                         m.fc.bias, m.proj.qweight, FORMAT_IDS[m.proj.fmt], m.proj.bias, _eps(b.norm1)))
+            args.append((b.norm1.weight, a.qkv.qweight, a.qkv.fmt_id, a.qkv.bias, a.proj.qweight, a.proj.fmt_id,
+                         a.proj.bias, b.norm2.weight, m.fc.qweight, m.fc.fmt_id, m.fc.bias, m.proj.qweight,
+                         m.proj.fmt_id, m.proj.bias, _eps(b.norm1)))
         model._fused_decode_args = args
     return args
 

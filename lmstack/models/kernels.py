@@ -9,6 +9,8 @@ Paths, best first (`LMSTACK_KERNEL=amx|avx512|avx2|torch` forces one; `kernel_pa
           batches unpack the weight natively and run PyTorch's float32 GEMM.
 - avx2    the same source built for AVX2 + FMA + F16C: maddubs + madd per block (the matvec takes two blocks per step
           with both blocks' scales converted at once, as the 512-bit tile); float32 GEMM for prefill.
+The K-quants (Q4_K / Q5_K / Q6_K, kernels/kquants.cpp) have 256-bit register tiles in every build (dpbusd on
+256-bit registers with AVX-512 VNNI, maddubs + madd on AVX2); Q5_0 / Q5_1 share the Q4 kernels (+ the 5th bit).
 Every register tile prefetches the next tile's weight rows (rows of a few hundred bytes are too short for the
 hardware prefetcher; measured 1.6x on decode).
 - torch   unpack the blocks to float and call F.linear: any CPU or GPU, exact float math (the reference).
@@ -35,7 +37,7 @@ PATHS = ("amx", "avx512", "avx2", "torch")
 GEMM_MIN_ROWS = 32  # from this many rows of x (prefill), unpack the weight natively and run a float GEMM
 # the extension's sources (common.h is included by both); bump the _v<N> name below when any of them changes, since
 # torch's build cache looks at the .cpp files only
-_SOURCES = [Path(__file__).with_name("kernels") / f for f in ("qmatmul.cpp", "decode_layer.cpp")]
+_SOURCES = [Path(__file__).with_name("kernels") / f for f in ("qmatmul.cpp", "kquants.cpp", "decode_layer.cpp")]
 _FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
@@ -80,7 +82,7 @@ def extension(isa: str):
             return _built.get(isa)
         try:
             from torch.utils.cpp_extension import get_default_build_root, load
-            name = f"lmstack_qmatmul_{isa}_v18"
+            name = f"lmstack_qmatmul_{isa}_v20"
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
             if not any(root.glob(f"{name}/*.so")) and not any(root.glob(f"*/{name}/*.so")):
                 print(f"lmstack: compiling the {isa} quantized-matmul kernels (first use, about a minute; cached "
@@ -154,8 +156,9 @@ def dequantize(packed: torch.Tensor, fmt_id: int, path: str, dtype: torch.dtype 
     """Packed blocks -> float32 / bfloat16 weight with the native unpacker, for float GEMMs on prefill-sized
     batches. The result lives in a per-thread scratch buffer reused by the next call (use it at once): a fresh
     allocation each call costs more in page faults than the unpacking."""
-    from .qformats import BLOCK, BLOCK_BYTES, FORMATS
-    n, k = packed.shape[0], packed.shape[1] // BLOCK_BYTES[FORMATS[fmt_id]] * BLOCK
+    from .qformats import ALL_FORMATS, BLOCK_BYTES, BLOCK_VALUES
+    fmt = ALL_FORMATS[fmt_id]
+    n, k = packed.shape[0], packed.shape[1] // BLOCK_BYTES[fmt] * BLOCK_VALUES[fmt]
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:
         bufs = _scratch.bufs = {}

@@ -1,9 +1,13 @@
-"""Linear layers and embeddings on GGUF block-quantized weights (Q8_0 / Q4_0 / Q4_1), kept packed.
+"""Linear layers and embeddings on GGUF block-quantized weights (Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 and the K-quants
+Q4_K / Q5_K / Q6_K), kept packed.
 
-`QuantLinear` holds `qweight`, a uint8 (out_features, in_features / 32 * block bytes) tensor of blocks in GGUF's own
-byte layout (lmstack/models/qformats.py), and multiplies with the native kernel of the CPU's best path
+`QuantLinear` holds `qweight`, a uint8 (out_features, in_features / block values * block bytes) tensor of blocks in
+GGUF's own byte layout (lmstack/models/qformats.py), and multiplies with the native kernel of the CPU's best path
 (lmstack/models/kernels.py; `LMSTACK_KERNEL` forces one), or unpacks to float for PyTorch (other devices, the
-`torch` path). `QuantEmbedding` looks rows up in the same bytes; a tied head shares the embedding's `qweight`.
+`torch` path). A fused layer whose GGUF tensors have different formats (a Q4_K_M file's q/k Q4_K with v Q6_K) has
+a mixed format 'q4_k:768,q6_k:192': its qweight is the runs' bytes one after
+the other (1-D), and one kernel call computes all of them. `QuantEmbedding` looks rows up in the same bytes; a tied
+head shares the embedding's `qweight`.
 Inference only: there are no float weights to train (load with dtype=float32 to fine-tune).
 """
 from __future__ import annotations
@@ -13,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .qformats import BLOCK, FORMAT_IDS, check_format, pack, packed_shape, unpack
+from .qformats import (BLOCK, FORMAT_IDS, check_format, format_code, pack, packed_shape, segments, split_segments,
+                       unpack)
 
 
 class QuantLinear(nn.Module):
@@ -21,6 +26,7 @@ class QuantLinear(nn.Module):
                  qweight: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features, self.fmt = in_features, out_features, check_format(fmt)
+        self.fmt_id = format_code(fmt)  # the kernels' format argument
         shape = packed_shape(out_features, in_features, fmt)
         if qweight is None:
             qweight = torch.zeros(shape, dtype=torch.uint8)
@@ -42,13 +48,13 @@ class QuantLinear(nn.Module):
         return q.to(lin.weight.device)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return unpack(self.qweight, self.fmt, dtype)
+        return unpack(self.qweight, self.fmt, dtype, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.device.type == "cpu" and not _op_registered:
             ext = kernels.loaded()  # the decode fast path: one native call, any leading dims
             if ext is not None and x.numel() < kernels.GEMM_MIN_ROWS * self.in_features and x.is_contiguous():
-                return ext.qlinear(x, self.qweight, FORMAT_IDS[self.fmt], self.bias)
+                return ext.qlinear(x, self.qweight, self.fmt_id, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         path = kernels.kernel_path() if x.device.type == "cpu" else "torch"
@@ -57,14 +63,19 @@ class QuantLinear(nn.Module):
             y = F.linear(x2.to(dt), self.dequantize(dt), None if self.bias is None else self.bias.to(dt))
         elif x2.shape[0] >= kernels.GEMM_MIN_ROWS:  # prefill: unpack natively, then a float GEMM
             dt = torch.bfloat16 if path == "amx" else torch.float32
-            xq = x2.float().contiguous()
-            if _op_registered:  # compiled: a custom op with a fresh output (no scratch aliasing inside a graph)
-                w = torch.ops.lmstack.qdequant(self.qweight, FORMAT_IDS[self.fmt], path, dt)
-            else:
-                w = kernels.dequantize(self.qweight, FORMAT_IDS[self.fmt], path, dt)
-            y = F.linear(xq.to(dt), w, None if self.bias is None else self.bias.to(dt))
+            xq = x2.float().contiguous().to(dt)
+            parts = split_segments(self.qweight, self.in_features, self.fmt)  # a mixed layer: per run of rows
+            bias = None if self.bias is None else self.bias.to(dt)
+            ys = []
+            for part, fmt in parts:
+                if _op_registered:  # compiled: a custom op with a fresh output (no scratch aliasing inside a graph)
+                    w = torch.ops.lmstack.qdequant(part, FORMAT_IDS[fmt], path, dt)
+                else:
+                    w = kernels.dequantize(part, FORMAT_IDS[fmt], path, dt)
+                ys.append(F.linear(xq, w, bias if len(parts) == 1 else None))  # use the scratch weight at once
+            y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1) + (0 if bias is None else bias)
         else:
-            y = _native(x2.float().contiguous(), self.qweight, FORMAT_IDS[self.fmt], self.bias, path)
+            y = _native(x2.float().contiguous(), self.qweight, self.fmt_id, self.bias, path)
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -79,6 +90,8 @@ class QuantEmbedding(nn.Module):
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.fmt = num_embeddings, embedding_dim, check_format(fmt)
+        if segments(fmt) is not None:
+            raise ValueError(f"an embedding holds one block format, not the mixed {fmt!r}")
         shape = packed_shape(num_embeddings, embedding_dim, fmt)
         self.register_buffer("qweight", torch.zeros(shape, dtype=torch.uint8) if qweight is None else qweight)
         self.out_dtype = dtype
@@ -120,7 +133,8 @@ def register_custom_op() -> None:
 
     @qlinear.register_fake
     def _(x, w, fmt, bias, path):
-        return x.new_empty(*x.shape[:-1], w.shape[0])
+        from .qformats import code_rows
+        return x.new_empty(*x.shape[:-1], code_rows(fmt, w.shape[0]))
 
     @torch.library.custom_op("lmstack::qdequant", mutates_args=())
     def qdequant(w: torch.Tensor, fmt: int, path: str, dtype: torch.dtype) -> torch.Tensor:
@@ -128,8 +142,9 @@ def register_custom_op() -> None:
 
     @qdequant.register_fake
     def _(w, fmt, path, dtype):
-        from .qformats import BLOCK, BLOCK_BYTES, FORMATS
-        return w.new_empty(w.shape[0], w.shape[1] // BLOCK_BYTES[FORMATS[fmt]] * BLOCK, dtype=dtype)
+        from .qformats import ALL_FORMATS, BLOCK_BYTES, BLOCK_VALUES
+        f = ALL_FORMATS[fmt]
+        return w.new_empty(w.shape[0], w.shape[1] // BLOCK_BYTES[f] * BLOCK_VALUES[f], dtype=dtype)
 
     _op_registered = True
 

@@ -7,8 +7,15 @@
 #include <cstring>
 #include <vector>
 
-enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
-static constexpr int BB[3] = {34, 18, 20};
+// format ids as lmstack/models/qformats.py FORMAT_IDS; BB: bytes per block, QK: values per block. For the 32-value
+// formats QS_AT / QH_AT: where the nibbles / the 4 bytes of high bits (Q5) start; HAS_M: a float min follows d.
+enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q5_0 = 3, Q5_1 = 4, Q4_K = 5, Q5_K = 6, Q6_K = 7, NFMT = 8 };
+static constexpr int BB[NFMT] = {34, 18, 20, 22, 24, 144, 176, 210};
+static constexpr int QK[NFMT] = {32, 32, 32, 32, 32, 256, 256, 256};
+static constexpr int QS_AT[5] = {2, 2, 4, 6, 8};
+static constexpr int QH_AT[5] = {0, 0, 0, 2, 4};
+static constexpr bool HAS_M[5] = {false, false, true, false, true};
+static constexpr bool IS_Q5[5] = {false, false, false, true, true};
 
 #if defined(__AVX512F__)
 static constexpr int MT_MAX = 4, NT_MAX = 4;  // 32 vector registers
@@ -39,6 +46,39 @@ static inline __m256i unpack_q4(const uint8_t* qs) {  // 16 bytes of nibbles -> 
     return _mm256_and_si256(v, _mm256_set1_epi8(0x0F));
 }
 
+static inline __m256i high_bits(const uint8_t* qh) {  // 4 bytes (32 bits) -> 32 bytes, 0x10 where bit j is set
+    uint32_t x;
+    std::memcpy(&x, qh, 4);
+    const __m256i shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+    __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)x), shuf);
+    b = _mm256_or_si256(b, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    return _mm256_and_si256(_mm256_cmpeq_epi8(b, _mm256_set1_epi64x(-1)), _mm256_set1_epi8(0x10));
+}
+
+template <int FMT>
+static inline __m256i unpack_q(const uint8_t* blk) {  // a 32-value 4/5-bit block -> 32 bytes 0..15 / 0..31
+    const __m256i q = unpack_q4(blk + QS_AT[FMT]);
+    return IS_Q5[FMT] ? _mm256_or_si256(q, high_bits(blk + QH_AT[FMT])) : q;
+}
+
+static inline void store8(float* o, __m256 v) { _mm256_storeu_ps(o, v); }
+static inline void store8(at::BFloat16* o, __m256 v) {  // round to nearest even (finite values)
+    __m256i b = _mm256_castps_si256(v);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
+    __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+    _mm_storeu_si128((__m128i*)o, p);
+}
+
+// x quantized per block of 32: q (M, K) int8, d and s = d * sum(q) (M, nb), c (M, 2 nb) = [d, cm * s] pairs
+struct XQ { const int8_t* q; const float* d; const float* s; const float* c; int64_t K, nb; };
+
+// the K-quant kernels (kquants.cpp): y (M, N; rows ldy apart) = x @ W^T, and packed super-blocks -> float /
+// bfloat16 rows
+void run_k(int64_t fmt, const uint8_t* w, int64_t ws, const XQ& x, int64_t M, int64_t N, int64_t ldy, float* y,
+           const float* bias);
+void dequantize_k(const uint8_t* w, int64_t ws, int64_t N, int64_t fmt, float* out);
+void dequantize_k(const uint8_t* w, int64_t ws, int64_t N, int64_t fmt, at::BFloat16* out);
 
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::optional<torch::Tensor> bias);
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps);

@@ -4,10 +4,13 @@
 //   Q8_0 (34 B): f16 d, int8 q[32]          w = d * q
 //   Q4_0 (18 B): f16 d, u8 qs[16]           w = d * (q - 8)   q = qs[j] & 15 for j < 16, qs[j-16] >> 4 for j >= 16
 //   Q4_1 (20 B): f16 d, f16 m, u8 qs[16]    w = d * q + m
+//   Q5_0 (22 B): f16 d, u32 qh, u8 qs[16]   w = d * (q - 16)   q = nibble as Q4 | bit j of qh << 4
+//   Q5_1 (24 B): f16 d, f16 m, u32 qh, qs   w = d * q + m
+// and the K-quants Q4_K / Q5_K / Q6_K (256-value super-blocks; layouts and kernels in kquants.cpp).
 // As llama.cpp does, x is quantized per block of 32 to int8 (xd = max|x|/127, xs = xd * sum(q)), so a block's dot
 // product is one integer multiply-add over 32 bytes: maddubs+madd on AVX2, one dpbusd with AVX-512 VNNI (built from
 // this same file with different flags; the compiler's __AVX512VNNI__ picks the instruction).
-//   Q8_0: dw*xd*sum(w8*x8)     Q4_0: dw*xd*sum(q*x8) - 8*dw*xs     Q4_1: dw*xd*sum(q*x8) + m*xs
+//   Q8_0: dw*xd*sum(w8*x8)     Q4_0: dw*xd*sum(q*x8) - 8*dw*xs     Q4_1: dw*xd*sum(q*x8) + m*xs (Q5 alike, -16)
 // Tiles of MT rows of x by NT rows of W keep the accumulators in registers; threads split the rows of W.
 #include "common.h"
 
@@ -42,7 +45,6 @@ static void quantize_row(const float* x, int64_t K, int8_t* q, float* d, float* 
     }
 }
 
-struct XQ { const int8_t* q; const float* d; const float* s; const float* c; int64_t K, nb; };
 
 // y[m][n0 + j] for m < MT, j < NT
 template <int FMT, int MT, int NT>
@@ -75,8 +77,8 @@ static inline void tile(const uint8_t* w, int64_t wstride, const XQ& x, int64_t 
                     acc[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xd[m]), acc[m][j]);
                 }
             } else {
-                const __m256i wv = unpack_q4(blk + (FMT == Q4_0 ? 2 : 4));
-                const float c = FMT == Q4_0 ? -8.f * dw : f16(blk + 2);
+                const __m256i wv = unpack_q<FMT>(blk);
+                const float c = HAS_M[FMT] ? f16(blk + 2) : (FMT == Q4_0 ? -8.f : -16.f) * dw;
                 for (int m = 0; m < MT; ++m) {
                     __m256i p = dot_u8s8(wv, xv[m]);
                     acc[m][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xd[m]), acc[m][j]);
@@ -121,7 +123,7 @@ static inline void tile_512(const uint8_t* w, int64_t ws, const XQ& x, int64_t m
             uint32_t u0, u1;  // d (and m for Q4_1) of both blocks, as halves
             std::memcpy(&u0, b0, 4);
             std::memcpy(&u1, b1, 4);
-            if (FMT != Q4_1) { u0 = (u0 & 0xFFFFu) * 0x10001u; u1 = (u1 & 0xFFFFu) * 0x10001u; }
+            if (!HAS_M[FMT]) { u0 = (u0 & 0xFFFFu) * 0x10001u; u1 = (u1 & 0xFFFFu) * 0x10001u; }
             const __m128 wd = _mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)u0), (int)u1, 1));
             __m512i wv;
             if (FMT == Q8_0) {
@@ -129,11 +131,16 @@ static inline void tile_512(const uint8_t* w, int64_t ws, const XQ& x, int64_t m
                                         _mm256_loadu_si256((const __m256i*)(b1 + 2)), 1);
                 wv = _mm512_xor_si512(wv, _mm512_set1_epi8((char)0x80));
             } else {
-                const int o = FMT == Q4_0 ? 2 : 4;
+                const int o = QS_AT[FMT];
                 const __m256i t = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)(b1 + o)),
                                                    _mm_loadu_si128((const __m128i*)(b0 + o)));
-                wv = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(t, low4)),
-                                        _mm256_and_si256(_mm256_srli_epi16(t, 4), low4), 1);
+                __m256i lo = _mm256_and_si256(t, low4), hi = _mm256_and_si256(_mm256_srli_epi16(t, 4), low4);
+                if (IS_Q5[FMT]) {  // each block's high bits are [values 0..15 | 16..31]: regroup as the nibbles
+                    const __m256i h0 = high_bits(b0 + QH_AT[FMT]), h1 = high_bits(b1 + QH_AT[FMT]);
+                    lo = _mm256_or_si256(lo, _mm256_permute2x128_si256(h0, h1, 0x20));
+                    hi = _mm256_or_si256(hi, _mm256_permute2x128_si256(h0, h1, 0x31));
+                }
+                wv = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
             }
             for (int m = 0; m < MT; ++m) {
                 const __m128 prod = _mm_mul_ps(wd, xs4[m]);  // [d0 xd0, c0 xs0, d1 xd1, c1 xs1]
@@ -176,7 +183,7 @@ static inline void tile_m1_256x2(const uint8_t* w, int64_t ws, const XQ& x, int6
             uint32_t u0, u1;
             std::memcpy(&u0, b0, 4);
             std::memcpy(&u1, b1, 4);
-            if (FMT != Q4_1) { u0 = (u0 & 0xFFFFu) * 0x10001u; u1 = (u1 & 0xFFFFu) * 0x10001u; }
+            if (!HAS_M[FMT]) { u0 = (u0 & 0xFFFFu) * 0x10001u; u1 = (u1 & 0xFFFFu) * 0x10001u; }
             const __m128 prod = _mm_mul_ps(_mm_cvtph_ps(_mm_insert_epi32(_mm_cvtsi32_si128((int)u0), (int)u1, 1)),
                                            xs4);  // [d0 xd0, c0 xs0, d1 xd1, c1 xs1]
             __m256i p0, p1;
@@ -186,9 +193,8 @@ static inline void tile_m1_256x2(const uint8_t* w, int64_t ws, const XQ& x, int6
                 p0 = dot_u8s8(_mm256_abs_epi8(w0), _mm256_sign_epi8(x0, w0));
                 p1 = dot_u8s8(_mm256_abs_epi8(w1), _mm256_sign_epi8(x1, w1));
             } else {
-                const int o = FMT == Q4_0 ? 2 : 4;
-                p0 = dot_u8s8(unpack_q4(b0 + o), x0);
-                p1 = dot_u8s8(unpack_q4(b1 + o), x1);
+                p0 = dot_u8s8(unpack_q<FMT>(b0), x0);
+                p1 = dot_u8s8(unpack_q<FMT>(b1), x1);
                 macc[j] = _mm_add_ps(macc[j], prod);
             }
             const __m256 pr = _mm256_castps128_ps256(prod);
@@ -230,7 +236,8 @@ static void row_tiles(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int
 // preempts (a server's stream threads, a noisy VM) leaves its remaining chunks to the others instead of holding the
 // whole step at the end of a static split.
 template <int FMT>
-static void run(const uint8_t* w, int64_t ws, const XQ& x, int64_t M, int64_t N, float* y, const float* bias) {
+static void run(const uint8_t* w, int64_t ws, const XQ& x, int64_t M, int64_t N, int64_t ldy, float* y,
+                const float* bias) {  // y (M, N) with rows ldy apart
     constexpr int64_t C = 64;
     const int64_t chunks = (N + C - 1) / C;
     std::atomic<int64_t> next{0};
@@ -238,19 +245,48 @@ static void run(const uint8_t* w, int64_t ws, const XQ& x, int64_t M, int64_t N,
         for (int64_t c = next.fetch_add(1); c < chunks; c = next.fetch_add(1)) {
             const int64_t c0 = c * C, c1 = std::min(N, c0 + C);
             int64_t m = 0;
-            for (; m + MT_MAX <= M; m += MT_MAX) row_tiles<FMT, MT_MAX>(w, ws, x, m, c0, c1, y, N, bias);
-            for (; m < M; ++m) row_tiles<FMT, 1>(w, ws, x, m, c0, c1, y, N, bias);
+            for (; m + MT_MAX <= M; m += MT_MAX) row_tiles<FMT, MT_MAX>(w, ws, x, m, c0, c1, y, ldy, bias);
+            for (; m < M; ++m) row_tiles<FMT, 1>(w, ws, x, m, c0, c1, y, ldy, bias);
         }
     });
 }
 
-// x (..., K) float32 contiguous, w (N, K/32 * block bytes) uint8, fmt 0/1/2, bias (N,) float32 or None -> (..., N)
+// A layer's weight in one format: w (N, K / QK * block bytes), fmt = its id. A fused layer whose GGUF tensors have
+// different formats (a Q4_K_M file's q/k Q4_K + v Q6_K): w is the segments' bytes one after the other (1-D) and
+// fmt = SEGMENTED | sum_i ((fmt_i + 1) | rows_i << 4) << (20 i) for up to 3 segments (lmstack/models/qlinear.py).
+static constexpr int64_t SEGMENTED = int64_t(1) << 62;
+struct Seg { int64_t fmt, rows; };
+
+static std::vector<Seg> segments(const torch::Tensor& w, int64_t code, int64_t K) {
+    std::vector<Seg> segs;
+    if (!(code & SEGMENTED)) {
+        TORCH_CHECK(code >= 0 && code < NFMT && w.dim() == 2, "w: packed blocks (N, bytes) with a format id");
+        segs.push_back({code, w.size(0)});
+    } else {
+        for (int i = 0; i < 3; ++i) {
+            const int64_t v = (code >> (20 * i)) & 0xFFFFF;
+            if (v) segs.push_back({(v & 15) - 1, v >> 4});
+        }
+        TORCH_CHECK(w.dim() == 1 && !segs.empty(), "segmented w: 1-D bytes");
+    }
+    int64_t bytes = 0;
+    for (const Seg& s : segs) {
+        TORCH_CHECK(s.fmt >= 0 && s.fmt < NFMT && K % QK[s.fmt] == 0, "format ", s.fmt, " needs K divisible by ",
+                    QK[s.fmt >= 0 && s.fmt < NFMT ? s.fmt : 0], ", K=", K);
+        bytes += s.rows * (K / QK[s.fmt] * BB[s.fmt]);
+    }
+    TORCH_CHECK(bytes == w.numel(), "w has ", w.numel(), " bytes; K=", K, " and its format(s) need ", bytes);
+    return segs;
+}
+
+// x (..., K) float32 contiguous, w packed (see segments), bias (N,) float32 or None -> (..., N)
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::optional<torch::Tensor> bias) {
     TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (..., K) float32");
-    TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && fmt >= 0 && fmt <= 2, "w: packed blocks");
-    const int64_t K = x.size(-1), M = x.numel() / K, N = w.size(0), nb = K / 32;
-    TORCH_CHECK(K % 32 == 0 && w.size(1) == nb * BB[fmt], "w has ", w.size(1), " bytes per row; K=", K, " needs ",
-                nb * BB[fmt]);
+    TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "w: packed blocks (uint8, contiguous)");
+    const int64_t K = x.size(-1), M = x.numel() / K, nb = K / 32;
+    const std::vector<Seg> segs = segments(w, fmt, K);
+    int64_t N = 0;
+    for (const Seg& s : segs) N += s.rows;
     auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
     auto xd = torch::empty({M, nb}, x.options()), xs = torch::empty({M, nb}, x.options());
     const float* xp = x.data_ptr<float>();
@@ -262,28 +298,33 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::option
     auto out_shape = x.sizes().vec();
     out_shape.back() = N;
     auto y = torch::empty(out_shape, x.options());
-    // per block [xd, c * xs] (c = 1 for Q4_1's m, -8 for Q4_0, -128 for Q8_0's unsigned shift): the 512-bit path
     auto xc = torch::empty({M, nb * 2}, x.options());
     float* cp = xc.data_ptr<float>();
-    const float cm = fmt == Q4_1 ? 1.f : fmt == Q4_0 ? -8.f : -128.f;
-    for (int64_t i = 0; i < M * nb; ++i) { cp[2 * i] = dp[i]; cp[2 * i + 1] = cm * sp[i]; }
     const XQ xqs{qp, dp, sp, cp, K, nb};
     const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     const uint8_t* wp = w.data_ptr<uint8_t>();
-    const int64_t ws = w.size(1);
-    if (fmt == Q8_0) run<Q8_0>(wp, ws, xqs, M, N, y.data_ptr<float>(), bp);
-    else if (fmt == Q4_0) run<Q4_0>(wp, ws, xqs, M, N, y.data_ptr<float>(), bp);
-    else run<Q4_1>(wp, ws, xqs, M, N, y.data_ptr<float>(), bp);
+    float* yp = y.data_ptr<float>();
+    int64_t n0 = 0;
+    for (const Seg& s : segs) {
+        const int64_t f = s.fmt, ws = K / QK[f] * BB[f];
+        if (f < Q4_K) {  // per block [xd, c * xs] (c = 1 for Q4_1's / Q5_1's m, -8 for Q4_0, -16 for Q5_0, -128
+            // for Q8_0's unsigned shift): the paired-block paths
+            const float cm = f == Q4_1 || f == Q5_1 ? 1.f : f == Q4_0 ? -8.f : f == Q5_0 ? -16.f : -128.f;
+            for (int64_t i = 0; i < M * nb; ++i) { cp[2 * i] = dp[i]; cp[2 * i + 1] = cm * sp[i]; }
+        }
+        const float* b = bp ? bp + n0 : nullptr;
+        switch (f) {
+            case Q8_0: run<Q8_0>(wp, ws, xqs, M, s.rows, N, yp + n0, b); break;
+            case Q4_0: run<Q4_0>(wp, ws, xqs, M, s.rows, N, yp + n0, b); break;
+            case Q4_1: run<Q4_1>(wp, ws, xqs, M, s.rows, N, yp + n0, b); break;
+            case Q5_0: run<Q5_0>(wp, ws, xqs, M, s.rows, N, yp + n0, b); break;
+            case Q5_1: run<Q5_1>(wp, ws, xqs, M, s.rows, N, yp + n0, b); break;
+            default: run_k(f, wp, ws, xqs, M, s.rows, N, yp + n0, b);
+        }
+        wp += s.rows * ws;
+        n0 += s.rows;
+    }
     return y;
-}
-
-static inline void store8(float* o, __m256 v) { _mm256_storeu_ps(o, v); }
-static inline void store8(at::BFloat16* o, __m256 v) {  // round to nearest even (finite values)
-    __m256i b = _mm256_castps_si256(v);
-    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-    __m128i p = _mm_packus_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-    _mm_storeu_si128((__m128i*)o, p);
 }
 
 template <typename T>
@@ -298,8 +339,9 @@ static void dequantize_blocks(const uint8_t* wp, int64_t row_bytes, int64_t N, i
                 __m256 m = _mm256_setzero_ps();
                 if (fmt == Q8_0) q = _mm256_loadu_si256((const __m256i*)(blk + 2));
                 else {
-                    q = unpack_q4(blk + (fmt == Q4_0 ? 2 : 4));
-                    if (fmt == Q4_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(8));
+                    q = fmt == Q4_0 ? unpack_q<Q4_0>(blk) : fmt == Q4_1 ? unpack_q<Q4_1>(blk)
+                        : fmt == Q5_0 ? unpack_q<Q5_0>(blk) : unpack_q<Q5_1>(blk);
+                    if (fmt == Q4_0 || fmt == Q5_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(fmt == Q4_0 ? 8 : 16));
                     else m = _mm256_set1_ps(f16(blk + 2));
                 }
                 const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
@@ -313,10 +355,15 @@ static void dequantize_blocks(const uint8_t* wp, int64_t row_bytes, int64_t N, i
 // packed blocks (N, K/32 * block bytes) -> out (N, K) float32 or bfloat16 (a caller-kept buffer: no page faults
 // per call): for prefill-sized batches, where a float GEMM on the unpacked weight wins
 void dequantize(torch::Tensor w, int64_t fmt, torch::Tensor out) {
-    TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && fmt >= 0 && fmt <= 2, "w: packed blocks");
+    TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && fmt >= 0 && fmt < NFMT, "w: packed blocks");
     const int64_t N = w.size(0), nb = w.size(1) / BB[fmt];
-    TORCH_CHECK(out.is_contiguous() && out.numel() == N * nb * 32, "out: (N, K) contiguous");
-    if (out.scalar_type() == torch::kFloat32)
+    TORCH_CHECK(out.is_contiguous() && out.numel() == N * nb * QK[fmt] && out.scalar_type() != torch::kFloat16,
+                "out: (N, K) contiguous float32 or bfloat16");
+    if (fmt >= Q4_K && out.scalar_type() == torch::kFloat32)
+        dequantize_k(w.data_ptr<uint8_t>(), w.size(1), N, fmt, out.data_ptr<float>());
+    else if (fmt >= Q4_K && out.scalar_type() == torch::kBFloat16)
+        dequantize_k(w.data_ptr<uint8_t>(), w.size(1), N, fmt, out.data_ptr<at::BFloat16>());
+    else if (out.scalar_type() == torch::kFloat32)
         dequantize_blocks(w.data_ptr<uint8_t>(), w.size(1), N, nb, fmt, out.data_ptr<float>());
     else if (out.scalar_type() == torch::kBFloat16)
         dequantize_blocks(w.data_ptr<uint8_t>(), w.size(1), N, nb, fmt, out.data_ptr<at::BFloat16>());
