@@ -3,7 +3,8 @@
 For each 4-choice question the harness runs the context once into a KV cache and scores all choices as one batch
 (also measured with --batch-size questions per pass, contexts left-padded together); the baseline calls
 `lmstack.generate.score.score` once per choice (a full forward pass over context + choice).
-Both use the same lm-eval tokenization, so the log-likelihoods must agree (max |diff| is printed).
+Both use the same lm-eval tokenization, so the log-likelihoods must agree (max |diff| is printed). The shared-prefix
+variants reuse the few-shot prefix through the prefix cache as `lmstack eval` does (--no-prefix-cache: not).
 
     python benchmarks/eval_speed.py --model ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf --limit 40
     python benchmarks/eval_speed.py --format arc --limit 40      # answers as text continuations (several tokens)
@@ -64,6 +65,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8, help="questions per pass for the batched variant")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--no-prefix-cache", action="store_true",
+                    help="the shared-prefix variants recompute the few-shot prefix for every question")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -71,7 +74,7 @@ def main() -> None:
     from lmstack.eval.backend import LocalBackend
     from lmstack.generate.score import score
     lm = lmstack.load(a.model)
-    b = LocalBackend(lm)
+    b = LocalBackend(lm, prefix_cache=not a.no_prefix_cache)
     items = build_items(a.format, a.limit, a.shots)
     b.loglikelihood_choices(*items[0])  # warm up
     score(lm.model, *b.encode_pair(*[items[0][0], items[0][1][0]]))
@@ -94,6 +97,7 @@ def main() -> None:
            "mean_context_tokens": round(ctx_tokens, 1), "threads": torch.get_num_threads(),
            "shared_prefix_examples_per_s": round(len(items) / t_fast, 2),
            "shared_prefix_batched_examples_per_s": round(len(items) / t_batch, 2), "batch_size": a.batch_size,
+           "prefix_cache": not a.no_prefix_cache,
            "per_choice_from_scratch_examples_per_s": round(len(items) / t_slow, 2),
            "speedup": round(t_slow / t_fast, 2), "speedup_batched": round(t_slow / t_batch, 2),
            "max_abs_loglik_diff": diff}

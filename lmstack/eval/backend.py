@@ -15,6 +15,13 @@ needs no mask: a causal row never attends to the pads after it). Only the positi
 tokens go through the output head. Several questions can go together (`score_batch`, `--batch-size`): their
 contexts run left-padded with a padding mask and per-row positions. The result equals scoring each choice from
 scratch to float rounding.
+
+Prefix reuse (on by default; `LocalBackend(prefix_cache=False)`, `lmstack eval --no-prefix-cache`): the questions of
+a few-shot task all start with the same description and k solved examples. Every scored context's keys/values are
+stored in whole 16-token blocks in generate/prefix_cache.py's `PrefixCache` (LRU under a byte budget, what the
+server uses); a later context copies its longest cached prefix into its row and runs only its own tokens. Rows of
+one batch that share a prefix not cached yet run it once first. Exact: a position's keys/values depend only on the
+tokens up to it, so the log-likelihoods equal those without the cache to float rounding (tested to 1e-5, float32).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ContextLengthError, LMStackError
+from ..generate.prefix_cache import PrefixCache, prefix_cache_unsupported
 from ..models.kv_cache import KVCache, is_state_cache_model
 from ..models.utils import eval_mode
 
@@ -41,19 +49,101 @@ def _forward_logits(model, ids: list[int], first: int) -> torch.Tensor:
     return model.lm_head(h[0, first:])
 
 
-def score_choices(model, context_ids: Sequence[int], continuations: Sequence[Sequence[int]]
-                  ) -> list[tuple[float, bool]]:
+class ScoreStats:
+    """Counters of `score_batch` calls: context tokens asked for, context tokens run through the model (pads not
+    counted), and context tokens whose keys/values came from the prefix cache instead."""
+
+    def __init__(self):
+        self.questions = self.context_tokens = self.computed_tokens = self.reused_tokens = 0
+
+    def as_dict(self) -> dict:
+        return {"questions": self.questions, "context_tokens": self.context_tokens,
+                "computed_tokens": self.computed_tokens, "reused_tokens": self.reused_tokens}
+
+
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest common prefix of token lists."""
+    if not seqs:
+        return 0
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+def _warm_shared_prefixes(model, prefix_cache: PrefixCache, ctxs: list[list[int]]) -> int:
+    """Rows of one batch that share a prefix the cache lacks (the first questions of a few-shot task): run each
+    such prefix once, alone, after its cached part, and store it, so the rows copy it instead of each running it.
+    A row's shared prefix: the longest it has in common with another row, in whole blocks, one token short of the
+    row. Returns the tokens run."""
+    bt, ran = prefix_cache.block_tokens, 0
+    order = sorted(range(len(ctxs)), key=lambda b: ctxs[b])  # the longest common prefix is with a neighbour
+    device = next(model.parameters()).device
+    for j, b in enumerate(order):
+        c = ctxs[b]
+        n = max([common_prefix_len([c, ctxs[o]]) for o in (order[j - 1:j] + order[j + 1:j + 2])] or [0])
+        n = min(n, len(c) - 1) // bt * bt
+        if n == 0:
+            continue
+        p, ks, vs = prefix_cache.lookup(c[:n + 1])  # a lookup leaves one token uncached: ask with one more
+        if p >= n:
+            continue
+        kv = KVCache.for_model(model, 1, n)
+        for layer in range(len(ks)):
+            kv.k[layer][0, :, :p], kv.v[layer][0, :, :p] = ks[layer], vs[layer]
+        model(torch.tensor([c[p:n]], dtype=torch.long, device=device), cache=kv, pos=p, return_hidden=True)
+        prefix_cache.insert(c[:n], [k[0] for k in kv.k], [v[0] for v in kv.v])
+        ran += n - p
+    return ran
+
+
+def _row_prefixes(prefix_cache: PrefixCache, ctxs: list[list[int]]) -> list[tuple[int, list, list]]:
+    """Per row (p, keys, values): the longest prefix of whole blocks the cache holds (lookups of equal contexts are
+    shared). At least one token of every row is left to run: its logits predict the continuation."""
+    out, seen = [], {}
+    for c in ctxs:
+        key = tuple(c)
+        if key not in seen:
+            seen[key] = prefix_cache.lookup(c)
+        out.append(seen[key])
+    return out
+
+
+def _insert_rows(prefix_cache: PrefixCache, ctxs: list[list[int]], ps: list[int], cache: KVCache, Lc: int) -> None:
+    """Store each row's context blocks for later questions. Row b's keys/values sit at slots [0, p_b) (its cached
+    prefix) and [Lc - (len - p_b), Lc) (its own tokens, after the pads): gathered into slot = position order."""
+    bt = prefix_cache.block_tokens
+    for b, (c, p) in enumerate(zip(ctxs, ps)):
+        if len(c) // bt <= p // bt:
+            continue  # no whole block beyond the cached part
+        s = len(c) - p
+        ks = [torch.cat([k[b, :, :p], k[b, :, Lc - s:Lc]], dim=1) for k in cache.k]
+        vs = [torch.cat([v[b, :, :p], v[b, :, Lc - s:Lc]], dim=1) for v in cache.v]
+        prefix_cache.insert(c, ks, vs)
+
+
+def score_choices(model, context_ids: Sequence[int], continuations: Sequence[Sequence[int]],
+                  prefix_cache: PrefixCache | None = None) -> list[tuple[float, bool]]:
     """[(sum log P(cont_i | context), is_greedy_i)] for every continuation, sharing one pass over the context.
     Rows that do not fit the context window are scored alone with lm-eval's left truncation."""
-    return score_batch(model, [(context_ids, continuations)])[0]
+    return score_batch(model, [(context_ids, continuations)], prefix_cache=prefix_cache)[0]
 
 
 @torch.inference_mode()
-def score_batch(model, items: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]
+def score_batch(model, items: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+                prefix_cache: PrefixCache | None = None, stats: ScoreStats | None = None
                 ) -> list[list[tuple[float, bool]]]:
     """`score_choices` for several questions at once: their contexts run as one left-padded batch (padding mask,
     per-row positions) into a KV cache, which is expanded to one row per choice; all choices of all questions then
-    run as one right-padded batch. One question alone takes the unpadded path."""
+    run as one right-padded batch. One question alone takes the unpadded path.
+
+    With a `prefix_cache`, each context's longest prefix of whole blocks held there is not run: its keys/values
+    are copied into the row (slots [0, p)), the row's own tokens run after it (pads sit between the two), and every
+    context's blocks are stored afterwards for the questions that follow (a few-shot task's questions all start
+    with the same description and examples). `stats` counts the context tokens asked for, run and reused."""
     L = model.config.block_size
     out: list[list] = [[None] * len(conts) for _, conts in items]
     rows: list[tuple[int, int]] = []  # (question, choice) scored in the shared batch
@@ -86,46 +176,25 @@ def score_batch(model, items: Sequence[tuple[Sequence[int], Sequence[Sequence[in
     Lc = max(len(c) for c in ctxs)
     maxk = max(len(items[q][1][i]) for q, i in rows)
     if len(qs) > 1 and Lc + maxk - 1 > L:  # padded rows would pass the window: score the questions one by one
-        for q in qs:
-            for i, r in enumerate(score_batch(model, [items[q]])[0]):
-                out[q][i] = out[q][i] if out[q][i] is not None else r
-        return out
+        return _one_by_one(model, items, qs, out, prefix_cache, stats)
     with eval_mode(model):
-        device = next(model.parameters()).device
-        B = len(qs)
+        ran, pre = 0, [(0, [], [])] * len(ctxs)
+        if prefix_cache is not None:
+            ran = _warm_shared_prefixes(model, prefix_cache, ctxs) if len(ctxs) > 1 else 0
+            pre = _row_prefixes(prefix_cache, ctxs)
+            if len(qs) > 1 and max(p for p, _, _ in pre) + max(len(c) - p for c, (p, _, _) in zip(ctxs, pre)) \
+                    + maxk - 1 > L:  # the slots (prefix | pads | own tokens) would pass the window: one by one
+                return _one_by_one(model, items, qs, out, prefix_cache, stats, ran)
+        last, rest, cache1, Lc = _run_rows(model, items, rows, qs, ctxs, maxk, pre)
+        ps = [p for p, _, _ in pre]
+        if prefix_cache is not None:
+            _insert_rows(prefix_cache, ctxs, ps, cache1, Lc)
+        if stats is not None:
+            stats.questions += len(qs)
+            stats.context_tokens += sum(map(len, ctxs))
+            stats.computed_tokens += sum(len(c) - p for c, p in zip(ctxs, ps)) + ran
+            stats.reused_tokens += sum(ps) - ran
         row_of = {q: b for b, q in enumerate(qs)}
-        pads = torch.tensor([Lc - len(c) for c in ctxs], device=device)
-        ids = torch.zeros(B, Lc, dtype=torch.long, device=device)
-        mask = torch.zeros(B, Lc, dtype=torch.bool, device=device)
-        for b, c in enumerate(ctxs):
-            ids[b, Lc - len(c):] = torch.tensor(c, device=device)
-            mask[b, Lc - len(c):] = True
-        padded = bool(pads.any())
-        kw = dict(padding_mask=mask, positions=(torch.arange(Lc, device=device)[None] - pads[:, None]).clamp(min=0)
-                  ) if padded else {}
-        cache1 = KVCache.for_model(model, B, Lc)  # full cache: its slots [0, Lc) are copied into the choices' cache
-        h = model(ids, cache=cache1, pos=0, return_hidden=True, **kw)
-        last = model.lm_head(h[:, -1])  # (B, V): predicts the first token of every choice
-        rest = None
-        if maxk > 1:
-            R = len(rows)
-            src = torch.tensor([row_of[q] for q, _ in rows], device=device)
-            cache = KVCache.for_model(model, R, Lc + maxk - 1)
-            for layer in range(len(cache.k)):
-                cache.k[layer][:, :, :Lc] = cache1.k[layer][src]
-                cache.v[layer][:, :, :Lc] = cache1.v[layer][src]
-            cids = torch.zeros(R, maxk - 1, dtype=torch.long, device=device)
-            for r, (q, i) in enumerate(rows):
-                c = list(items[q][1][i])[:-1]
-                if c:
-                    cids[r, :len(c)] = torch.tensor(c, device=device)
-            kw = {}
-            if padded:  # right pads of the choices need no mask: a causal row never sees what follows it
-                cmask = torch.ones(R, Lc + maxk - 1, dtype=torch.bool, device=device)
-                cmask[:, :Lc] = mask[src]
-                kw = dict(padding_mask=cmask,
-                          positions=(Lc - pads[src])[:, None] + torch.arange(maxk - 1, device=device)[None])
-            rest = model.lm_head(model(cids, cache=cache, pos=Lc, return_hidden=True, **kw))  # (R, maxk-1, V)
         for r, (q, i) in enumerate(rows):
             c = list(items[q][1][i])
             first = last[row_of[q]][None]
@@ -133,14 +202,92 @@ def score_batch(model, items: Sequence[tuple[Sequence[int], Sequence[Sequence[in
     return out
 
 
+def _one_by_one(model, items, qs, out, prefix_cache, stats, ran: int = 0):
+    """score_batch for each question alone (`ran`: prefix tokens already run for them), filling `out`."""
+    if stats is not None:
+        stats.computed_tokens += ran
+        stats.reused_tokens -= ran
+    for q in qs:
+        for i, r in enumerate(score_batch(model, [items[q]], prefix_cache, stats)[0]):
+            out[q][i] = out[q][i] if out[q][i] is not None else r
+    return out
+
+
+def _run_rows(model, items, rows, qs, ctxs, maxk, pre):
+    """The batched forward passes of `score_batch`. Row b's cache: its cached prefix (pre[b] = (p_b, keys, values))
+    at slots [0, p_b), pads, its own s_b tokens at [Lc - s_b, Lc), Lc = max p + max s; its inputs run at slots
+    [Lc - max s, Lc) with positions from p_b. Then the choices over that cache expanded to one row per choice.
+    Returns (logits predicting each question's first continuation token (B, V), those of the rest (R, maxk-1, V)
+    or None, the contexts' cache, Lc)."""
+    device = next(model.parameters()).device
+    ps = [p for p, _, _ in pre]
+    sufs = [c[p:] for c, p in zip(ctxs, ps)]
+    Ls, P = max(len(s) for s in sufs), max(ps)
+    Lc, B = P + Ls, len(qs)
+    row_of = {q: b for b, q in enumerate(qs)}
+    lens = torch.tensor([len(c) for c in ctxs], device=device)
+    pads = torch.tensor([Ls - len(s) for s in sufs], device=device)  # pad inputs before each row's tokens
+    ids = torch.zeros(B, Ls, dtype=torch.long, device=device)
+    mask = torch.zeros(B, Lc, dtype=torch.bool, device=device)  # prefix | pads | the row's own tokens
+    cache1 = KVCache.for_model(model, B, Lc)  # full cache: its slots [0, Lc) are copied into the choices' cache
+    for b, (s, (p, ks, vs)) in enumerate(zip(sufs, pre)):
+        ids[b, Ls - len(s):] = torch.tensor(s, device=device)
+        mask[b, :p] = True
+        mask[b, Lc - len(s):] = True
+        for layer in range(len(ks)):
+            cache1.k[layer][b, :, :p] = ks[layer]
+            cache1.v[layer][b, :, :p] = vs[layer]
+    padded = not bool(mask.all())
+    positions = torch.tensor(ps, device=device)[:, None] + (torch.arange(Ls, device=device)[None] -
+                                                           pads[:, None]).clamp(min=0)
+    kw = dict(padding_mask=mask, positions=positions) if padded else {}
+    h = model(ids, cache=cache1, pos=P, return_hidden=True, **kw)
+    last = model.lm_head(h[:, -1])  # (B, V): predicts the first token of every choice
+    if maxk == 1:
+        return last, None, cache1, Lc
+    R = len(rows)
+    src = torch.tensor([row_of[q] for q, _ in rows], device=device)
+    cache = KVCache.for_model(model, R, Lc + maxk - 1)
+    for layer in range(len(cache.k)):
+        cache.k[layer][:, :, :Lc] = cache1.k[layer][src]
+        cache.v[layer][:, :, :Lc] = cache1.v[layer][src]
+    cids = torch.zeros(R, maxk - 1, dtype=torch.long, device=device)
+    for r, (q, i) in enumerate(rows):
+        c = list(items[q][1][i])[:-1]
+        if c:
+            cids[r, :len(c)] = torch.tensor(c, device=device)
+    kw = {}
+    if padded:  # right pads of the choices need no mask: a causal row never sees what follows it
+        cmask = torch.ones(R, Lc + maxk - 1, dtype=torch.bool, device=device)
+        cmask[:, :Lc] = mask[src]
+        kw = dict(padding_mask=cmask, positions=lens[src][:, None] + torch.arange(maxk - 1, device=device)[None])
+    rest = model.lm_head(model(cids, cache=cache, pos=Lc, return_hidden=True, **kw))  # (R, maxk-1, V)
+    return last, rest, cache1, Lc
+
+
 class LocalBackend:
     """Evaluation requests against an in-process `lmstack.LM`."""
 
-    def __init__(self, lm, add_special_tokens: bool = True, max_length: int | None = None):
+    def __init__(self, lm, add_special_tokens: bool = True, max_length: int | None = None,
+                 prefix_cache: bool | PrefixCache = True):
         self.lm, self.model, self.tok = lm, lm.model, lm.tokenizer
         self.add_special_tokens = add_special_tokens
         self.max_length = min(max_length or self.model.config.block_size, self.model.config.block_size)
         self.name = str(getattr(lm, "path", None) or "model")
+        # few-shot prompts: the keys/values of the prefix the questions share are computed once (see score_batch)
+        self.prefix_cache_off = prefix_cache_unsupported(self.model) if prefix_cache else "turned off"
+        self.prefix_cache = None if self.prefix_cache_off else (
+            prefix_cache if isinstance(prefix_cache, PrefixCache) else PrefixCache())
+        self.score_stats = ScoreStats()
+
+    def prefix_stats(self) -> dict:
+        """Token counters of the scoring so far, with the prefix cache's own counters (or why it is off)."""
+        out = self.score_stats.as_dict()
+        out["prefix_cache"] = self.prefix_cache.stats() if self.prefix_cache else {"off": self.prefix_cache_off}
+        return out
+
+    def _score(self, items: list[tuple[list[int], list[list[int]]]]) -> list[list[tuple[float, bool]]]:
+        return score_batch(self.model, items, prefix_cache=self.prefix_cache, stats=self.score_stats)
 
     # ---- tokenization (lm-eval rules) --------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
@@ -170,15 +317,7 @@ class LocalBackend:
     # ---- requests ----------------------------------------------------------------------------------------------
     def loglikelihood_choices(self, context: str, continuations: list[str]) -> list[tuple[float, bool]]:
         """(log P(continuation | context), is_greedy) for each continuation of one context (one shared pass)."""
-        pairs = [self.encode_pair(context, c) for c in continuations]
-        out: list[tuple[float, bool] | None] = [None] * len(pairs)
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, (ctx, _) in enumerate(pairs):
-            groups.setdefault(tuple(ctx), []).append(i)
-        for ctx, idx in groups.items():
-            for i, res in zip(idx, score_choices(self.model, list(ctx), [pairs[i][1] for i in idx])):
-                out[i] = res
-        return out  # type: ignore[return-value]
+        return self.loglikelihood_batch([(context, continuations)])[0]
 
     def loglikelihood_batch(self, requests: list[tuple[str, list[str]]]) -> list[list[tuple[float, bool]]]:
         """`loglikelihood_choices` for several questions, their contexts batched together (`score_batch`)."""
@@ -192,7 +331,7 @@ class LocalBackend:
                 items.append((list(ctx), [pairs[i][1] for i in idx]))
                 where.append((qi, idx))
         out: list[list] = [[None] * len(c) for _, c in requests]
-        for (qi, idx), res in zip(where, score_batch(self.model, items)):
+        for (qi, idx), res in zip(where, self._score(items)):
             for i, r in zip(idx, res):
                 out[qi][i] = r
         return out

@@ -41,10 +41,51 @@ def _progress(total: int, desc: str, enabled: bool):
     return p, tid
 
 
+def task_docs(task: Task, shots: int, limit: int | None) -> list:
+    """The task's first `limit` examples; a clear error when there are none or too few few-shot examples."""
+    docs = task.docs[:limit] if limit else task.docs
+    if not docs:
+        raise LMStackError(f"task {task.name} has no examples")
+    if shots and len(task.shots(docs[0], shots)) < shots:
+        raise LMStackError(f"task {task.name} has {len(task.fewshot_docs)} few-shot examples (from {task.source}'s "
+                           f"training/dev split), fewer than --shots {shots}")
+    return docs
+
+
+def score_mc_tasks(backend, tasks: list[Task], shots: int, limit: int | None, batch_size: int, bar=None
+                   ) -> dict[str, list]:
+    """{task name: per example, [(log-likelihood, is_greedy)] per choice} for multiple-choice tasks scored together:
+    `batch_size` questions per pass, longest prompt first across all tasks (similar lengths share a batch: little
+    padding; a memory problem shows on the first batch). Few-shot with the backend's prefix cache: task by task
+    (longest first within a task), so a task's questions follow each other and reuse its cached prefix."""
+    reqs, where = [], []
+    for ti, task in enumerate(tasks):
+        for di, doc in enumerate(task_docs(task, shots, limit)):
+            reqs.append((task.context(doc, shots), [task.target_delimiter + c for c in doc.choices]))
+            where.append((ti, di))
+    by_task = shots > 0 and getattr(backend, "prefix_cache", None) is not None
+    order = sorted(range(len(reqs)), key=lambda i: (where[i][0] if by_task else 0, -len(reqs[i][0])))
+    out: dict[str, list] = {t.name: [None] * len(task_docs(t, shots, limit)) for t in tasks}
+    for s in range(0, len(order), max(1, batch_size)):
+        idx = order[s:s + max(1, batch_size)]
+        batch = [reqs[i] for i in idx]
+        if hasattr(backend, "loglikelihood_batch"):
+            res = backend.loglikelihood_batch(batch)
+        else:
+            res = [backend.loglikelihood_choices(c, x) for c, x in batch]
+        for i, r in zip(idx, res):
+            ti, di = where[i]
+            out[tasks[ti].name][di] = r
+        if bar:
+            bar[0].advance(bar[1], len(idx))
+    return out
+
+
 def evaluate_task(backend, task: Task, shots: int = 0, limit: int | None = None, batch_size: int = 8,
                   stride: int | None = None, max_length: int | None = None, max_new_tokens: int | None = None,
-                  log_samples: bool = False, progress: bool = False) -> dict[str, Any]:
-    """Run one task: {'metrics': {name: {'value', 'stderr', 'n'}}, 'samples': [...] (with log_samples)}."""
+                  log_samples: bool = False, progress: bool = False, answers: list | None = None) -> dict[str, Any]:
+    """Run one task: {'metrics': {name: {'value', 'stderr', 'n'}}, 'samples': [...] (with log_samples)}.
+    answers: a multiple-choice task's scored choices, when `score_mc_tasks` scored them already."""
     samples: list[dict] = []
     if task.kind == "ppl":
         from .perplexity import aggregate, corpus_documents, document_stats
@@ -57,27 +98,14 @@ def evaluate_task(backend, task: Task, shots: int = 0, limit: int | None = None,
         return {"metrics": mets, "samples": stats if log_samples else [],
                 "totals": {k: agg[k] for k in ("nats", "tokens", "bytes", "words", "documents")}}
 
-    docs = task.docs[:limit] if limit else task.docs
-    if not docs:
-        raise LMStackError(f"task {task.name} has no examples")
-    if shots and len(task.shots(docs[0], shots)) < shots:
-        raise LMStackError(f"task {task.name} has {len(task.fewshot_docs)} few-shot examples (from {task.source}'s "
-                           f"training/dev split), fewer than --shots {shots}")
+    docs = task_docs(task, shots, limit)
     per: dict[str, list[float]] = {}
-    bar = _progress(len(docs), task.name, progress)
+    bar = _progress(len(docs), task.name, progress and not (answers is not None and task.kind in ("mc", "mc2")))
     try:
         if task.kind in ("mc", "mc2"):
             ctxs = [task.context(doc, shots) for doc in docs]
-            answers: list = []
-            for s in range(0, len(docs), max(1, batch_size)):  # batch_size questions per forward pass
-                reqs = [(ctxs[i], [task.target_delimiter + c for c in docs[i].choices])
-                        for i in range(s, min(s + max(1, batch_size), len(docs)))]
-                if hasattr(backend, "loglikelihood_batch"):
-                    answers += backend.loglikelihood_batch(reqs)
-                else:
-                    answers += [backend.loglikelihood_choices(c, x) for c, x in reqs]
-                if bar:
-                    bar[0].advance(bar[1], len(reqs))
+            if answers is None:
+                answers = score_mc_tasks(backend, [task], shots, limit, batch_size, bar=bar)[task.name]
             for i, (doc, ctx, res) in enumerate(zip(docs, ctxs, answers)):
                 lls = [r[0] for r in res]
                 if task.kind == "mc2":
@@ -227,8 +255,10 @@ def _versions() -> dict:
 
 
 def make_backend(model, base_url: str | None = None, api_key: str | None = None, tokenizer: str | None = None,
-                 device: str = "cpu", dtype=None, add_special_tokens: bool = True, max_length: int | None = None):
-    """A backend for a local model (path or an `lmstack.LM`) or a remote OpenAI-compatible endpoint."""
+                 device: str = "cpu", dtype=None, add_special_tokens: bool = True, max_length: int | None = None,
+                 prefix_cache: bool = True):
+    """A backend for a local model (path or an `lmstack.LM`) or a remote OpenAI-compatible endpoint; prefix_cache:
+    reuse the keys/values of the prompt prefix questions share (local models; see eval/backend.py)."""
     if base_url:
         from .remote import RemoteBackend
         return RemoteBackend(base_url, str(model), api_key=api_key, tokenizer=tokenizer,
@@ -243,13 +273,14 @@ def make_backend(model, base_url: str | None = None, api_key: str | None = None,
         return model
     else:
         lm = model
-    return LocalBackend(lm, add_special_tokens=add_special_tokens, max_length=max_length)
+    return LocalBackend(lm, add_special_tokens=add_special_tokens, max_length=max_length, prefix_cache=prefix_cache)
 
 
 @dataclass
 class EvalConfig:
     """One evaluation run: what `lmstack eval` takes, flag for flag. model: a path (checkpoint dir, HF dir, GGUF
-    file), an `lmstack.LM`, a backend, or the model name on `base_url`; dtype: a torch dtype for loading a path."""
+    file), an `lmstack.LM`, a backend, or the model name on `base_url`; dtype: a torch dtype for loading a path;
+    prefix_cache: compute the keys/values of the prompt prefix the questions share (few-shot examples) once."""
     model: Any
     tasks: str | list[str]
     data_dir: str | None = None
@@ -267,13 +298,14 @@ class EvalConfig:
     log_samples: bool = False
     progress: bool = False
     out: str | Path | None = None
+    prefix_cache: bool = True
 
 
 def evaluate(model, tasks: str | list[str], data_dir: str | None = None, shots: int = 0, limit: int | None = None,
              batch_size: int = 8, stride: int | None = None, max_length: int | None = None,
              max_new_tokens: int | None = None, seed: int = 1234, base_url: str | None = None,
              api_key: str | None = None, tokenizer: str | None = None, log_samples: bool = False,
-             progress: bool = False, out: str | Path | None = None, dtype=None) -> dict:
+             progress: bool = False, out: str | Path | None = None, dtype=None, prefix_cache: bool = True) -> dict:
     """Evaluate `model` (a path, an `lmstack.LM`, or a model name on `base_url`) on `tasks`; returns the results
     dict (also written as JSON to `out`), with a markdown `table`. With `out`, answered requests are appended to
     `<out>.partial.jsonl` as they come, so an interrupted run started again with the same arguments resumes.
@@ -281,7 +313,7 @@ def evaluate(model, tasks: str | list[str], data_dir: str | None = None, shots: 
     return run_eval(EvalConfig(model, tasks, data_dir=data_dir, shots=shots, limit=limit, batch_size=batch_size,
                                stride=stride, max_length=max_length, max_new_tokens=max_new_tokens, seed=seed,
                                base_url=base_url, api_key=api_key, tokenizer=tokenizer, dtype=dtype,
-                               log_samples=log_samples, progress=progress, out=out))
+                               log_samples=log_samples, progress=progress, out=out, prefix_cache=prefix_cache))
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -293,7 +325,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     torch.manual_seed(cfg.seed)
     task_objs = resolve_tasks(cfg.tasks, cfg.data_dir)
     backend = make_backend(cfg.model, base_url=cfg.base_url, api_key=cfg.api_key, tokenizer=cfg.tokenizer,
-                           dtype=cfg.dtype, max_length=cfg.max_length)
+                           dtype=cfg.dtype, max_length=cfg.max_length, prefix_cache=cfg.prefix_cache)
     cache = None
     if cfg.out:  # resumable: answered requests are kept next to the output until the run completes
         cache = backend = ResumeCache(backend, Path(str(cfg.out) + ".partial.jsonl"))
@@ -318,12 +350,21 @@ def _run(backend, cfg: EvalConfig, task_objs: list[Task]) -> dict:
     samples: dict[str, list] = {}
     shots, limit, stride, max_length, max_new_tokens = cfg.shots, cfg.limit, cfg.stride, cfg.max_length, \
         cfg.max_new_tokens
+    mc = [t for t in task_objs if t.kind in ("mc", "mc2")]
+    t1 = time.time()
+    bar = _progress(sum(len(task_docs(t, shots, limit)) for t in mc), "multiple choice", cfg.progress) if mc else None
+    try:  # all multiple-choice tasks together (batches across tasks); each task's share of the time by examples
+        answers = score_mc_tasks(backend, mc, shots, limit, cfg.batch_size, bar) if mc else {}
+    finally:
+        if bar:
+            bar[0].stop()
+    mc_secs = (time.time() - t1) / max(1, sum(len(a) for a in answers.values()))
     for task in task_objs:
         t1 = time.time()
         r = evaluate_task(backend, task, shots=shots, limit=limit, batch_size=cfg.batch_size, stride=stride,
                           max_length=max_length, max_new_tokens=max_new_tokens, log_samples=cfg.log_samples,
-                          progress=cfg.progress)
-        secs = time.time() - t1
+                          progress=cfg.progress, answers=answers.get(task.name))
+        secs = time.time() - t1 + mc_secs * len(answers.get(task.name, ()))
         results[task.name] = {"metrics": r["metrics"], "seconds": round(secs, 3),
                               **({"totals": r["totals"]} if "totals" in r else {})}
         configs[task.name] = {"kind": task.kind, "source": task.source or task.corpus, "version": task.version,
@@ -347,7 +388,8 @@ def _run(backend, cfg: EvalConfig, task_objs: list[Task]) -> dict:
         "tasks": [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)],
         "config": {"data_dir": str(cfg.data_dir) if cfg.data_dir else None, "shots": shots, "limit": limit,
                    "batch_size": cfg.batch_size, "seed": cfg.seed, "stride": stride, "max_length": max_length,
-                   "add_special_tokens": getattr(backend, "add_special_tokens", None)},
+                   "add_special_tokens": getattr(backend, "add_special_tokens", None),
+                   "prefix_cache": cfg.prefix_cache},
         "task_configs": configs,
         "versions": _versions(),
         "seed": cfg.seed,
@@ -356,6 +398,9 @@ def _run(backend, cfg: EvalConfig, task_objs: list[Task]) -> dict:
         "results": results,
         "groups": {g: _group_metrics(results, m) for g, m in groups.items() if len(m) > 1},
     }
+    inner = getattr(backend, "backend", backend)
+    if hasattr(inner, "prefix_stats"):
+        res["scoring"] = inner.prefix_stats()
     if cfg.log_samples:
         res["samples"] = samples
     res["table"] = markdown_table(res)
