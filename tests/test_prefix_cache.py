@@ -232,3 +232,25 @@ def test_server_without_prefix_cache_says_so(char_lm):
         assert metric(text, "lmstack_prefix_cache_enabled") == 0 and "prefix_cache_hit" not in text
     finally:
         app.state.server.close()
+
+
+def test_insert_from_an_offset_layout_equals_the_plain_one():
+    """`insert(start=, offset=)` (the eval's rows: cached prefix blocks, pads, then the row's own tokens) stores the
+    same blocks as a slot = position insert, and `match_len` predicts what `lookup` serves without counting it."""
+    torch.manual_seed(0)
+    ids = list(range(100, 170))                                  # 70 tokens: 4 whole 16-token blocks
+    k = [torch.randn(2, 70, 4) for _ in range(3)]
+    v = [torch.randn(2, 70, 4) for _ in range(3)]
+    plain, shifted = PrefixCache(), PrefixCache()
+    plain.insert(ids, k, v)
+    shifted.insert(ids[:40], k, v)                               # the first 2 blocks, as lookup would serve them
+    assert shifted.match_len(ids) == 32 and shifted.stats()["lookups"] == 0
+    pad = 9                                                      # row layout: [32 cached | 9 pads | own 38 tokens]
+    ks = [torch.cat([t[:, :32], torch.zeros(2, pad, 4), t[:, 32:]], dim=1) for t in k]
+    vs = [torch.cat([t[:, :32], torch.zeros(2, pad, 4), t[:, 32:]], dim=1) for t in v]
+    assert shifted.insert(ids, ks, vs, start=32, offset=32 + pad) == 2
+    a, b = plain.lookup(ids + [1]), shifted.lookup(ids + [1])
+    assert a[0] == b[0] == 64
+    assert all(torch.equal(x, y) for x, y in zip(a[1] + a[2], b[1] + b[2]))
+    with pytest.raises(LMStackError, match="whole number"):
+        shifted.insert(ids, ks, vs, start=5)

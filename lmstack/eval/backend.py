@@ -101,28 +101,29 @@ def _warm_shared_prefixes(model, prefix_cache: PrefixCache, ctxs: list[list[int]
 
 
 def _row_prefixes(prefix_cache: PrefixCache, ctxs: list[list[int]]) -> list[tuple[int, list, list]]:
-    """Per row (p, keys, values): the longest prefix of whole blocks the cache holds (lookups of equal contexts are
-    shared). At least one token of every row is left to run: its logits predict the continuation."""
+    """Per row (p, keys, values): the longest prefix of whole blocks the cache holds. Rows with the same cached
+    prefix (a few-shot task's questions) share one lookup, so its blocks are concatenated once per batch, and the
+    same tensors (rows group by them when copying). At least one token of every row is left to run: its logits
+    predict the continuation."""
     out, seen = [], {}
     for c in ctxs:
-        key = tuple(c)
+        n = prefix_cache.match_len(c)
+        key = tuple(c[:n])
         if key not in seen:
-            seen[key] = prefix_cache.lookup(c)
+            seen[key] = prefix_cache.lookup(c[:n + 1]) if n else (0, [], [])
         out.append(seen[key])
     return out
 
 
 def _insert_rows(prefix_cache: PrefixCache, ctxs: list[list[int]], ps: list[int], cache: KVCache, Lc: int) -> None:
-    """Store each row's context blocks for later questions. Row b's keys/values sit at slots [0, p_b) (its cached
-    prefix) and [Lc - (len - p_b), Lc) (its own tokens, after the pads): gathered into slot = position order."""
+    """Store each row's context blocks for later questions. Row b's own tokens (positions [p_b, len_b)) sit at slots
+    [Lc - (len_b - p_b), Lc), after the pads; its cached prefix's blocks are only touched (no copy)."""
     bt = prefix_cache.block_tokens
     for b, (c, p) in enumerate(zip(ctxs, ps)):
         if len(c) // bt <= p // bt:
             continue  # no whole block beyond the cached part
-        s = len(c) - p
-        ks = [torch.cat([k[b, :, :p], k[b, :, Lc - s:Lc]], dim=1) for k in cache.k]
-        vs = [torch.cat([v[b, :, :p], v[b, :, Lc - s:Lc]], dim=1) for v in cache.v]
-        prefix_cache.insert(c, ks, vs)
+        at = Lc - (len(c) - p)
+        prefix_cache.insert(c, [k[b] for k in cache.k], [v[b] for v in cache.v], start=p, offset=at)
 
 
 def score_choices(model, context_ids: Sequence[int], continuations: Sequence[Sequence[int]],
@@ -230,13 +231,19 @@ def _run_rows(model, items, rows, qs, ctxs, maxk, pre):
     ids = torch.zeros(B, Ls, dtype=torch.long, device=device)
     mask = torch.zeros(B, Lc, dtype=torch.bool, device=device)  # prefix | pads | the row's own tokens
     cache1 = KVCache.for_model(model, B, Lc)  # full cache: its slots [0, Lc) are copied into the choices' cache
+    groups: dict[int, list[int]] = {}  # rows with the same cached prefix tensors: one copy per layer for all
     for b, (s, (p, ks, vs)) in enumerate(zip(sufs, pre)):
         ids[b, Ls - len(s):] = torch.tensor(s, device=device)
         mask[b, :p] = True
         mask[b, Lc - len(s):] = True
+        if p:
+            groups.setdefault(id(ks), []).append(b)
+    for bs in groups.values():
+        p, ks, vs = pre[bs[0]]
+        idx = torch.tensor(bs, device=device)
         for layer in range(len(ks)):
-            cache1.k[layer][b, :, :p] = ks[layer]
-            cache1.v[layer][b, :, :p] = vs[layer]
+            cache1.k[layer][idx, :, :p] = ks[layer].unsqueeze(0)
+            cache1.v[layer][idx, :, :p] = vs[layer].unsqueeze(0)
     padded = not bool(mask.all())
     positions = torch.tensor(ps, device=device)[:, None] + (torch.arange(Ls, device=device)[None] -
                                                            pads[:, None]).clamp(min=0)

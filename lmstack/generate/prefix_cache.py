@@ -101,12 +101,22 @@ class PrefixCache:
         vs = [torch.cat([b.v[layer] for b in blocks], dim=1) for layer in range(n_layer)]
         return n, ks, vs
 
+    def match_len(self, prompt_ids: list[int]) -> int:
+        """How many tokens `lookup(prompt_ids)` would serve (whole blocks, at least one token left over), without
+        copying anything or counting a lookup: callers group prompts by their cached prefix and look each up once."""
+        with self._lock:
+            return len(self._chain(prompt_ids, (len(prompt_ids) - 1) // self.block_tokens)) * self.block_tokens
+
     def insert(self, prompt_ids: list[int], cache_k_layers: list[torch.Tensor],
-               cache_v_layers: list[torch.Tensor]) -> int:
-        """Store the prompt's full blocks from its prefilled cache: per layer (n_kv_head, >= len(prompt), head_dim),
-        slot = position. Blocks already cached are only touched. Returns the number of blocks newly stored."""
+               cache_v_layers: list[torch.Tensor], start: int = 0, offset: int = 0) -> int:
+        """Store the prompt's full blocks from its prefilled cache: per layer (n_kv_head, slots, head_dim), position
+        q at slot q - start + offset for q >= start (default: slot = position). The first `start` positions (whole
+        blocks: what `lookup` served) need not be in the tensors: those blocks are only touched. Blocks already
+        cached are only touched. Returns the number of blocks newly stored."""
         bt, n_full = self.block_tokens, len(prompt_ids) // self.block_tokens
-        if n_full and cache_k_layers[0].shape[1] < n_full * bt:
+        if start % bt:
+            raise LMStackError(f"insert: start={start} is not a whole number of {bt}-token blocks")
+        if n_full * bt > start and cache_k_layers[0].shape[1] < n_full * bt - start + offset:
             raise LMStackError(f"insert: the cache holds {cache_k_layers[0].shape[1]} positions, fewer than the "
                                f"prompt's {n_full * bt} block tokens; insert after the whole prompt is prefilled")
         added = 0
@@ -118,8 +128,10 @@ class PrefixCache:
                 old = self._blocks.get(key)
                 if old is not None and (old.parent != parent or old.tokens != toks):
                     break  # a hash collision with another prefix: keep the cached one, store no deeper block
+                if old is None and i * bt < start:
+                    break  # evicted since it was looked up, and its keys/values are not in the tensors
                 if old is None:
-                    sl = slice(i * bt, (i + 1) * bt)
+                    sl = slice(i * bt - start + offset, (i + 1) * bt - start + offset)
                     k = [t[:, sl].clone() for t in cache_k_layers]
                     v = [t[:, sl].clone() for t in cache_v_layers]
                     nbytes = sum(t.numel() * t.element_size() for t in k + v)
