@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from . import compare, evaluate, fill_mask, finetune, models, rag, rlhf, run, scaling, serving, train, translate
+from . import compare, evaluate, fill_mask, finetune, grpo, models, rag, rlhf, run, scaling, serving, train, translate
 
-GROUPS = (train, run, fill_mask, translate, models, serving, evaluate, finetune, rlhf, rag, scaling, compare)  # the order of `lmstack --help`
+GROUPS = (train, run, fill_mask, translate, models, serving, evaluate, finetune, rlhf, grpo, rag, scaling, compare)  # the order of `lmstack --help`
 
 
 def build_parser() -> argparse.ArgumentParser:

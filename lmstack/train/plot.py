@@ -1,4 +1,5 @@
-"""PNGs from a run's metrics.jsonl: the loss curve (any run) and reward / KL per rollout (PPO)."""
+"""PNGs from a run's metrics.jsonl: the loss curve (any run), reward / KL per rollout (PPO), reward / accuracy per
+step (GRPO)."""
 from __future__ import annotations
 
 import json
@@ -72,6 +73,48 @@ def plot_ppo(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax3.grid(alpha=0.3)
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / "ppo.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_grpo(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """PNG of a GRPO run's metrics.jsonl: reward (mean +- std) and accuracy per step, held-out accuracy where it was
+    measured, and below it KL, entropy and completion length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in read_metrics(run_dir) if "reward" in r and "rollout" in r]
+    if not rows:
+        raise LMStackError(f"{run_dir}/metrics.jsonl has no GRPO step records")
+    x = [r["rollout"] for r in rows]
+    fig, (ax, ax3) = plt.subplots(2, 1, figsize=(7, 6), dpi=110, sharex=True, height_ratios=[3, 2])
+    mean = [r["reward"] for r in rows]
+    std = [r.get("reward_std", 0.0) for r in rows]
+    ax.plot(x, mean, c="C0", lw=1, label="reward (mean over samples)")
+    ax.fill_between(x, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], color="C0", alpha=0.15)
+    if any("accuracy" in r for r in rows):
+        ax.plot(x, [r.get("accuracy", float("nan")) for r in rows], c="C1", lw=1, alpha=0.8,
+                label="sample accuracy")
+    ev = [(r["rollout"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    if ev:
+        ax.plot(*zip(*ev), "o-", c="C3", lw=1.8, ms=4, label="held-out accuracy (greedy)")
+    ax.set_ylabel("reward / accuracy")
+    ax.set_title(f"GRPO: {Path(run_dir).resolve().name}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    ax3.plot(x, [r.get("kl", float("nan")) for r in rows], c="C2", label="KL to reference (k3, per token)")
+    ax3.plot(x, [r.get("entropy", float("nan")) for r in rows], c="C4", label="entropy (nats / token)")
+    ax4 = ax3.twinx()
+    ax4.plot(x, [r.get("completion_len", float("nan")) for r in rows], c="C7", ls="--", label="completion length")
+    ax4.set_ylabel("tokens")
+    h1, l1 = ax3.get_legend_handles_labels()
+    h2, l2 = ax4.get_legend_handles_labels()
+    ax3.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+    ax3.set_xlabel("step (rollout)")
+    ax3.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / "grpo.png"
     fig.savefig(out)
     plt.close(fig)
     return out
