@@ -74,7 +74,7 @@ def summary_table(summary: dict) -> str:
 
 def cmd_demo_data(a) -> None:
     from ..data.synthetic import write_tour_data
-    files = write_tour_data(a.out, n_sft=a.sft, n_prompts=a.prompts, n_votes=a.votes, seed=a.seed)
+    files = write_tour_data(a.out, n_sft=a.sft, n_prompts=a.prompts, n_votes=a.votes, seed=a.seed, n_arith=a.arith)
     for kind, path in files.items():
         print(f"{kind}: {path}")
 
@@ -120,11 +120,14 @@ def register(sub) -> None:
     t.set_defaults(fn=cmd_train)
 
     t = sub.add_parser("demo-data", help="small generated data sets with checkable answers for the fine-tune -> "
-                                         "feedback -> reward -> DPO -> PPO tour (sft.jsonl, prompts.txt, votes.jsonl)")
+                                         "feedback -> reward -> DPO -> PPO -> GRPO tour (sft.jsonl, prompts.txt, votes.jsonl, "
+                                         "arith-{train,test}.jsonl)")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--sft", type=int, default=200, help="instruction records in sft.jsonl")
     t.add_argument("--prompts", type=int, default=32, help="prompts in prompts.txt")
     t.add_argument("--votes", type=int, default=64, help="simulated votes in votes.jsonl (prefer 'cat')")
+    t.add_argument("--arith", type=int, default=200, help="GRPO prompts of 2-digit arithmetic in arith-train.jsonl "
+                   "(+ a quarter as many in arith-test.jsonl, disjoint); 0: none")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=cmd_demo_data)
 

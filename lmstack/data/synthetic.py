@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from ..atomic import write_text
+from . import arithmetic
 
 WORDS = ("apple river stone cloud green music paper light window garden silver candle forest orange tiger "
          "bread planet yellow castle ocean").split()
@@ -88,12 +89,19 @@ def cat_reward(prompts: list[str], completions: list[str]) -> list[float]:
 
 
 def write_tour_data(out: str | Path, n_sft: int = 200, n_prompts: int = 32, n_votes: int = 64,
-                    seed: int = 0) -> dict[str, str]:
-    """Write sft.jsonl, prompts.txt and votes.jsonl under `out` (atomically each); returns their paths."""
+                    seed: int = 0, n_arith: int = 0) -> dict[str, str]:
+    """Write sft.jsonl, prompts.txt and votes.jsonl under `out` (atomically each), and with n_arith GRPO prompt
+    files of 2-digit arithmetic (arith-train.jsonl: n_arith, arith-test.jsonl: n_arith / 4, disjoint); returns
+    their paths."""
     out = Path(out)
     files = {
         "sft": write_text(out / "sft.jsonl", "".join(json.dumps(x) + "\n" for x in instructions(n_sft, seed))),
         "prompts": write_text(out / "prompts.txt", "".join(p + "\n" for p in prompts(n_prompts, seed))),
         "votes": write_text(out / "votes.jsonl", "".join(json.dumps(v) + "\n" for v in simulated_votes(n_votes, seed))),
     }
+    if n_arith:  # GRPO prompts with checkable answers: a train split and a disjoint held-out split
+        train, test = arithmetic.split(n_arith, max(1, n_arith // 4), seed=seed, digits=(2, 2))
+        for name, rows in (("arith_train", train), ("arith_test", test)):
+            recs = arithmetic.as_prompts(rows, instruction=arithmetic.ONE_SHOT, chat=True)
+            files[name] = write_text(out / f"{name.replace('_', '-')}.jsonl", "".join(json.dumps(r) + "\n" for r in recs))
     return {k: str(v) for k, v in files.items()}
