@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,9 +45,9 @@ class AdaptiveThreads:
     small CPU (oversubscribed OpenMP threads make every op several times slower), all cores when it is free. The
     reward itself is lmstack.train.rewards.exact_match."""
 
-    def __init__(self, threads: int):
-        self.fixed, self.cores, self.now = threads, os.cpu_count() or 1, None
-        self.__name__ = "exact-match"
+    def __init__(self, threads: int, format_bonus: float = 0.0):
+        self.fixed, self.cores, self.now, self.bonus = threads, os.cpu_count() or 1, None, format_bonus
+        self.__name__ = "exact-match" + (f"+{format_bonus:g}*format" if format_bonus else "")
 
     def __call__(self, prompt: str, completion: str, record: dict) -> float:
         import torch
@@ -55,7 +56,8 @@ class AdaptiveThreads:
         if want != self.now:
             torch.set_num_threads(want)
             self.now = want
-        return exact_match(prompt, completion, record)
+        fmt = self.bonus * bool(re.search(r"####\s*-?[0-9]", completion)) if self.bonus else 0.0
+        return exact_match(prompt, completion, record) + fmt
 
 
 def held_out(model_path: str, records: list[dict], max_new_tokens: int) -> dict:
@@ -112,6 +114,11 @@ def main() -> int:
     ap.add_argument("--instruction", default=None, help="the instruction after each question (default: "
                     "lmstack.data.arithmetic.ONE_SHOT, one worked example and the '#### <number>' format)")
     ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                    help="cosine: from --lr down to lr/10 at --max-steps")
+    ap.add_argument("--format-bonus", type=float, default=0.0,
+                    help="reward += this when the completion has a '#### <number>' line (a format reward, as in "
+                         "DeepSeek-R1); the accuracy measured is exact-match either way")
     ap.add_argument("--kl-coef", type=float, default=0.0)
     ap.add_argument("--lora", default="r=16,alpha=32,dropout=0,targets=all")
     ap.add_argument("--eval-every", type=int, default=10)
@@ -141,13 +148,14 @@ def main() -> int:
     print(f"before: held-out accuracy {before['accuracy']:.3f} (strict '####' {before['strict_accuracy']:.3f}), "
           f"{before['seconds']:.0f}s; e.g. {before['completions'][:3]}", flush=True)
 
-    cfg = finetune_config(str(out / "run"), {"lr": a.lr, "lr_schedule": "constant", "warmup_steps": 0,
+    cfg = finetune_config(str(out / "run"), {"lr": a.lr, "lr_schedule": a.lr_schedule, "min_lr": a.lr / 10,
+                                             "warmup_steps": 0,
                                              "progress": False, "dtype": "auto", "grad_clip": 1.0, "seed": a.seed,
                                              "ckpt_interval": 10})
     g = GRPOConfig(group_size=a.group_size, prompts_per_step=a.prompts_per_step, max_new_tokens=a.max_new_tokens,
                    temperature=a.temperature, kl_coef=a.kl_coef, lora=a.lora, eval_every=a.eval_every)
     t = time.perf_counter()
-    s = train_grpo(a.model, AdaptiveThreads(a.threads), str(train_f), cfg, g, steps=a.max_steps,
+    s = train_grpo(a.model, AdaptiveThreads(a.threads, a.format_bonus), str(train_f), cfg, g, steps=a.max_steps,
                    eval_prompts=str(test_f),
                    time_budget_s=a.train_minutes * 60, log=lambda m: print(m, flush=True))
     wall = time.perf_counter() - t
@@ -163,7 +171,8 @@ def main() -> int:
     plot_grpo(out / "run")
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "cores": os.cpu_count(),
-        "model": Path(a.model).name, "settings": vars(a), "reward": "exact-match",
+        "model": Path(a.model).name, "settings": vars(a),
+        "reward": "exact-match" + (f" + {a.format_bonus:g} * has '####'" if a.format_bonus else ""),
         "before": {k: v for k, v in before.items() if k != "completions"},
         "after": {k: v for k, v in after.items() if k != "completions"},
         "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
