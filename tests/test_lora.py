@@ -192,9 +192,13 @@ def test_adapter_loads_in_peft(tmp_path):
 
 
 @pytest.mark.parametrize("targets", ["q,v", "q,k,v,o,gate,up,down", "k"])
-def test_factors_exact_cached_without_grad_and_invalidated_by_updates(targets):
+def test_factors_exact_cached_without_grad_and_invalidated_by_updates(targets, monkeypatch):
     """LoRALinear builds its stacked A / block-diagonal B in one op (B @ A == delta_weight / scaling exactly),
     caches them while no gradient is needed, and an optimizer step (or a load) invalidates the cache."""
+    from lmstack.models import kernels
+    # the no-grad vs grad comparison below is about the LoRA factors: keep the native fused RMSNorm (used without
+    # grad once an earlier test loaded the quantized-matmul extension; ~1e-7 apart from torch's) out of it
+    monkeypatch.setattr(kernels, "loaded", lambda: None)
     m = _model("llama")
     apply_lora(m, LoRAConfig.parse(f"r=4,alpha=8,dropout=0,targets={targets}"))
     for p in lora_parameters(m):
