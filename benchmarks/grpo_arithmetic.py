@@ -72,18 +72,20 @@ def held_out(model_path: str, records: list[dict], max_new_tokens: int) -> dict:
     return res
 
 
-def plot(path: Path, rows: list[dict], before: dict, after: dict) -> None:
+def plot(path: Path, rows: list[dict], before: dict, after: dict, start: dict) -> None:
+    """start: the model's accuracy before training on the split evaluated during training."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     x = [r["rollout"] for r in rows]
     ax.plot(x, [r["reward"] for r in rows], c="C0", lw=0.8, alpha=0.6, label="train reward (sampled, T>0)")
-    ev = [(0, before["accuracy"])] + [(r["rollout"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
-    ax.plot(*zip(*ev), "o-", c="C3", lw=1.8, ms=4, label="held-out exact match (greedy)")
-    evs = [(0, before["strict_accuracy"])] + [(r["rollout"], r["eval_strict_accuracy"]) for r in rows
+    ev = [(0, start["accuracy"])] + [(r["rollout"], r["eval_accuracy"]) for r in rows if "eval_accuracy" in r]
+    ax.plot(*zip(*ev), "o-", c="C3", lw=1.8, ms=4, label="validation exact match (greedy)")
+    evs = [(0, start["strict_accuracy"])] + [(r["rollout"], r["eval_strict_accuracy"]) for r in rows
                                               if "eval_strict_accuracy" in r]
-    ax.plot(*zip(*evs), "s--", c="C2", lw=1, ms=3, label="held-out, strict '####' format")
+    ax.plot(*zip(*evs), "s--", c="C2", lw=1, ms=3, label="validation, strict '####' format")
+    ax.axhline(after["accuracy"], c="k", ls=":", lw=1, label=f"held-out after ({after['accuracy']:.1%})")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("accuracy / reward")
     ax.set_title(f"GRPO on arithmetic, SmolLM2-135M: {before['accuracy']:.1%} -> {after['accuracy']:.1%} held-out")
@@ -103,6 +105,10 @@ def main() -> int:
     ap.add_argument("--max-steps", type=int, default=10000)
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-test", type=int, default=200)
+    ap.add_argument("--n-val", type=int, default=100,
+                    help="validation problems carved from the train split: evaluated during training, and <run>/best "
+                         "(the most accurate step on them) is the 'after' model; 0: evaluate the held-out split "
+                         "during training and report the last step")
     ap.add_argument("--digits", default="2,2", help="min,max digits per operand")
     ap.add_argument("--negative", action="store_true", help="allow negative subtraction results")
     ap.add_argument("--group-size", type=int, default=8)
@@ -120,6 +126,8 @@ def main() -> int:
                     help="reward += this when the completion has a '#### <number>' line (a format reward, as in "
                          "DeepSeek-R1); the accuracy measured is exact-match either way")
     ap.add_argument("--kl-coef", type=float, default=0.0)
+    ap.add_argument("--filter-groups", action="store_true", help="update only on groups with a reward spread")
+    ap.add_argument("--oversample", type=int, default=1, help="sample N x --prompts-per-step groups per step")
     ap.add_argument("--lora", default="r=16,alpha=32,dropout=0,targets=all")
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: adaptive, see AdaptiveThreads)")
@@ -139,42 +147,57 @@ def main() -> int:
     digits = tuple(int(x) for x in a.digits.split(","))
     train, test = arithmetic.split(a.n_train, a.n_test, seed=a.seed + 1, digits=digits, negative=a.negative)
     out = Path(a.out)
+    val, train = train[:a.n_val], train[a.n_val:]
     train_f = arithmetic.write_prompts(out / "train.jsonl", arithmetic.as_prompts(train, tok, a.instruction))
     test_recs = arithmetic.as_prompts(test, tok, a.instruction)
     test_f = arithmetic.write_prompts(out / "test.jsonl", test_recs)
-    print(f"{len(train)} train / {len(test)} held-out problems, digits {digits}; CPU: {cpu_name()}", flush=True)
+    val_recs = arithmetic.as_prompts(val, tok, a.instruction) if val else test_recs
+    val_f = arithmetic.write_prompts(out / "val.jsonl", val_recs) if val else test_f
+    print(f"{len(train)} train / {len(val)} validation / {len(test)} held-out problems, digits {digits}; "
+          f"CPU: {cpu_name()}", flush=True)
 
     before = held_out(a.model, test_recs, a.max_new_tokens)
+    before_val = held_out(a.model, val_recs, a.max_new_tokens) if val else before
     print(f"before: held-out accuracy {before['accuracy']:.3f} (strict '####' {before['strict_accuracy']:.3f}), "
           f"{before['seconds']:.0f}s; e.g. {before['completions'][:3]}", flush=True)
 
     cfg = finetune_config(str(out / "run"), {"lr": a.lr, "lr_schedule": a.lr_schedule, "min_lr": a.lr / 10,
                                              "warmup_steps": 0,
                                              "progress": False, "dtype": "auto", "grad_clip": 1.0, "seed": a.seed,
-                                             "ckpt_interval": 10})
+                                             "ckpt_interval": 10,
+                                             "keep_best": bool(val)})
     g = GRPOConfig(group_size=a.group_size, prompts_per_step=a.prompts_per_step, max_new_tokens=a.max_new_tokens,
-                   temperature=a.temperature, kl_coef=a.kl_coef, lora=a.lora, eval_every=a.eval_every)
+                   temperature=a.temperature, kl_coef=a.kl_coef, lora=a.lora, eval_every=a.eval_every,
+                   filter_groups=a.filter_groups, oversample=a.oversample)
     t = time.perf_counter()
     s = train_grpo(a.model, AdaptiveThreads(a.threads, a.format_bonus), str(train_f), cfg, g, steps=a.max_steps,
-                   eval_prompts=str(test_f),
+                   eval_prompts=str(val_f),
                    time_budget_s=a.train_minutes * 60, log=lambda m: print(m, flush=True))
     wall = time.perf_counter() - t
-    after = held_out(str(out / "run" / "last"), test_recs, a.max_new_tokens)
-    print(f"after: held-out accuracy {after['accuracy']:.3f} (strict '####' {after['strict_accuracy']:.3f}); "
-          f"e.g. {after['completions'][:3]}", flush=True)
+    last = held_out(str(out / "run" / "last"), test_recs, a.max_new_tokens)
+    print(f"last step: held-out accuracy {last['accuracy']:.3f} (strict '####' {last['strict_accuracy']:.3f}); "
+          f"e.g. {last['completions'][:3]}", flush=True)
+    after = last
+    if val and s.get("best_model"):
+        after = held_out(s["best_model"], test_recs, a.max_new_tokens)
+        print(f"best validation step ({s['best_step']}, validation {s['best_eval_accuracy']:.3f}): held-out "
+              f"accuracy {after['accuracy']:.3f} (strict '####' {after['strict_accuracy']:.3f})", flush=True)
 
     rows = [json.loads(ln) for ln in (out / "run" / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     rows = [r for r in rows if "rollout" in r]
     res_dir = Path(a.results)
     res_dir.mkdir(parents=True, exist_ok=True)
-    plot(res_dir / "grpo_arithmetic.png", rows, before, after)
+    plot(res_dir / "grpo_arithmetic.png", rows, before, after, before_val)
     plot_grpo(out / "run")
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name(), "cores": os.cpu_count(),
         "model": Path(a.model).name, "settings": vars(a),
         "reward": "exact-match" + (f" + {a.format_bonus:g} * has '####'" if a.format_bonus else ""),
         "before": {k: v for k, v in before.items() if k != "completions"},
+        "before_validation": {k: v for k, v in before_val.items() if k != "completions"},
         "after": {k: v for k, v in after.items() if k != "completions"},
+        "after_is": f"best validation step {s.get('best_step')}" if after is not last else "last step",
+        "last": {k: v for k, v in last.items() if k != "completions"},
         "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
         "gain_points_strict": 100 * (after["strict_accuracy"] - before["strict_accuracy"]),
         "steps": s["rollouts"], "train_s": s["train_s"], "wall_s": wall,

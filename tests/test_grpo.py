@@ -246,3 +246,42 @@ def test_grpo_raises_the_probability_of_a_rewarded_token(tmp_path, tiny_run):
     train_grpo(str(run_dir / "last"), rew, ["The"], cfg, g, 15, log=lambda *a: None)
     after = p_e(load_any(tmp_path / "learn" / "last")[0])
     assert after > before + 0.15, (before, after)  # 0.04 -> 0.26 here; the negated reward drives it to 0.003
+
+
+def test_kept_groups_by_hand():
+    """Plain GRPO keeps every group; oversampling keeps prompts_per_step groups, those with a reward spread first;
+    filter_groups keeps only groups with a spread (one group when none has)."""
+    from lmstack.train.grpo import GRPOConfig, GRPOObjective
+    spread = torch.tensor([False, True, False, True, True, False])
+    obj = GRPOObjective.__new__(GRPOObjective)
+    for kw, want in ((dict(prompts_per_step=6), [0, 1, 2, 3, 4, 5]),
+                     (dict(prompts_per_step=3, oversample=2), [1, 3, 4]),
+                     (dict(prompts_per_step=2, oversample=3), [1, 3]),
+                     (dict(prompts_per_step=6, filter_groups=True), [1, 3, 4]),
+                     (dict(prompts_per_step=2, oversample=3, filter_groups=True), [1, 3])):
+        obj.g = GRPOConfig(**kw)
+        assert obj.kept_groups(spread).tolist() == want, kw
+    obj.g = GRPOConfig(prompts_per_step=6, filter_groups=True)
+    assert obj.kept_groups(torch.zeros(6, dtype=torch.bool)).tolist() == [0]
+
+
+def test_grpo_filter_groups_oversample_and_best_checkpoint(tmp_path, tiny_run):
+    """A reward that is the same for every completion of two of the prompts: those groups never reach the update
+    (kept_groups counts the rest); with eval prompts, <out>/best is the step of the highest eval accuracy."""
+    from lmstack.train.grpo import GRPOConfig, train_grpo
+    from lmstack.train.reward import finetune_config
+    run_dir, _ = tiny_run
+    recs = [{"prompt": q, "answer": a} for q, a in [("The", "1"), ("A cat", "2"), ("Where", "3"), ("King", "4")]]
+    rew = lambda p, c, r: 0.5 if p in ("The", "King") else float(c.count("e"))  # noqa: E731
+    g = GRPOConfig(group_size=4, prompts_per_step=2, oversample=2, filter_groups=True, max_new_tokens=6,
+                   eval_every=1)
+    cfg = finetune_config(tmp_path / "f", {"lr": 1e-3, "lr_schedule": "constant", "warmup_steps": 0,
+                                           "progress": False, "keep_best": True})
+    s = train_grpo(str(run_dir / "last"), rew, recs, cfg, g, 4, eval_prompts=recs[:2], log=lambda *a: None)
+    rows = [r for r in read_jsonl(tmp_path / "f" / "metrics.jsonl") if "rollout" in r]
+    assert len(rows) == 4
+    for r in rows:
+        assert 1 <= r["kept_groups"] <= 2 and r["zero_std_groups"] >= 0.5 - 1e-9  # 'The'/'King' groups: no spread
+    accs = [r["eval_accuracy"] for r in rows]
+    assert s["best_step"] == 1 + accs.index(max(accs)) and s["best_eval_accuracy"] == max(accs)
+    assert s["best_model"] == str(tmp_path / "f" / "best") and (tmp_path / "f" / "best").is_dir()

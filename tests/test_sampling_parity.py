@@ -144,6 +144,16 @@ def test_sampled_frequencies_chi_square(kw):
     assert pval > 1e-3, (kw, counts.tolist(), (probs * n).tolist())
 
 
+def test_draw_never_picks_a_zero_probability_token_at_the_cdf_edges(monkeypatch):
+    """The inverse-CDF draw at u = 0 and at u rounding up to the total: a flat CDF step (probability 0) at the
+    start, in the middle or at the end is never chosen."""
+    from lmstack.generate import sampling
+    probs = torch.tensor([[0.0, 0.3, 0.0, 0.7, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    for u, want in ((0.0, [1, 2]), (1.0, [3, 2]), (1 - 2 ** -24, [3, 2])):
+        monkeypatch.setattr(sampling.torch, "rand", lambda *shape, u=u, **kw: torch.full(shape, u))
+        assert sampling.draw(probs).tolist() == want
+
+
 # ---- seeds, min_new_tokens, logit_bias in generation --------------------------------------------------------------
 def tiny(seed=0):
     torch.manual_seed(seed)

@@ -14,11 +14,12 @@ def cmd_grpo(a) -> None:
     over = {"lr": a.lr, "seed": a.seed, "device": a.device, "progress": False if a.no_progress else None,
             "resume": True if a.resume else None}
     cfg = finetune_config(a.out, {"lr": 1e-4 if a.lora else 1e-5, "warmup_steps": 0, "lr_schedule": "constant",
-                                  "grad_clip": 1.0}, over, a.set)
+                                  "grad_clip": 1.0, "keep_best": True}, over, a.set)
     g = GRPOConfig(group_size=a.group_size, prompts_per_step=a.prompts_per_step, max_new_tokens=a.max_new_tokens,
                    temperature=a.temperature, top_k=a.top_k, ppo_epochs=a.ppo_epochs, minibatches=a.minibatches,
                    cliprange=a.cliprange, cliprange_high=a.cliprange_high, kl_coef=a.kl_coef,
-                   scale_rewards=not a.no_scale_rewards, loss_agg=a.loss_agg, eval_every=a.eval_every, lora=a.lora)
+                   scale_rewards=not a.no_scale_rewards, loss_agg=a.loss_agg, eval_every=a.eval_every, lora=a.lora,
+                   filter_groups=a.filter_groups, oversample=a.oversample)
     s = train_grpo(a.model, a.reward, a.prompts, cfg, g, steps=a.steps, eval_prompts=a.eval_prompts,
                    time_budget_s=a.max_minutes * 60 if a.max_minutes else None)
     try:
@@ -26,6 +27,8 @@ def cmd_grpo(a) -> None:
     except Exception as e:  # a plot is a nicety; never fail a finished run over it
         s["plot_error"] = str(e)
     held = f", held-out accuracy {s['eval_accuracy']:.3f}" if s["eval_accuracy"] is not None else ""
+    if s.get("best_eval_accuracy") is not None:
+        held += f" (best {s['best_eval_accuracy']:.3f} at step {s['best_step']} -> {s['best_model']})"
     print(f"mean reward {s['start_reward']:.3f} -> {s['end_reward']:.3f}, sample accuracy {s['start_accuracy']:.3f} -> "
           f"{s['end_accuracy']:.3f}{held}; policy -> {s['model']}")
     print(json.dumps(s))
@@ -58,8 +61,13 @@ def register(sub) -> None:
     t.add_argument("--kl-coef", type=float, default=0.0, help="beta of the k3 KL penalty to the reference")
     t.add_argument("--no-scale-rewards", action="store_true", help="advantages r - mean, not / std (Dr. GRPO)")
     t.add_argument("--loss-agg", choices=["token", "sequence"], default="token")
-    t.add_argument("--eval-prompts", help="held-out prompt records: greedy accuracy every --eval-every steps and at "
-                                          "the end")
+    t.add_argument("--filter-groups", action="store_true",
+                   help="update only on groups whose rewards differ (DAPO's dynamic sampling)")
+    t.add_argument("--oversample", type=int, default=1,
+                   help="sample N x --prompts-per-step groups, keep --prompts-per-step, those with a reward spread "
+                        "first")
+    t.add_argument("--eval-prompts", help="validation prompt records: greedy accuracy every --eval-every steps and "
+                                          "at the end; <out>/best keeps the most accurate step")
     t.add_argument("--eval-every", type=int, default=0)
     add_run_flags(t, "learning rate (default 1e-4 with --lora, else 1e-5)", "runs/grpo")
     t.add_argument("--resume", action="store_true", help="continue from <out>/last (same arguments)")

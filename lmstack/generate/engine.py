@@ -76,7 +76,8 @@ def prefill_logits(model, ids: torch.Tensor, cache, pos: int = 0, **kw) -> torch
     head = getattr(model, "lm_head", None)
     if ids.shape[1] > 1 and head is not None and getattr(model.config, "arch", "transformer") == "transformer":
         hidden = model(ids, cache=cache, pos=pos, return_hidden=True, **kw)
-        return head(hidden[:, -1:])[:, -1]
+        return head(hidden[:, -1].contiguous())  # (B, d): one GEMM (a strided 3-D slice would broadcast the
+        # weight into a batched matmul, copying the 49k x d head once per row)
     return model(ids, cache=cache, pos=pos, **kw)[:, -1]
 
 

@@ -37,7 +37,7 @@ from ..errors import LMStackError
 from ..models.kv_cache import KVCache, is_state_cache_model
 from ..models.utils import eval_mode
 from .engine import fit_context, make_generator, prefill_logits, stop_set
-from .sampling import SamplingParams, process_logits
+from .sampling import SamplingParams, draw, process_logits
 
 ProbsFn = Callable[[torch.Tensor, list[int]], torch.Tensor]  # (V,) raw logits, history -> (V,) distribution
 
@@ -169,7 +169,7 @@ def target_probs(logits: torch.Tensor, params: SamplingParams, history: list[int
 
 
 def _sample(probs: torch.Tensor, gen: torch.Generator) -> int:
-    return int(torch.multinomial(probs, 1, generator=gen))
+    return int(draw(probs.reshape(1, -1), gen)[0])
 
 
 def verify_drafts(t_logits: torch.Tensor, drafts: list[int], q: list[torch.Tensor] | None, probs: ProbsFn,

@@ -70,6 +70,10 @@ class GRPOConfig:
     rollout_dtype: str = "auto"       # weights of the sampling copy: auto (bfloat16 when the run trains under bf16
                                       # autocast, else the policy itself samples) | bfloat16 | float32 (a copy)
     lora: str | None = None
+    filter_groups: bool = False       # update only on groups whose rewards differ (DAPO's dynamic sampling): a group
+                                      # of equal rewards has zero advantage, so its rows only dilute the update
+    oversample: int = 1               # sample prompts_per_step * oversample groups, keep up to prompts_per_step of
+                                      # them, those with a reward spread first
 
 
 # ---- the pieces, each testable on its own --------------------------------------------------------------------
@@ -157,6 +161,11 @@ def check_grpo_config(g: GRPOConfig, block_size: int) -> None:
     if (g.prompts_per_step * g.group_size) % g.minibatches:
         raise LMStackError(f"prompts_per_step * group_size = {g.prompts_per_step * g.group_size} must be divisible "
                            f"by minibatches={g.minibatches}")
+    if g.oversample < 1:
+        raise LMStackError(f"--oversample must be >= 1 (groups sampled per kept group), got {g.oversample}")
+    if g.filter_groups and g.group_size % g.minibatches:
+        raise LMStackError(f"--filter-groups keeps whole groups: group_size={g.group_size} must be divisible by "
+                           f"minibatches={g.minibatches}")
     if g.loss_agg not in ("token", "sequence"):
         raise LMStackError(f"loss_agg must be 'token' or 'sequence', got {g.loss_agg!r}")
 
@@ -242,7 +251,8 @@ class GRPOObjective:
     def make_rollout(self, r: int) -> None:
         g, t0 = self.g, time.perf_counter()
         rng = np.random.default_rng([self.seed, r])
-        idx = rng.choice(len(self.records), g.prompts_per_step, replace=len(self.records) < g.prompts_per_step)
+        n_groups = g.prompts_per_step * g.oversample
+        idx = rng.choice(len(self.records), n_groups, replace=len(self.records) < n_groups)
         recs = [self.records[i] for i in idx for _ in range(g.group_size)]
         sp = SamplingParams(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
                             seed=int(rng.integers(2**31)))
@@ -252,9 +262,22 @@ class GRPOObjective:
         del sampler
         t_gen = time.perf_counter() - t0
         scores = torch.tensor(self.reward_fn([x["prompt"] for x in recs], texts, recs), dtype=torch.float32)
-        if scores.shape != (self.n,):
-            raise LMStackError(f"the reward returned {scores.numel()} scores for {self.n} completions")
-        adv = group_advantages(scores, g.group_size, g.scale_rewards, g.eps).to(self.device)
+        if scores.shape != (len(recs),):
+            raise LMStackError(f"the reward returned {scores.numel()} scores for {len(recs)} completions")
+        grouped = scores.view(-1, g.group_size)
+        spread = grouped.std(1) > 0
+        keep = self.kept_groups(spread)
+        rows = (keep[:, None] * g.group_size + torch.arange(g.group_size)).flatten()
+        adv = group_advantages(scores, g.group_size, g.scale_rewards, g.eps)[rows].to(self.device)
+        acc = [answers_match(extract_answer(t), x.get("answer")) for t, x in zip(texts, recs)]
+        fmt = [extract_answer(t, strict=True) is not None for t in texts]
+        self.stats = {"rollout": r + 1, "reward": float(scores.mean()), "reward_std": float(scores.std()),
+                      "accuracy": sum(acc) / len(acc), "format_rate": sum(fmt) / len(fmt),
+                      "zero_std_groups": float((~spread).float().mean()), "kept_groups": len(keep),
+                      "completion_len": float(np.mean([len(c) for c in comps])),
+                      "truncated": float(np.mean([len(c) >= g.max_new_tokens for c in comps])),
+                      "sample_s": t_gen, "sample": texts[0]}
+        p_ids, comps = [p_ids[i] for i in rows.tolist()], [comps[i] for i in rows.tolist()]
         ids, attn, comp = collate([(p + c, len(p)) for p, c in zip(p_ids, comps)], device=self.device)
         mask = comp[:, 1:]
         with eval_mode(self.policy), self.autocast:
@@ -262,15 +285,17 @@ class GRPOObjective:
             ref = self.ref_logprobs(ids, mask)
         self.data = (ids, mask, adv, old, ref)
         self.r = r
-        acc = [answers_match(extract_answer(t), x.get("answer")) for t, x in zip(texts, recs)]
-        fmt = [extract_answer(t, strict=True) is not None for t in texts]
-        grouped = scores.view(-1, g.group_size)
-        self.stats = {"rollout": r + 1, "reward": float(scores.mean()), "reward_std": float(scores.std()),
-                      "accuracy": sum(acc) / len(acc), "format_rate": sum(fmt) / len(fmt),
-                      "zero_std_groups": float((grouped.std(1) == 0).float().mean()),
-                      "completion_len": float(mask.sum(1).float().mean()),
-                      "truncated": float(np.mean([len(c) >= g.max_new_tokens for c in comps])),
-                      "sample_s": t_gen, "rollout_s": time.perf_counter() - t0, "sample": texts[0]}
+        self.stats["rollout_s"] = time.perf_counter() - t0
+
+    def kept_groups(self, spread: torch.Tensor) -> torch.Tensor:
+        """Indices of the groups the update uses: all of them (plain GRPO); with oversampling, prompts_per_step
+        of them, those with a reward spread first; with filter_groups, only those with a spread (one group if none
+        has: an update of zero advantage, which keeps the step count and the KL term)."""
+        g = self.g
+        order = torch.cat([torch.nonzero(spread).flatten(), torch.nonzero(~spread).flatten()])
+        if g.filter_groups:
+            return order[:max(1, min(int(spread.sum()), g.prompts_per_step))]
+        return order[:g.prompts_per_step] if g.oversample > 1 else torch.arange(len(spread))
 
     def attach(self, trainer: Trainer) -> None:
         """Take the Trainer's autocast (rollouts and evals run under it too) and pick the sampling weights."""
@@ -288,8 +313,10 @@ class GRPOObjective:
         if r != self.r:
             self.make_rollout(r)
         epoch, k = divmod(within, self.g.minibatches)
-        perm = torch.from_numpy(np.random.default_rng([self.seed, r, epoch]).permutation(self.n))
-        sel = perm[k * self.minibatch:(k + 1) * self.minibatch].to(self.device)
+        n = self.data[0].shape[0]  # filter_groups: fewer rows than prompts_per_step * group_size
+        mb = -(-n // self.g.minibatches)
+        perm = torch.from_numpy(np.random.default_rng([self.seed, r, epoch]).permutation(n))
+        sel = perm[k * mb:(k + 1) * mb].to(self.device)
         return tuple(None if t is None else t[sel] for t in self.data)
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
@@ -327,6 +354,16 @@ class GRPOObjective:
             self.trainer.max_steps = self.trainer.step  # the loop ends after this step (checkpointed by train_grpo)
         return out
 
+    @staticmethod
+    def best_summary(cfg: TrainConfig, evals: list[dict]) -> dict[str, Any]:
+        """The most accurate evaluated rollout (the Trainer saved it as <out>/best when keep_best)."""
+        if not evals:
+            return {}
+        best = max(evals, key=lambda x: x["eval_accuracy"])  # first of equals: the Trainer keeps strict gains
+        have = cfg.keep_best and (Path(cfg.out_dir) / "best").exists()
+        return {"best_eval_accuracy": best["eval_accuracy"], "best_step": best["rollout"],
+                "best_model": str(Path(cfg.out_dir) / "best") if have else None}
+
     def extra_state(self) -> dict[str, Any]:
         return {"grpo": asdict(self.g)}
 
@@ -339,6 +376,7 @@ class GRPOObjective:
                 "steps": steps, "start_reward": mean(h[:k], "reward"), "end_reward": mean(h[-k:], "reward"),
                 "start_accuracy": mean(h[:k], "accuracy"), "end_accuracy": mean(h[-k:], "accuracy"),
                 "end_kl": mean(h[-k:], "kl"), "eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+                **self.best_summary(cfg, evals),
                 "train_s": self.trainer.train_s if self.trainer else None,
                 "elapsed_s": time.perf_counter() - self.t0, "averaged_over_rollouts": k}
 
@@ -365,6 +403,7 @@ def train_grpo(model_path: str, reward: str | Callable | list, prompts: str | li
     trainer = Trainer(backbone, cfg, obj.loss, obj.get_batch, steps * obj.updates, evaluate=obj.evaluate,
                       tokenizer=tok, lora=lora_cfg, base_model=base_model_path(model_path))
     trainer.extra_state = obj.extra_state
+    trainer.best_metric = ("eval_accuracy", -1)  # <out>/best: the highest greedy accuracy on eval_prompts
     obj.attach(trainer)
     log(f"training dtype: {trainer.dtype} ({trainer.dtype_reason})")
     trainer.fit()

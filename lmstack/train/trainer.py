@@ -160,6 +160,7 @@ class Trainer:
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == "bfloat16"
                          else nullcontext())
         self.step, self.best_val, self.elapsed_before = 0, float("inf"), 0.0
+        self.best_metric = ("val_loss", 1)  # (key of evaluate's dict, +1 lower is better | -1 higher is better)
         self.train_s = 0.0  # wall seconds inside optimizer steps only (no evals, checkpoints): `lmstack compare`
         self.history: list[dict] = []
 
@@ -339,8 +340,9 @@ class Trainer:
                                   "elapsed_s": self.elapsed_before + time.perf_counter() - self._t0,
                                   "train_s": self.train_s}
                     rec.update(ev)
-                    if cfg.keep_best and ev.get("val_loss", float("inf")) < self.best_val:
-                        self.best_val = ev["val_loss"]
+                    key, sign = self.best_metric
+                    if cfg.keep_best and key in ev and sign * ev[key] < self.best_val:
+                        self.best_val = sign * ev[key]
                         self.save("best")
                     t_last += time.perf_counter() - t_eval  # keep eval time out of tokens/s
                 if rec is not None and log is not None:
