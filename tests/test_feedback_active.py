@@ -66,7 +66,7 @@ def vote(c, choice="a", **extra) -> dict:
     return nxt
 
 
-def test_bad_rich_votes_are_400_and_nothing_appended(tmp_path):
+def test_bad_rich_votes_are_422_and_nothing_appended(tmp_path):
     out = tmp_path / "votes.jsonl"
     app = create_feedback_app(StubLM(), PROMPTS[:2], out, annotator="ann", tags=("unsafe", "boring"))
     c = client(app)
@@ -84,7 +84,7 @@ def test_bad_rich_votes_are_400_and_nothing_appended(tmp_path):
     ]
     for extra, msg in cases:
         r = c.post("/api/vote", json={**ok, **extra})
-        assert r.status_code == 400, (extra, r.status_code, r.text)
+        assert r.status_code == 422, (extra, r.status_code, r.text)
         assert msg in r.json()["error"]["message"], (extra, r.json())
     assert not out.exists()  # nothing reached the file
     good = {"ratings": {"b": 2, "a": 6}, "tags": {"a": [], "b": ["boring", "unsafe"]}, "critique": "  B rambles  "}

@@ -285,3 +285,43 @@ def test_grpo_filter_groups_oversample_and_best_checkpoint(tmp_path, tiny_run):
     accs = [r["eval_accuracy"] for r in rows]
     assert s["best_step"] == 1 + accs.index(max(accs)) and s["best_eval_accuracy"] == max(accs)
     assert s["best_model"] == str(tmp_path / "f" / "best") and (tmp_path / "f" / "best").is_dir()
+
+
+def test_grpo_resumes_exactly_inside_a_rollout(tmp_path, tiny_run):
+    """A checkpoint between a rollout's minibatch updates saves that rollout (it can't be re-sampled: the policy has
+    moved); after a crash the resumed run finishes it from the file and ends with the floats and metrics of a run
+    that never stopped."""
+    from safetensors.torch import load_file
+    from lmstack.train.grpo import GRPOConfig, train_grpo
+    from lmstack.train.ppo import ROLLOUT_FILE
+    from lmstack.train.reward import finetune_config
+    run_dir, _ = tiny_run
+    g = GRPOConfig(group_size=4, prompts_per_step=2, max_new_tokens=6, ppo_epochs=2, minibatches=2, kl_coef=0.1)
+    common = {"lr": 1e-3, "lr_schedule": "constant", "warmup_steps": 0, "progress": False, "ckpt_interval": 6}
+    prompts, q = str(_prompts_file(tmp_path)), dict(log=lambda *a: None)
+    calls = {"n": 0}
+
+    def rew(p, c, r):
+        return float(c.count("e"))
+
+    def crash_in_third_rollout(p, c, r):
+        calls["n"] += 1
+        if calls["n"] > 16:  # 8 completions per rollout
+            raise RuntimeError("killed")
+        return rew(p, c, r)
+    a = train_grpo(str(run_dir / "last"), rew, prompts, finetune_config(tmp_path / "a", common), g, 4, **q)
+    with pytest.raises(RuntimeError, match="killed"):  # dies at step 8; the last checkpoint is step 6 (mid-rollout 2)
+        train_grpo(str(run_dir / "last"), crash_in_third_rollout, prompts, finetune_config(tmp_path / "b", common),
+                   g, 4, **q)
+    assert (tmp_path / "b" / "last" / ROLLOUT_FILE).exists()
+    b = train_grpo(str(run_dir / "last"), rew, prompts, finetune_config(tmp_path / "b", {**common, "resume": True}),
+                   g, 4, **q)
+    assert not (tmp_path / "b" / "last" / ROLLOUT_FILE).exists()  # the final checkpoint is on a boundary
+    x, y = load_file(str(tmp_path / "a" / "last" / "model.safetensors")), \
+        load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    ra, rb = read_jsonl(tmp_path / "a" / "metrics.jsonl"), read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    strip = lambda rows: [{k: v for k, v in r.items() if "elapsed" not in k and not k.endswith("_s")  # noqa: E731
+                           and k != "tokens_per_sec"} for r in rows]
+    assert strip(ra) == strip(rb) and len(ra) == 16
+    assert a["end_reward"] == b["end_reward"] and b["rollouts"] == 4

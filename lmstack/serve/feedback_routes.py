@@ -51,12 +51,12 @@ def vote_annotator(who, default: str | None) -> str:
 
 
 def per_side(value, field: str, shape: str) -> dict:
-    """The {"a": ..., "b": ...} object of a ratings/tags field (400 naming the field when it is not one)."""
+    """The {"a": ..., "b": ...} object of a ratings/tags field (422 naming the field when it is not one)."""
     if not isinstance(value, dict):
-        raise FeedbackError(400, f"{field} must be an object {shape}, got {type(value).__name__}")
+        raise FeedbackError(422, f"{field} must be an object {shape}, got {type(value).__name__}")
     for side in value:
         if side not in SIDES:
-            raise FeedbackError(400, f"{field}: unknown side {side!r}; use \"a\" or \"b\"")
+            raise FeedbackError(422, f"{field}: unknown side {side!r}; use \"a\" or \"b\"")
     return value
 
 
@@ -67,7 +67,7 @@ def check_ratings(value) -> dict | None:
     value = per_side(value, "ratings", '{"a": 1-7, "b": 1-7}')
     for side, r in value.items():
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= 7:
-            raise FeedbackError(400, f"ratings.{side} must be a whole number from 1 to 7, got {r!r}")
+            raise FeedbackError(422, f"ratings.{side} must be a whole number from 1 to 7, got {r!r}")
     return {s: value[s] for s in SIDES if s in value} or None
 
 
@@ -80,12 +80,12 @@ def check_vote_tags(value, allowed=DEFAULT_TAGS) -> dict | None:
     for side in SIDES:
         tags = value.get(side) or []
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
-            raise FeedbackError(400, f"tags.{side} must be a list of tag names")
+            raise FeedbackError(422, f"tags.{side} must be a list of tag names")
         for t in tags:
             if t not in allowed:
-                raise FeedbackError(400, f"tags.{side}: unknown tag {t!r}; the tags are {', '.join(allowed)}")
+                raise FeedbackError(422, f"tags.{side}: unknown tag {t!r}; the tags are {', '.join(allowed)}")
         if len(set(tags)) != len(tags):
-            raise FeedbackError(400, f"tags.{side}: a tag is given twice")
+            raise FeedbackError(422, f"tags.{side}: a tag is given twice")
         if tags:
             out[side] = tags
     return out or None
@@ -96,9 +96,9 @@ def check_critique(value) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise FeedbackError(400, f"critique must be a string, got {type(value).__name__}")
+        raise FeedbackError(422, f"critique must be a string, got {type(value).__name__}")
     if len(value) > MAX_CRITIQUE:
-        raise FeedbackError(400, f"critique: at most {MAX_CRITIQUE} characters, got {len(value)}; shorten it")
+        raise FeedbackError(422, f"critique: at most {MAX_CRITIQUE} characters, got {len(value)}; shorten it")
     return value.strip() or None
 
 

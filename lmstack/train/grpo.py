@@ -22,7 +22,8 @@ one optimizer step on one minibatch; `get_batch` makes a new rollout every ppo_e
 `evaluate` runs once per rollout and logs reward mean/std, accuracy, KL, entropy, completion length and clip fraction
 to metrics.jsonl (and, every `eval_every` rollouts, greedy accuracy on held-out prompts). Checkpoints are the
 Trainer's (full, or LoRA adapters whose reference is the base model via `lora_disabled`) and resume exactly at a
-rollout boundary. `time_budget_s` stops a run cleanly at the first rollout boundary after that much training time.
+rollout boundary or, from the rollout a checkpoint inside one saved (rollout.safetensors), between its
+minibatch updates. `time_budget_s` stops a run cleanly at the first rollout boundary after that much training time.
 """
 from __future__ import annotations
 
@@ -45,10 +46,13 @@ from ..models.lora import LoRAConfig, apply_lora, lora_disabled, merge_lora, tra
 from ..models.utils import eval_mode
 from .config import TrainConfig
 from .distributed import launched_world
-from .ppo import masked_mean, ppo_schedule
+from .ppo import load_rollout, masked_mean, ppo_schedule, save_rollout
 from .reward import load_for_training
 from .rewards import answers_match, extract_answer, load_rewards
 from .trainer import Trainer, base_model_path
+
+
+ROLLOUT_KEYS = ("ids", "mask", "adv", "old_logp", "ref_logp")  # GRPOObjective.data, in a mid-rollout checkpoint
 
 
 @dataclass
@@ -365,7 +369,21 @@ class GRPOObjective:
                 "best_model": str(Path(cfg.out_dir) / "best") if have else None}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"grpo": asdict(self.g)}
+        return {"grpo": asdict(self.g), "stats": self.stats, "window": self.window, "history": self.history}
+
+    def load_extra(self, d: dict[str, Any]) -> None:
+        self.stats, self.window, self.history = d.get("stats", {}), d.get("window", {}), d.get("history", [])
+
+    def write_rollout(self, d: Path, step: int) -> None:
+        """Into checkpoint temp dir `d`: the current rollout, when the checkpoint falls inside it."""
+        if step % self.updates:
+            save_rollout(d, ROLLOUT_KEYS, self.data, self.r)
+
+    def read_rollout(self, d: Path) -> None:
+        """On resume: the rollout a mid-rollout checkpoint saved (a boundary checkpoint has none: it is re-made)."""
+        got = load_rollout(d, ROLLOUT_KEYS, self.device)
+        if got is not None:
+            self.r, self.data = got
 
     def summary(self, cfg: TrainConfig, steps: int) -> dict[str, Any]:
         h = self.history
@@ -402,7 +420,9 @@ def train_grpo(model_path: str, reward: str | Callable | list, prompts: str | li
         f"<= {g.max_new_tokens} tokens, {obj.updates} update(s) each; {len(records)} prompts")
     trainer = Trainer(backbone, cfg, obj.loss, obj.get_batch, steps * obj.updates, evaluate=obj.evaluate,
                       tokenizer=tok, lora=lora_cfg, base_model=base_model_path(model_path))
-    trainer.extra_state = obj.extra_state
+    trainer.extra_state, trainer.load_extra = obj.extra_state, obj.load_extra
+    trainer.write_extra = lambda d: obj.write_rollout(d, trainer.step)
+    trainer.read_extra = obj.read_rollout
     trainer.best_metric = ("eval_accuracy", -1)  # <out>/best: the highest greedy accuracy on eval_prompts
     obj.attach(trainer)
     log(f"training dtype: {trainer.dtype} ({trainer.dtype_reason})")

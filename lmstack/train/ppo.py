@@ -213,6 +213,25 @@ def ppo_schedule(cfg: TrainConfig, updates: int, minibatch: int) -> None:
                            "steps >= 1")
 
 
+def save_rollout(d: Path, keys: tuple[str, ...], data: tuple | None, r: int) -> None:
+    """Write rollout `r`'s tensors (a None entry is left out) into checkpoint temp dir `d` (PPO and GRPO)."""
+    from safetensors.torch import save_file
+    if data is not None:
+        save_file({k: t.detach().contiguous().cpu() for k, t in zip(keys, data) if t is not None},
+                  str(Path(d) / ROLLOUT_FILE), metadata={"rollout": str(r)})
+
+
+def load_rollout(d: Path, keys: tuple[str, ...], device) -> tuple[int, tuple] | None:
+    """(rollout index, tensors in `keys` order, None where absent) from a checkpoint dir, or None if it has none."""
+    from safetensors import safe_open
+    f = Path(d) / ROLLOUT_FILE
+    if not f.exists():
+        return None
+    with safe_open(str(f), "pt", device=str(device)) as sf:
+        have = set(sf.keys())
+        return int(sf.metadata()["rollout"]), tuple(sf.get_tensor(k) if k in have else None for k in keys)
+
+
 class PPOObjective:
     """One PPO run's state, plugged into the Trainer as bound methods: `get_batch` (a new rollout every
     ppo_epochs * minibatches steps, then its reshuffled minibatches), `loss` (the clipped PPO objective),
@@ -348,21 +367,14 @@ class PPOObjective:
 
     def write_rollout(self, d: Path, step: int) -> None:
         """Into checkpoint temp dir `d`: the current rollout, when the checkpoint falls inside it."""
-        from safetensors.torch import save_file
-        if step % self.updates == 0 or self.data is None:
-            return
-        save_file({k: t.detach().contiguous().cpu() for k, t in zip(ROLLOUT_KEYS, self.data)},
-                  str(d / ROLLOUT_FILE), metadata={"rollout": str(self.r)})
+        if step % self.updates:
+            save_rollout(d, ROLLOUT_KEYS, self.data, self.r)
 
     def read_rollout(self, d: Path) -> None:
         """On resume: the rollout a mid-rollout checkpoint saved (none at a rollout boundary: it is re-made)."""
-        from safetensors import safe_open
-        f = Path(d) / ROLLOUT_FILE
-        if not f.exists():
-            return
-        with safe_open(str(f), "pt", device=str(self.device)) as sf:
-            self.r = int(sf.metadata()["rollout"])
-            self.data = tuple(sf.get_tensor(k) for k in ROLLOUT_KEYS)
+        got = load_rollout(d, ROLLOUT_KEYS, self.device)
+        if got is not None:
+            self.r, self.data = got
 
     def summary(self, cfg: TrainConfig, steps: int) -> dict[str, Any]:
         """Reward and KL averaged over the first and the last few rollouts, and where the run's files are."""
