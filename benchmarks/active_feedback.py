@@ -1,5 +1,5 @@
 """Label efficiency of active learning for the feedback page (issue 17): reward-model held-out accuracy against the
-number of labels, for sequential / random / active-disagreement / active-bt pair selection, same pool, same
+number of labels, for sequential / random / active-disagreement / active-bt / active-infogain pair selection, same pool, same
 budget, mean +- std over seeds.
 
 Pool: prompts "Describe a photo with <topic> in it." (26 topics), each with C real candidate captions that
@@ -15,7 +15,9 @@ Strategies (each asks `--batch` pairs per refit, up to `--budget` labels):
   sequential:  prompts in file order, each prompt's pair (0,1) first, then (2,3), (4,5) on later passes
   random:      uniformly random unlabelled within-prompt pairs
   active-*:    `--warmup` random labels, then the `--batch` unlabelled pool pairs with the highest
-               pair_information ("disagreement": variance of P(a>b) over members; "bt": mean P(a>b) near 0.5)
+               pair_information ("disagreement": variance of P(a>b) over members; "bt": mean P(a>b) near 0.5;
+               "infogain": expected information gain about the head under its Laplace posterior, the batch
+               picked greedily with each pick folded in: lmstack.train.active.select_pairs)
 
     .venv/bin/python benchmarks/active_feedback.py                    # ~2 min on 2 CPU cores
     .venv/bin/python benchmarks/active_feedback.py --quick            # small smoke run
@@ -37,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lmstack.train.active import Featurizer, RewardEnsemble, pair_information  # noqa: E402
+from lmstack.train.active import Featurizer, RewardEnsemble, select_pairs  # noqa: E402
 
 SHARED = REPO.parent / "shared"
 TOPICS = ("dog", "man", "woman", "girl", "boy", "child", "people", "street", "water", "bike", "ball", "beach",
@@ -47,7 +49,7 @@ COLOURS = {"red", "blue", "green", "yellow", "white", "black", "orange", "pink",
 CHEER = {"smiling", "smile", "smiles", "happy", "laughing", "laughs", "enjoying", "enjoy", "fun", "playing",
          "plays", "dancing", "celebrating", "cheering"}
 DULL = {"sitting", "sits", "standing", "stands", "waiting", "waits", "looking", "looks"}
-STRATEGIES = ("sequential", "random", "active-disagreement", "active-bt")
+STRATEGIES = ("sequential", "random", "active-disagreement", "active-bt", "active-infogain")
 
 
 def quality(text: str) -> float:
@@ -126,9 +128,7 @@ def run_strategy(strategy: str, feats, pairs, q, heldout, args, seed: int) -> li
             new = [i for i in order if unasked[i]][:k]
         else:
             method = strategy.split("-", 1)[1]
-            info = pair_information(ens, feats[a_idx], feats[b_idx], method)
-            info[~unasked] = -1.0
-            new = torch.topk(info, k).indices.tolist()
+            new = select_pairs(ens, feats[a_idx], feats[b_idx], k, method, exclude=~unasked)
         asked += new
         unasked[new] = False
         idx = torch.tensor(asked)

@@ -11,7 +11,7 @@ import torch
 
 from lmstack.data.prefs import load_ratings
 from lmstack.errors import LMStackError
-from lmstack.train.active import ActiveLearner, Featurizer, RewardEnsemble, pair_information
+from lmstack.train.active import ActiveLearner, Featurizer, RewardEnsemble, pair_information, select_pairs
 
 D = 12
 
@@ -58,7 +58,7 @@ def test_ratings_term_fits_the_rating_scale():
     assert abs(float(pred.mean()) - float((ratings.mean() - 4) / 1.5)) < 0.1   # the documented target scale
 
 
-@pytest.mark.parametrize("method", ["disagreement", "bt"])
+@pytest.mark.parametrize("method", ["disagreement", "bt"])  # infogain also values far-apart pairs: tested below
 def test_pair_information_ranks_an_uncertain_pair_above_a_clear_one(method):
     ens = RewardEnsemble.fit(*_pairs(150, seed=0, noise=0.1), members=8, seed=0)
     base = torch.randn(2, D, generator=torch.Generator().manual_seed(9))
@@ -74,6 +74,52 @@ def test_pair_information_ranks_an_uncertain_pair_above_a_clear_one(method):
         assert float(pair_information(ens, fa[:1], fa[:1], "bt")) == pytest.approx(1.0)   # a tie is a coin flip
     with pytest.raises(LMStackError, match="disagreement"):
         pair_information(ens, fa, fb, "entropy-ish")
+
+
+def test_laplace_covariance_is_the_inverse_hessian_of_the_fitted_loss():
+    """ens.cov = (n x the Hessian of the fit's loss: mean BT loss + rating MSE + l2 |w|^2, on all votes, at the
+    members' mean head)^-1, checked against torch.autograd's Hessian."""
+    ch, rj = _pairs(80, seed=4, noise=0.1)
+    g = torch.Generator().manual_seed(5)
+    rf, rv = torch.randn(30, D, generator=g), torch.randint(1, 8, (30,), generator=g).float()
+    ens = RewardEnsemble.fit(ch, rj, members=3, seed=1, ratings=(rf, rv), l2=0.3, rating_weight=0.5)
+    d, rz = (ch - rj) / ens.sigma, (rf - ens.mu) / ens.sigma
+
+    def loss(w):
+        b = float(ens.bias.mean())
+        mse = ((rz @ w + b - (rv - 4) / 1.5) ** 2).mean()
+        return torch.nn.functional.softplus(-(d @ w)).mean() + 0.5 * mse + 0.3 * (w * w).sum()
+    h = torch.autograd.functional.hessian(loss, ens.weight.mean(0).double().float())
+    torch.testing.assert_close(ens.cov, torch.linalg.inv(80 * h), rtol=1e-3, atol=1e-6)
+
+
+def test_infogain_batch_folds_each_pick_into_the_posterior():
+    """select_pairs(infogain) = picking one at a time, each time re-inverting the precision with the picked pair's
+    expected vote added; a duplicate of a picked pair drops below a fresh direction; excluded pairs never come."""
+    ens = RewardEnsemble.fit(*_pairs(60, seed=0, noise=0.1), members=4, seed=0, l2=0.1)
+    g = torch.Generator().manual_seed(7)
+    fa, fb = torch.randn(40, D, generator=g), torch.randn(40, D, generator=g)
+    fa[1], fb[1] = fa[0], fb[0]                                  # pair 1 repeats pair 0
+    exclude = torch.zeros(40, dtype=torch.bool)
+    exclude[5] = True
+    got = select_pairs(ens, fa, fb, 6, "infogain", exclude=exclude)
+    pm = torch.sigmoid(ens.scores(fa) - ens.scores(fb)).mean(0)
+    d = (fa - fb) / ens.sigma
+    prec, want = torch.linalg.inv(ens.cov.double()), []
+    for _ in range(6):
+        cov = torch.linalg.inv(prec)
+        score = torch.log1p(pm.double() * (1 - pm.double()) * ((d.double() @ cov) * d.double()).sum(-1))
+        score[exclude] = -1
+        score[want] = -1
+        j = int(score.argmax())
+        want.append(j)
+        prec = prec + float(pm[j] * (1 - pm[j])) * torch.outer(d[j].double(), d[j].double())
+    assert got == want and 5 not in got and len(set(got)) == 6
+    assert select_pairs(ens, fa, fb, 3, "bt", exclude=exclude) == \
+        torch.topk(pair_information(ens, fa, fb, "bt").masked_fill(exclude, -1), 3).indices.tolist()
+    info0 = pair_information(ens, fa[:2], fb[:2], "infogain")
+    assert info0[0] == pytest.approx(float(info0[1])) and not {0, 1} <= set(select_pairs(ens, fa[:2], fb[:2], 1,
+                                                                                         "infogain"))
 
 
 def _text_featurizer(calls: list | None = None):
@@ -123,7 +169,7 @@ def test_active_learner_gating_heldout_split_and_agreement():
         ActiveLearner(_text_featurizer(), method="nope")
 
 
-@pytest.mark.parametrize("method", ["disagreement", "bt"])
+@pytest.mark.parametrize("method", ["disagreement", "bt", "infogain"])
 def test_rank_returns_the_most_informative_candidate_pair(method):
     al = ActiveLearner(_text_featurizer(), members=5, method=method, min_votes=8, heldout_every=0, l2=1e-2)
     _add_votes(al, 60, seed=0)

@@ -76,14 +76,19 @@ _PREFIX_METRICS = (  # (name, stats key, type, help)
 )
 
 
+def _group_lines(group: str, enabled_help: str, table: tuple, stats: dict | None) -> list[str]:
+    """Prometheus lines of one stats group: `lmstack_<group>_enabled`, then one metric per `table` row when on."""
+    out = [f"# HELP lmstack_{group}_enabled {enabled_help}", f"# TYPE lmstack_{group}_enabled gauge",
+           f"lmstack_{group}_enabled {int(stats is not None)}"]
+    for name, key, kind, text in table if stats is not None else ():
+        out += [f"# HELP lmstack_{group}_{name} {text}", f"# TYPE lmstack_{group}_{name} {kind}",
+                f"lmstack_{group}_{name} {stats[key]}"]
+    return out
+
+
 def _prefix_lines(stats: dict | None) -> list[str]:
     """Prometheus lines of the prefix cache's stats (only `enabled 0` without one)."""
-    out = ["# HELP lmstack_prefix_cache_enabled Whether the engine reuses prompt-prefix keys/values.",
-           "# TYPE lmstack_prefix_cache_enabled gauge", f"lmstack_prefix_cache_enabled {int(stats is not None)}"]
-    for name, key, kind, text in _PREFIX_METRICS if stats is not None else ():
-        out += [f"# HELP lmstack_prefix_cache_{name} {text}", f"# TYPE lmstack_prefix_cache_{name} {kind}",
-                f"lmstack_prefix_cache_{name} {stats[key]}"]
-    return out
+    return _group_lines("prefix_cache", "Whether the engine reuses prompt-prefix keys/values.", _PREFIX_METRICS, stats)
 
 
 _SPEC_METRICS = (  # (name, stats key, type, help)
@@ -97,12 +102,7 @@ _SPEC_METRICS = (  # (name, stats key, type, help)
 
 def _speculative_lines(stats: dict | None) -> list[str]:
     """Prometheus lines of the engine's speculative decoding (only `enabled 0` without a --draft-model)."""
-    out = ["# HELP lmstack_speculative_enabled Whether the engine drafts tokens (--draft-model).",
-           "# TYPE lmstack_speculative_enabled gauge", f"lmstack_speculative_enabled {int(stats is not None)}"]
-    for name, key, kind, text in _SPEC_METRICS if stats is not None else ():
-        out += [f"# HELP lmstack_speculative_{name} {text}", f"# TYPE lmstack_speculative_{name} {kind}",
-                f"lmstack_speculative_{name} {stats[key]}"]
-    return out
+    return _group_lines("speculative", "Whether the engine drafts tokens (--draft-model).", _SPEC_METRICS, stats)
 
 
 class Observe:

@@ -22,7 +22,7 @@ from ..data.prefs import check_rating, collate, encode_pair, rating_target
 from ..errors import LMStackError
 from ..models.utils import eval_mode
 
-METHODS = ("disagreement", "bt")
+METHODS = ("disagreement", "bt", "infogain")
 
 
 # ---- features --------------------------------------------------------------------------------------------------
@@ -59,8 +59,10 @@ class RewardEnsemble:
     """K linear reward heads r_k(x) = w_k . (x - mu) / sigma + b_k over fixed features. `fit` draws each member's
     bootstrap resample of the pairs (and of the ratings) from a generator seeded with `seed`: deterministic."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+                 cov: torch.Tensor | None = None):
         self.weight, self.bias, self.mu, self.sigma = weight, bias, mu, sigma   # [K, d], [K], [d], [d]
+        self.cov = cov  # [d, d] Laplace posterior covariance of the mean head (standardised features), or None
 
     @property
     def members(self) -> int:
@@ -109,7 +111,8 @@ class RewardEnsemble:
 
         with torch.enable_grad():
             opt.step(closure)
-        return cls(W.detach(), b.detach(), mu, sigma)
+        W = W.detach()
+        return cls(W, b.detach(), mu, sigma, laplace_cov(W.mean(0), diff, ((rf - mu) / sigma), l2, rating_weight))
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """[members, n] reward of each feature row under each member."""
@@ -120,18 +123,71 @@ class RewardEnsemble:
         return self.scores(feats).mean(0)
 
 
+def laplace_cov(w: torch.Tensor, diff: torch.Tensor, rated: torch.Tensor, l2: float,
+                rating_weight: float) -> torch.Tensor:
+    """Posterior covariance of the head w under the Laplace approximation, in units of one vote: the inverse of
+    sum_i p_i (1 - p_i) d_i d_i^T (the Bradley-Terry Fisher information of the n votes, p_i = sigmoid(d_i . w)) plus
+    n times the Hessian of the rest of the loss (2 l2 I, and the ratings' 2 rating_weight / m R^T R). One more vote
+    on a pair d then adds p (1 - p) d d^T, exactly as the data term does."""
+    n, d = diff.shape
+    p = torch.sigmoid(diff @ w)
+    scale = max(n, 1)
+    prec = (diff * (p * (1 - p))[:, None]).T @ diff + scale * 2.0 * l2 * torch.eye(d)
+    if rated.shape[0]:
+        prec = prec + scale * 2.0 * rating_weight / rated.shape[0] * rated.T @ rated
+    return torch.linalg.inv(prec.double()).float()
+
+
 def pair_information(ens: RewardEnsemble, fa: torch.Tensor, fb: torch.Tensor,
                      method: str = "bt") -> torch.Tensor:
     """[n] expected information of asking about pair (a_i, b_i). "disagreement": the variance over members of
     P_k(a > b) = sigmoid(r_k(a) - r_k(b)) (0..0.25); "bt": p (1 - p) * 4 with p the members' mean P(a > b), 1 when
-    the ensemble thinks the pair is a coin flip, 0 when it is sure (0..1)."""
+    the ensemble thinks the pair is a coin flip, 0 when it is sure (0..1); "infogain": the expected information
+    gain about the head, 0.5 log(1 + p (1 - p) d^T C d) with d the pair's standardised feature difference and C the
+    Laplace posterior covariance (a coin flip between two near-identical completions teaches little)."""
     if method not in METHODS:
         raise LMStackError(f"unknown information method {method!r}; use one of {', '.join(METHODS)}")
     p = torch.sigmoid(ens.scores(fa) - ens.scores(fb))           # [K, n]
     if method == "disagreement":
         return p.var(0, unbiased=False)
     pm = p.mean(0)
-    return 4.0 * pm * (1.0 - pm)
+    if method == "bt":
+        return 4.0 * pm * (1.0 - pm)
+    d = (fa.float() - fb.float()) / ens.sigma
+    return 0.5 * torch.log1p(pm * (1 - pm) * ((d @ ens.cov) * d).sum(-1))
+
+
+def select_pairs(ens: RewardEnsemble, fa: torch.Tensor, fb: torch.Tensor, k: int, method: str = "bt",
+                 exclude: torch.Tensor | None = None) -> list[int]:
+    """The k pairs to ask about before the next refit. bt / disagreement: the k most informative. infogain: greedy,
+    each pick's expected vote folded into the covariance (Sherman-Morrison) before the next, so one batch does not
+    ask k times about the same direction. exclude: [n] bool, pairs already asked."""
+    info = pair_information(ens, fa, fb, method)
+    if exclude is not None:
+        info = info.masked_fill(exclude, float("-inf"))
+    k = min(int(k), int(torch.isfinite(info).sum()))
+    if method != "infogain":
+        return torch.topk(info, k).indices.tolist() if k > 0 else []
+    pm = torch.sigmoid(ens.scores(fa) - ens.scores(fb)).mean(0)
+    w = pm * (1 - pm)
+    d = (fa.float() - fb.float()) / ens.sigma
+    cd = d @ ens.cov                                             # [n, d]: C d_i (C symmetric)
+    quad = (cd * d).sum(-1)
+    picked: list[int] = []
+    for _ in range(k):
+        score = torch.log1p(w * quad)
+        if exclude is not None:
+            score = score.masked_fill(exclude, float("-inf"))
+        if picked:
+            score[picked] = float("-inf")
+        j = int(torch.argmax(score))
+        picked.append(j)
+        u = cd[j]                                                # C d_j; C' = C - w_j u u^T / (1 + w_j d_j.u)
+        proj = d @ u
+        denom = 1 + w[j] * quad[j]
+        quad = quad - w[j] * proj * proj / denom
+        cd = cd - (w[j] / denom) * proj[:, None] * u[None, :]
+    return picked
 
 
 # ---- what the feedback page holds ------------------------------------------------------------------------------

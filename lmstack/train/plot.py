@@ -15,10 +15,30 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()]
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, run_dir: str | Path, out: str | Path | None, default: str) -> Path:
+    out = Path(out) if out else Path(run_dir) / default
+    fig.tight_layout()
+    fig.savefig(out)
+    _pyplot().close(fig)
+    return out
+
+
+def _legend(ax, twin, **kw) -> None:
+    """One legend for an axis and its twinx."""
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = twin.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left", **kw)
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    plt = _pyplot()
 
     rows = read_metrics(run_dir)
     train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
@@ -38,18 +58,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.set_title(Path(run_dir).resolve().name)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "loss.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir, out, "loss.png")
 
 
 def plot_ppo(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """PNG of mean reward and KL per rollout from a PPO run's metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     rows = [r for r in read_metrics(run_dir) if "reward" in r]
     if not rows:
         raise LMStackError(f"{run_dir}/metrics.jsonl has no PPO rollout records")
@@ -64,26 +78,18 @@ def plot_ppo(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax2.set_ylabel("KL (nats / sequence)", color="C3")
     ax.set_title(f"PPO: {Path(run_dir).resolve().name}")
     ax.grid(alpha=0.3)
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+    _legend(ax, ax2)
     ax3.plot(x, [r["kl_coef"] for r in rows], c="C2")
     ax3.set_ylabel("kl_coef")
     ax3.set_xlabel("rollout")
     ax3.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "ppo.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir, out, "ppo.png")
 
 
 def plot_grpo(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """PNG of a GRPO run's metrics.jsonl: reward (mean +- std) and accuracy per step, held-out accuracy where it was
     measured, and below it KL, entropy and completion length."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     rows = [r for r in read_metrics(run_dir) if "reward" in r and "rollout" in r]
     if not rows:
         raise LMStackError(f"{run_dir}/metrics.jsonl has no GRPO step records")
@@ -108,13 +114,7 @@ def plot_grpo(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax4 = ax3.twinx()
     ax4.plot(x, [r.get("completion_len", float("nan")) for r in rows], c="C7", ls="--", label="completion length")
     ax4.set_ylabel("tokens")
-    h1, l1 = ax3.get_legend_handles_labels()
-    h2, l2 = ax4.get_legend_handles_labels()
-    ax3.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
+    _legend(ax3, ax4)
     ax3.set_xlabel("step (rollout)")
     ax3.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "grpo.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, run_dir, out, "grpo.png")
