@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import random
 import shutil
@@ -186,6 +187,33 @@ def start_server(app):
     th.start()
     assert server.ready.wait(timeout=30) and server.started, "the test server did not start"
     return server, th, f"http://127.0.0.1:{port}"
+
+
+ARTIFACTS = Path(__file__).parent / "artifacts"   # screenshots of the browser tests
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@contextlib.contextmanager
+def chromium_page(chromium_path: str, app, viewport: tuple[int, int] = (1100, 800)):
+    """Serve `app` on loopback and open one headless Chromium page (playwright): yields (page, base_url, errors),
+    `errors` collecting the page's uncaught JavaScript errors. Browser and server stop on exit."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    srv, th, url = start_server(app)
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]})
+                errors: list[str] = []
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                yield page, url, errors
+            finally:
+                browser.close()
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -17,11 +16,8 @@ import lmstack  # noqa: E402
 from lmstack.errors import LMStackError  # noqa: E402
 from lmstack.data.jsonl import JsonlLog, read_log  # noqa: E402
 from lmstack.serve.feedback import create_feedback_app, export_preferences, load_prompts  # noqa: E402
-from conftest import make_chat_checkpoint, read_jsonl, start_server  # noqa: E402
+from conftest import ARTIFACTS, chromium_page, make_chat_checkpoint, read_jsonl  # noqa: E402
 
-ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 SAMPLING = {"max_new_tokens": 10, "temperature": 1.0, "top_p": 0.95}
 PLAIN = ["The king ", "Where is the ", "My good lady ", "The sun and "]
 
@@ -300,69 +296,55 @@ def test_export(tmp_path, capsys):
 
 
 def test_feedback_page_in_chromium(chat_lm, tmp_path, chromium):
-    sync_api = pytest.importorskip("playwright.sync_api")
-    expect = sync_api.expect
+    expect = pytest.importorskip("playwright.sync_api").expect
     pj = tmp_path / "prompts.jsonl"
     pj.write_text(json.dumps({"id": "p1", "prompt": PLAIN[0]}) + "\n" + json.dumps({"id": "p2", "prompt": PLAIN[1]})
                   + "\n" + json.dumps({"id": "p3", "messages": [{"role": "user", "content": "hi"}]}) + "\n")
     out = tmp_path / "votes.jsonl"
     app = create_feedback_app(chat_lm, pj, out, annotator="", sampling=SAMPLING, model_name="tiny-chat")
-    srv, th, url = start_server(app)
-    ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1100, "height": 800})
-                errors = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(url + "/")
-                expect(page.locator("#model")).to_have_text("tiny-chat")
-                expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=30_000)
-                expect(page.locator("#prompt")).to_have_text(PLAIN[0])
-                expect(page.locator("#progress")).to_have_text("0 / 3 judged")
-                a, b = page.locator("#completion-a"), page.locator("#completion-b")
-                expect(a).to_be_visible()
-                expect(b).to_be_visible()
-                pair = app.state.feedback["cache"]["p1"]
-                assert a.input_value() == pair["completion_a"] and b.input_value() == pair["completion_b"]
-                assert a.input_value() != b.input_value()  # two different samples, side by side
-                box_a, box_b = a.bounding_box(), b.bounding_box()
-                assert box_a["x"] + box_a["width"] <= box_b["x"] and abs(box_a["y"] - box_b["y"]) < 2
+    with chromium_page(chromium, app, (1100, 800)) as (page, url, errors):
+        page.goto(url + "/")
+        expect(page.locator("#model")).to_have_text("tiny-chat")
+        expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=30_000)
+        expect(page.locator("#prompt")).to_have_text(PLAIN[0])
+        expect(page.locator("#progress")).to_have_text("0 / 3 judged")
+        a, b = page.locator("#completion-a"), page.locator("#completion-b")
+        expect(a).to_be_visible()
+        expect(b).to_be_visible()
+        pair = app.state.feedback["cache"]["p1"]
+        assert a.input_value() == pair["completion_a"] and b.input_value() == pair["completion_b"]
+        assert a.input_value() != b.input_value()  # two different samples, side by side
+        box_a, box_b = a.bounding_box(), b.bounding_box()
+        assert box_a["x"] + box_a["width"] <= box_b["x"] and abs(box_a["y"] - box_b["y"]) < 2
 
-                page.click("#vote-a")  # no annotator name yet: the page asks for one, nothing is written
-                expect(page.locator("#status")).to_have_class("error")
-                assert not out.exists()
-                page.fill("#annotator", "alice")
+        page.click("#vote-a")  # no annotator name yet: the page asks for one, nothing is written
+        expect(page.locator("#status")).to_have_class("error")
+        assert not out.exists()
+        page.fill("#annotator", "alice")
 
-                b.fill(pair["completion_b"] + " (fixed)")  # edit the better one, then vote for it
-                expect(page.locator("#cand-b .edited-badge")).to_be_visible()
-                page.screenshot(path=str(ARTIFACTS / "feedback.png"), full_page=True)
-                page.click("#vote-b")
-                expect(page.locator("#status")).to_contain_text("saved: B better (edited)", timeout=30_000)
-                expect(page.locator("#progress")).to_have_text("1 / 3 judged")
-                rec = read_jsonl(out)[-1]  # on disk now
-                assert rec["id"] == "p1" and rec["choice"] == "b" and rec["annotator"] == "alice"
-                assert rec["chosen"] == pair["completion_b"] + " (fixed)" and rec["edited"] is True
-                assert rec["rejected"] == pair["completion_a"]
+        b.fill(pair["completion_b"] + " (fixed)")  # edit the better one, then vote for it
+        expect(page.locator("#cand-b .edited-badge")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "feedback.png"), full_page=True)
+        page.click("#vote-b")
+        expect(page.locator("#status")).to_contain_text("saved: B better (edited)", timeout=30_000)
+        expect(page.locator("#progress")).to_have_text("1 / 3 judged")
+        rec = read_jsonl(out)[-1]  # on disk now
+        assert rec["id"] == "p1" and rec["choice"] == "b" and rec["annotator"] == "alice"
+        assert rec["chosen"] == pair["completion_b"] + " (fixed)" and rec["edited"] is True
+        assert rec["rejected"] == pair["completion_a"]
 
-                expect(page.locator("#prompt")).to_have_text(PLAIN[1])  # the next prompt, fresh boxes
-                expect(page.locator("#cand-b .edited-badge")).to_be_hidden()
-                page.locator("body").press("3")  # keyboard shortcut: tie
-                expect(page.locator("#progress")).to_have_text("2 / 3 judged", timeout=30_000)
-                assert read_jsonl(out)[-1]["choice"] == "tie" and read_jsonl(out)[-1]["id"] == "p2"
+        expect(page.locator("#prompt")).to_have_text(PLAIN[1])  # the next prompt, fresh boxes
+        expect(page.locator("#cand-b .edited-badge")).to_be_hidden()
+        page.locator("body").press("3")  # keyboard shortcut: tie
+        expect(page.locator("#progress")).to_have_text("2 / 3 judged", timeout=30_000)
+        assert read_jsonl(out)[-1]["choice"] == "tie" and read_jsonl(out)[-1]["id"] == "p2"
 
-                expect(page.locator("#prompt .turn.user")).to_contain_text("hi")  # a chat prompt shows its turns
-                page.keyboard.press("a")
-                expect(page.locator("#done")).to_be_visible(timeout=30_000)
-                expect(page.locator("#export-cmd")).to_contain_text("--export")
-                assert [r["id"] for r in read_jsonl(out)] == ["p1", "p2", "p3"]
-                assert not errors, errors
-            finally:
-                browser.close()
-    finally:
-        srv.should_exit = True
-        th.join(timeout=10)
+        expect(page.locator("#prompt .turn.user")).to_contain_text("hi")  # a chat prompt shows its turns
+        page.keyboard.press("a")
+        expect(page.locator("#done")).to_be_visible(timeout=30_000)
+        expect(page.locator("#export-cmd")).to_contain_text("--export")
+        assert [r["id"] for r in read_jsonl(out)] == ["p1", "p2", "p3"]
+        assert not errors, errors
 
 
 def test_cli_serves_the_page(chat_lm, tmp_path):

