@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 import time
 
 import torch
@@ -56,6 +57,38 @@ def new_batch_sample(logits):
 
 
 
+def old_sampled(logits, p, gens, hist):
+    """sample_next at T > 0 before: top-p by a full sort of the vocabulary, then torch.multinomial (one exponential
+    per vocabulary entry), per row as the batcher calls it."""
+    out = []
+    for i, g in enumerate(gens):
+        x = logits[i:i + 1].float() / p.temperature
+        sorted_logits, order = torch.sort(x, descending=False, dim=-1)
+        remove = sorted_logits.softmax(-1).cumsum(-1) <= (1 - p.top_p)
+        remove[..., -1:] = False
+        x = x.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+        out.append(int(torch.multinomial(x.softmax(-1), 1, generator=g)))
+    return out
+
+
+def lm_logits(path: str, rows: int) -> torch.Tensor | None:
+    """Next-token logits of a real model (the shared SmolLM2 GGUF) after `rows` prompts; None without the file."""
+    if not Path(path).exists():
+        return None
+    import lmstack
+    lm = lmstack.load(path)
+    prompts = ["The history of the Roman empire", "Once upon a time, a", "def fibonacci(n):", "The capital of",
+               "My favourite food is", "In 1969, the first", "Water boils at", "She opened the door and"]
+    with torch.no_grad():
+        return torch.cat([lm.model(torch.tensor([lm.tokenizer.encode(prompts[i % 8])]))[:, -1].float()
+                          for i in range(rows)])
+
+
+def draw_sample(logits, p, gens, hist):
+    """sample_next now: the inverse-CDF draw (lmstack.generate.sampling.draw), per row as the batcher calls it."""
+    return [int(sample_next(logits[i:i + 1].float(), p, g, ids=[hist])) for i, g in enumerate(gens)]
+
+
 def timeit(fn, reps: int) -> float:
     for _ in range(10):
         fn()
@@ -73,6 +106,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=49152, help="SmolLM2's vocabulary")
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[2] / "shared" / "models" /
+                                           "SmolLM2-135M-Instruct.Q4_1.gguf"), help="real logits for the sampled rows")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"CPU: {cpu_name()}; torch {torch.__version__}; {a.threads} threads; "
@@ -91,6 +126,18 @@ def main() -> None:
         o = timeit(lambda: old_batch_sample(x8), a.reps)
         n = timeit(lambda: new_batch_sample(x8), a.reps)
         print(f"| batch 8 (batcher), greedy | {str(dtype)[6:]} | {o:.0f} | {n:.0f} | {o / n:.2f}x |")
+    sampled = SamplingParams(temperature=0.8, top_p=0.95, stop_at_eos=False)
+    for rows in (1, 8):
+        x = torch.randn(rows, a.vocab) * 3
+        gens = [make_generator(i) for i in range(rows)]
+        real = lm_logits(a.model, rows)
+        for name, x in (("random", x), ("SmolLM2", real)):
+            if x is None:
+                continue
+            o = timeit(lambda: old_sampled(x, sampled, gens, [1, 2]), max(10, a.reps // 10))
+            n = timeit(lambda: draw_sample(x, sampled, gens, [1, 2]), max(10, a.reps // 10))
+            print(f"| batch {rows}, T=0.8 top_p=0.95 (sort + multinomial -> top-k nucleus + inverse-CDF draw) | "
+                  f"{name} logits | {o:.0f} | {n:.0f} | {o / n:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -144,6 +144,24 @@ def test_sampled_frequencies_chi_square(kw):
     assert pval > 1e-3, (kw, counts.tolist(), (probs * n).tolist())
 
 
+@pytest.mark.parametrize("scale,top_p", [(0.3, 0.9), (0.3, 0.999), (4.0, 0.95), (8.0, 0.5), (1.0, 1e-4)])
+def test_nucleus_of_a_large_vocabulary_equals_the_exact_full_sort(scale, top_p):
+    """The nucleus found from the top 64, 512, ... tokens equals the rule applied after a full sort with exact
+    (float64) running sums, for flat distributions (a nucleus of thousands of tokens) and peaked ones."""
+    from lmstack.generate.sampling import nucleus_removed
+    g = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(3, 20000, generator=g) * scale
+    logits[1, :100] = float("-inf")                              # tokens an earlier step removed
+    probs = logits.double().softmax(-1)
+    vals, order = probs.sort(-1, descending=True)
+    keep = (vals.cumsum(-1) - vals) < top_p
+    keep[:, 0] = True
+    want = torch.ones_like(keep).scatter_(-1, order, ~keep)
+    got = nucleus_removed(logits, top_p)
+    assert torch.equal(got, want), (got != want).sum()
+    assert not got[1, :100].logical_not().any()
+
+
 def test_draw_never_picks_a_zero_probability_token_at_the_cdf_edges(monkeypatch):
     """The inverse-CDF draw at u = 0 and at u rounding up to the total: a flat CDF step (probability 0) at the
     start, in the middle or at the end is never chosen."""
