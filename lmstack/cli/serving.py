@@ -95,9 +95,10 @@ def register(sub) -> None:
                    help="active: refit the reward model in the background every N decisive (A/B) votes")
     t.add_argument("--window", type=int, default=8, metavar="W",
                    help="active: how many of the next open prompts are scored to pick the next one")
-    t.add_argument("--active-method", choices=["bt", "disagreement"], default="bt",
+    t.add_argument("--active-method", choices=["bt", "disagreement", "infogain"], default="bt",
                    help="active: ask about the pair whose Bradley-Terry probability is nearest 0.5 (bt, default: "
-                        "measured better in benchmarks/active_feedback.py) or the members disagree on most")
+                        "measured best in benchmarks/active_feedback.py), the members disagree on most, or with the "
+                        "most expected information about the reward head (infogain, Laplace posterior)")
     t.add_argument("--tags", default="unsafe,wrong,off-topic,unhelpful,verbose",
                    help="comma-separated tags the page offers per completion")
     t.add_argument("--export", metavar="OUT", help="write the votes in --out as --format JSONL and exit")
