@@ -186,12 +186,13 @@ def test_cli_grpo_writes_metrics_and_png(tmp_path, tiny_run):
         rc = main(["grpo", "--model", str(run_dir / "last"), "--prompts", str(_prompts_file(tmp_path)),
                    "--reward", f"python:{rew}:count_e", "--out", str(out), "--steps", "3", "--group-size", "4",
                    "--prompts-per-step", "2", "--max-new-tokens", "6", "--kl-coef", "0.05", "--lora",
-                   "r=4,alpha=8,targets=q,v", "--no-progress"])
+                   "r=4,alpha=8,targets=q,v", "--no-progress", "--oversample", "2", "--filter-groups"])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "rollout" in r]
     assert [r["rollout"] for r in rows] == [1, 2, 3]
+    assert all(1 <= r["kept_groups"] <= 2 for r in rows)  # 4 groups sampled, at most 2 kept
     for k in ("reward", "reward_std", "kl", "entropy", "completion_len", "clipfrac", "accuracy"):
         assert all(math.isfinite(r[k]) for r in rows), k
     assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)          # the first rollout: policy == reference
