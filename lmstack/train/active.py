@@ -60,9 +60,18 @@ class RewardEnsemble:
     bootstrap resample of the pairs (and of the ratings) from a generator seeded with `seed`: deterministic."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
-                 cov: torch.Tensor | None = None):
+                 cov: torch.Tensor | Callable[[], torch.Tensor] | None = None):
         self.weight, self.bias, self.mu, self.sigma = weight, bias, mu, sigma   # [K, d], [K], [d], [d]
-        self.cov = cov  # [d, d] Laplace posterior covariance of the mean head (standardised features), or None
+        self._cov = cov  # [d, d] Laplace posterior covariance, or a function computing it on first use (a d^3 solve)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """[d, d] Laplace posterior covariance of the mean head over standardised features (laplace_cov)."""
+        if callable(self._cov):
+            self._cov = self._cov()
+        if self._cov is None:
+            raise LMStackError("this ensemble has no posterior covariance; fit it with RewardEnsemble.fit")
+        return self._cov
 
     @property
     def members(self) -> int:
@@ -112,7 +121,8 @@ class RewardEnsemble:
         with torch.enable_grad():
             opt.step(closure)
         W = W.detach()
-        return cls(W, b.detach(), mu, sigma, laplace_cov(W.mean(0), diff, ((rf - mu) / sigma), l2, rating_weight))
+        rz = (rf - mu) / sigma
+        return cls(W, b.detach(), mu, sigma, lambda: laplace_cov(W.mean(0), diff, rz, l2, rating_weight))
 
     def scores(self, feats: torch.Tensor) -> torch.Tensor:
         """[members, n] reward of each feature row under each member."""
