@@ -5,7 +5,8 @@ commit), same machine, same run, alternating A/B/A/B so drift hits both.
     python benchmarks/decode_overhead.py --before /tmp/lmstack-before [--model GGUF] [--rounds 3]
 
 Each measurement runs in a fresh subprocess with PYTHONPATH pointing at one checkout: greedy decode tok/s at
-batch 1 (stream_steps) and batch 8 (continuous batcher), float32 / bfloat16 / int8 weights. Prints a markdown table
+batch 1 (stream_steps) and batch 8 (continuous batcher), float32 / bfloat16 / int8 weights (`--sampled`: sampled
+at T=0.8, top_p=0.95 instead; `same tokens` is then only expected where the sampler's draw did not change). Prints a markdown table
 with the after/before ratio."""
 from __future__ import annotations
 
@@ -28,14 +29,40 @@ lm = lmstack.load(sys.argv[1], dtype=getattr(torch, w) if w in ("bfloat16", "flo
                   quantize="int8" if w == "int8" else None)
 ids = lm.tokenizer.encode(DEFAULT_PROMPT)
 r = bench_generate(lm.model, ids, new_tokens=int(sys.argv[5]), batch=int(sys.argv[3]), warmup=1)
-print(json.dumps({"decode_tok_s": r.decode_tok_s, "tokens": r.tokens[:16]}))
+print(json.dumps({"decode_tok_s": r.decode_tok_s, "tokens": r.tokens[:16], "lmstack": lmstack.__file__}))
 """
 
 
-def measure(checkout: Path, model: str, dtype: str, batch: int, threads: int, new_tokens: int) -> dict:
+SAMPLED_CHILD = r"""
+import json, sys, time, torch
+torch.set_num_threads(int(sys.argv[4]))
+import lmstack
+from lmstack.generate import SamplingParams, generate_batch, stream_steps
+from lmstack.generate.bench import DEFAULT_PROMPT
+w, batch, n = sys.argv[2], int(sys.argv[3]), int(sys.argv[5])
+lm = lmstack.load(sys.argv[1], dtype=getattr(torch, w) if w in ("bfloat16", "float16") else None,
+                  quantize="int8" if w == "int8" else None)
+ids = lm.tokenizer.encode(DEFAULT_PROMPT)
+p = SamplingParams(max_new_tokens=n, temperature=0.8, top_p=0.95, seed=0, stop_at_eos=False)
+list(stream_steps(lm.model, ids, SamplingParams(max_new_tokens=4, temperature=0.8, top_p=0.95, stop_at_eos=False)))
+t0 = time.perf_counter()
+if batch == 1:
+    toks = [s.token for s in stream_steps(lm.model, ids, p)]
+else:
+    toks = [s.token for s in generate_batch(lm.model, [list(ids)] * batch, p)[0]]
+dt = time.perf_counter() - t0
+print(json.dumps({"decode_tok_s": batch * len(toks) / dt, "tokens": toks[:16], "lmstack": lmstack.__file__}))
+"""
+
+
+def measure(checkout: Path, model: str, dtype: str, batch: int, threads: int, new_tokens: int,
+            sampled: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    out = subprocess.run([sys.executable, "-c", CHILD, model, dtype, str(batch), str(threads), str(new_tokens)],
-                         env=env, capture_output=True, text=True, check=True)
+    # cwd = the checkout: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH, so run from
+    # this repository the "before" child would import this checkout's lmstack
+    out = subprocess.run([sys.executable, "-c", SAMPLED_CHILD if sampled else CHILD, str(Path(model).resolve()),
+                          dtype, str(batch), str(threads), str(new_tokens)], env=env, capture_output=True, text=True,
+                         check=True, cwd=str(checkout))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -48,6 +75,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--weights", default="float32,bfloat16,int8", help="comma-separated: float32, bfloat16, int8")
+    ap.add_argument("--sampled", action="store_true",
+                    help="sample at temperature 0.8, top_p 0.95 (seed 0) instead of greedy decoding; tok/s over the "
+                         "whole generation, prefill included")
     a = ap.parse_args()
     rows = []
     for dtype in a.weights.split(","):
@@ -56,7 +86,9 @@ def main() -> None:
             toks = {}
             for _ in range(a.rounds):
                 for name, ck in (("before", Path(a.before)), ("after", ROOT)):
-                    r = measure(ck, a.model, dtype, batch, a.threads, a.new_tokens)
+                    r = measure(ck, a.model, dtype, batch, a.threads, a.new_tokens, a.sampled)
+                    if not Path(r["lmstack"]).resolve().is_relative_to(ck.resolve()):
+                        raise SystemExit(f"the {name} child imported {r['lmstack']}, not {ck}'s lmstack")
                     res[name].append(r["decode_tok_s"])
                     toks[name] = r["tokens"]
             b, f = statistics.median(res["before"]), statistics.median(res["after"])
