@@ -46,7 +46,7 @@ from ..models.lora import LoRAConfig, apply_lora, lora_disabled, merge_lora, tra
 from ..models.utils import eval_mode
 from .config import TrainConfig
 from .distributed import launched_world
-from .ppo import load_rollout, masked_mean, ppo_schedule, save_rollout
+from .ppo import RolloutCheckpoint, masked_mean, ppo_schedule
 from .reward import load_for_training
 from .rewards import answers_match, extract_answer, load_rewards
 from .trainer import Trainer, base_model_path
@@ -224,10 +224,11 @@ def rollout_copy(policy: nn.Module, dtype: torch.dtype) -> nn.Module:
     return merge_lora(m).to(dtype).eval().requires_grad_(False)
 
 
-class GRPOObjective:
+class GRPOObjective(RolloutCheckpoint):
     """One GRPO run's state, plugged into the Trainer as bound methods: `get_batch` (a new rollout of groups every
     ppo_epochs * minibatches steps, then its reshuffled minibatches), `loss` (clipped surrogate + k3 KL),
     `evaluate` (the rollout's metrics, once per rollout)."""
+    rollout_keys = ROLLOUT_KEYS
 
     def __init__(self, policy: nn.Module, ref: nn.Module | None, tok, records: list[dict], reward_fn: Callable,
                  g: GRPOConfig, seed: int, steps: int, device, eval_records: list[dict] | None = None, log=print,
@@ -373,17 +374,6 @@ class GRPOObjective:
 
     def load_extra(self, d: dict[str, Any]) -> None:
         self.stats, self.window, self.history = d.get("stats", {}), d.get("window", {}), d.get("history", [])
-
-    def write_rollout(self, d: Path, step: int) -> None:
-        """Into checkpoint temp dir `d`: the current rollout, when the checkpoint falls inside it."""
-        if step % self.updates:
-            save_rollout(d, ROLLOUT_KEYS, self.data, self.r)
-
-    def read_rollout(self, d: Path) -> None:
-        """On resume: the rollout a mid-rollout checkpoint saved (a boundary checkpoint has none: it is re-made)."""
-        got = load_rollout(d, ROLLOUT_KEYS, self.device)
-        if got is not None:
-            self.r, self.data = got
 
     def summary(self, cfg: TrainConfig, steps: int) -> dict[str, Any]:
         h = self.history

@@ -232,10 +232,28 @@ def load_rollout(d: Path, keys: tuple[str, ...], device) -> tuple[int, tuple] | 
         return int(sf.metadata()["rollout"]), tuple(sf.get_tensor(k) if k in have else None for k in keys)
 
 
-class PPOObjective:
+class RolloutCheckpoint:
+    """Mid-rollout checkpoints for an objective with `updates` optimizer steps per rollout, `data` (its tensors in
+    `rollout_keys` order), `r` (the rollout index) and `device` (PPO and GRPO)."""
+    rollout_keys: tuple[str, ...] = ()
+
+    def write_rollout(self, d: Path, step: int) -> None:
+        """Into checkpoint temp dir `d`: the current rollout, when the checkpoint falls inside it."""
+        if step % self.updates:
+            save_rollout(d, self.rollout_keys, self.data, self.r)
+
+    def read_rollout(self, d: Path) -> None:
+        """On resume: the rollout a mid-rollout checkpoint saved (none at a rollout boundary: it is re-made)."""
+        got = load_rollout(d, self.rollout_keys, self.device)
+        if got is not None:
+            self.r, self.data = got
+
+
+class PPOObjective(RolloutCheckpoint):
     """One PPO run's state, plugged into the Trainer as bound methods: `get_batch` (a new rollout every
     ppo_epochs * minibatches steps, then its reshuffled minibatches), `loss` (the clipped PPO objective),
     `evaluate` (the rollout's metrics, once per rollout) and `extra_state` / `load_extra` (the KL coefficient)."""
+    rollout_keys = ROLLOUT_KEYS
 
     def __init__(self, policy: PolicyValue, ref: nn.Module | None, tok, prompts: list[str],
                  reward_fn: Callable[[list[str], list[str]], list[float]], ppo: PPOConfig, seed: int,
@@ -364,17 +382,6 @@ class PPOObjective:
         self.kl_ctl.value = float(d["kl_coef"])
         self.stats, self.window = d.get("stats", {}), d.get("window", {})
         self.history = d.get("history", [])
-
-    def write_rollout(self, d: Path, step: int) -> None:
-        """Into checkpoint temp dir `d`: the current rollout, when the checkpoint falls inside it."""
-        if step % self.updates:
-            save_rollout(d, ROLLOUT_KEYS, self.data, self.r)
-
-    def read_rollout(self, d: Path) -> None:
-        """On resume: the rollout a mid-rollout checkpoint saved (none at a rollout boundary: it is re-made)."""
-        got = load_rollout(d, ROLLOUT_KEYS, self.device)
-        if got is not None:
-            self.r, self.data = got
 
     def summary(self, cfg: TrainConfig, steps: int) -> dict[str, Any]:
         """Reward and KL averaged over the first and the last few rollouts, and where the run's files are."""
