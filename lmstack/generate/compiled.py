@@ -9,8 +9,9 @@ import torch
 
 def compile_decode(model, mode: str | None = None):
     """Replace model.forward by a torch.compile'd version (in place); returns the model."""
-    from ..models import kernels, qlinear, quant
+    from ..models import kernels, kv_cache, qlinear, quant
     kernels.kernel_path()  # decide the kernel path (reads /proc/cpuinfo) before tracing, not inside the graph
+    kv_cache.exclude_from_compile()
     quant.register_custom_op()
     qlinear.register_custom_op()
     model.forward = torch.compile(model.forward, mode=mode, dynamic=True)

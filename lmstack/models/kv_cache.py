@@ -82,7 +82,6 @@ class RollingKVCache(KVCache):
         self.lo = [0] * len(self.windows)  # per layer: the ring holds positions [lo, hi)
         self.hi = [0] * len(self.windows)
 
-    @torch.compiler.disable  # ring offsets are Python ints: run eagerly under compile_decode instead of recompiling
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.windows[layer]
         if w is None:
@@ -219,3 +218,13 @@ def make_cache(model, batch: int, max_len: int | None = None, rolling: bool = Tr
 def is_state_cache_model(model) -> bool:
     """Whether `model` decodes with a forward-only StateCache (LSTM, GRU, gated CNN) rather than a KVCache."""
     return getattr(model, "new_cache", None) is not None
+
+
+def exclude_from_compile() -> None:
+    """Make torch.compile run RollingKVCache.update eagerly (its ring offsets are Python ints: tracing them would
+    recompile every step). Called by generate.compiled before compiling; not a decorator, because applying
+    torch.compiler.disable at import time imports torch._dynamo (~1.5 s of every CLI start)."""
+    if not getattr(RollingKVCache.update, "_lmstack_eager", False):
+        RollingKVCache.update = torch.compiler.disable(RollingKVCache.update)
+        RollingKVCache.update._lmstack_eager = True
+

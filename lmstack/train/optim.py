@@ -21,12 +21,19 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     if transposed:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
-    for _ in range(steps):
-        s = x @ x.mT
-        x = a * x + (b * s + c * (s @ s)) @ x
+    for _ in range(steps):  # x <- a x + (b s + c s^2) x with s = x x^T: two fused baddbmm calls (no elementwise passes)
+        s = torch.matmul(x, x.mT)
+        x = _baddmm(x, _baddmm(s, s, s, beta=b, alpha=c), x, beta=a)
     if transposed:
         x = x.mT
     return x.to(g.dtype)
+
+
+def _baddmm(inp: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, beta: float, alpha: float = 1.0) -> torch.Tensor:
+    """beta * inp + alpha * (m1 @ m2) in one call, for a single matrix or a stack of them."""
+    if inp.dim() == 2:
+        return torch.addmm(inp, m1, m2, beta=beta, alpha=alpha)
+    return torch.baddbmm(inp, m1, m2, beta=beta, alpha=alpha)
 
 
 class Muon(torch.optim.Optimizer):
@@ -42,47 +49,61 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            if group["muon"]:
-                self._muon_group(group)
-                continue
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if wd:
-                    p.mul_(1 - lr * wd)
-                b1, b2 = group["betas"]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t = float(state["step"])
-                state["exp_avg"].lerp_(p.grad, 1 - b1)
-                state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                denom = (state["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-                p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - b1 ** t))
+            (self._muon_group if group["muon"] else self._adamw_group)(group)
         return loss
 
-    def _muon_group(self, group: dict) -> None:
-        """Momentum, then one batched Newton–Schulz call per weight shape (all layers at once)."""
-        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
-        by_shape: dict[tuple, list] = {}
+    def _adamw_group(self, group: dict) -> None:
+        """AdamW on the group's parameters with foreach ops (a handful of calls for the whole group, the same
+        arithmetic per element as the textbook loop)."""
+        lr, wd, (b1, b2), eps = group["lr"], group["weight_decay"], group["betas"], group["eps"]
+        by_step: dict[float, list] = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
             state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = torch.zeros_like(p)
-            buf.mul_(mom).add_(p.grad)
-            g = p.grad.add(buf, alpha=mom) if group["nesterov"] else buf
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            by_step.setdefault(float(state["step"]), []).append(p)
+        for t, params in by_step.items():  # one entry unless parameters joined the group at different steps
+            grads = [p.grad for p in params]
+            avgs = [self.state[p]["exp_avg"] for p in params]
+            sqs = [self.state[p]["exp_avg_sq"] for p in params]
+            if wd:
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(avgs, grads, 1 - b1)
+            torch._foreach_mul_(sqs, b2)
+            torch._foreach_addcmul_(sqs, grads, grads, value=1 - b2)
+            denom = torch._foreach_div(sqs, 1 - b2 ** t)
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, avgs, denom, value=-lr / (1 - b1 ** t))
+
+    def _muon_group(self, group: dict) -> None:
+        """Momentum, then one batched Newton–Schulz call per weight shape (all layers at once)."""
+        lr, wd, mom = group["lr"], group["weight_decay"], group["momentum"]
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(state["momentum_buffer"])
+        grads = [p.grad for p in params]
+        torch._foreach_mul_(bufs, mom)
+        torch._foreach_add_(bufs, grads)
+        gs = torch._foreach_add(grads, bufs, alpha=mom) if group["nesterov"] else bufs
+        by_shape: dict[tuple, list] = {}
+        for p, g in zip(params, gs):
             by_shape.setdefault(tuple(p.shape), []).append((p, g))
         for shape, items in by_shape.items():
             upd = orthogonalize(torch.stack([g for _, g in items]), group["ns_steps"], dtype=self.ns_dtype)
             scale = -lr * max(1.0, shape[0] / shape[1]) ** 0.5
-            for (p, _), u in zip(items, upd):
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(u, alpha=scale)
+            ps = [p for p, _ in items]
+            if wd:
+                torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_add_(ps, list(upd.unbind(0)), alpha=scale)

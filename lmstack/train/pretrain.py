@@ -114,10 +114,11 @@ def make_evaluator(ds: TokenDataset, block: int, batch_size: int, seed: int, byt
         if windows is None:
             rng = np.random.default_rng([seed, 0xE7A1])
             batches = [ds.batch("val", batch_size, block, rng) for _ in range(iters)]
-        else:
+        else:  # whole windows: larger batches than training's where the logits stay small (fewer, bigger calls)
             wins = list(ds.eval_windows("val", block, None if windows < 0 else windows))
-            batches = [(torch.stack([w[0] for w in wins[i:i + batch_size]]),
-                        torch.stack([w[1] for w in wins[i:i + batch_size]])) for i in range(0, len(wins), batch_size)]
+            n = max(batch_size, min(256, (1 << 25) // max(1, block * ds.tokenizer.vocab_size)))
+            batches = [(torch.stack([w[0] for w in wins[i:i + n]]),
+                        torch.stack([w[1] for w in wins[i:i + n]])) for i in range(0, len(wins), n)]
         nll, ntok, nbytes = 0.0, 0, 0.0
         for x, y in batches:
             x, y = x.to(device), y.to(device)
