@@ -177,6 +177,19 @@ def test_tiny_llama_gguf_roundtrip(tmp_path, tied):
     assert m16.tok_emb.weight.dtype == torch.bfloat16
 
 
+def test_loading_a_gguf_skips_torch_compile_machinery(tmp_path):
+    """Built on the meta device and given storage without torch._refs: loading imports neither torch._dynamo nor
+    sympy (together ~1.5-2 s of a CLI command's start)."""
+    import subprocess
+    import sys
+    path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(path)
+    code = ("import sys; from lmstack.convert.gguf import load_gguf; m, _ = load_gguf(sys.argv[1]); "
+            "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules), m.rope_cos.abs().sum() > 0)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "tensor(True)"], out.stdout + out.stderr
+
+
 def test_non_gguf_and_unsupported_arch(tmp_path):
     txt = tmp_path / "model.bin"
     txt.write_bytes(b"PK\x03\x04 not a gguf file")

@@ -67,8 +67,8 @@ def test_each_path_matches_reference(path, fmt, K, path_restore):
         flt = x @ w.T + lin.bias
         if path == "torch":
             torch.testing.assert_close(y, flt, rtol=1e-5, atol=1e-5)
-        elif M >= kernels.GEMM_MIN_ROWS:  # unpacked weight, float32 (amx: bfloat16) GEMM
-            tol = 3e-2 if path == "amx" else 1e-4
+        elif M >= kernels.GEMM_MIN_ROWS:  # unpacked weight, float32 (bf16 CPUs: bfloat16) GEMM
+            tol = 3e-2 if kernels.prefill_dtype(path) == torch.bfloat16 else 1e-4
             torch.testing.assert_close(y, flt, rtol=tol, atol=tol * flt.abs().max().item())
         else:  # integer kernels: exactly the int8-activation reference, up to float rounding
             ref = qf.reference_matmul(x, q.qweight, fmt) + lin.bias
@@ -100,6 +100,34 @@ def test_path_choice_and_fallbacks(monkeypatch, capsys, path_restore):
     monkeypatch.setenv("LMSTACK_NO_EXT", "1")
     assert kernels.set_kernel_path(None) == "torch"
 
+
+@pytest.mark.parametrize("flags,path,want", [
+    ({"avx512f", "avx512_bf16"}, "avx512", torch.bfloat16),  # AMD Zen 4 / Cooper Lake: native bf16 dot products
+    ({"avx512f", "amx_bf16", "avx512_bf16"}, "amx", torch.bfloat16),
+    ({"avx512f", "avx512_vnni"}, "avx512", torch.float32),  # Ice Lake / Zen 3-class AVX-512: bf16 would be emulated
+    ({"avx512f", "avx512_bf16"}, "avx2", torch.float32),  # the avx2 path stands for an AVX2-only CPU
+    ({"avx512f", "avx512_bf16"}, "torch", torch.float32)])
+def test_prefill_gemm_dtype_follows_the_cpu(monkeypatch, flags, path, want):
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    monkeypatch.delenv("LMSTACK_PREFILL_DTYPE", raising=False)
+    assert kernels.prefill_dtype(path) == want
+    monkeypatch.setenv("LMSTACK_PREFILL_DTYPE", "float32")
+    assert kernels.prefill_dtype(path) == torch.float32
+
+
+def test_prefill_in_bf16_stays_close_to_float32(monkeypatch, path_restore):
+    if not [p for p in NATIVE if kernels.prefill_dtype(p) == torch.bfloat16]:
+        pytest.skip("this CPU has no native bf16 matmul")
+    path = next(p for p in NATIVE if kernels.prefill_dtype(p) == torch.bfloat16)
+    kernels.set_kernel_path(path)
+    q = QuantLinear.from_linear(torch.nn.Linear(256, 96), "q4_0")
+    x = torch.randn(kernels.GEMM_MIN_ROWS + 8, 256)
+    ref = x @ q.dequantize().T + q.bias
+    low = q(x)
+    monkeypatch.setenv("LMSTACK_PREFILL_DTYPE", "float32")
+    exact = q(x)
+    torch.testing.assert_close(exact, ref, rtol=1e-4, atol=1e-4)
+    assert 0 < (low - ref).norm() / ref.norm() < 1e-2  # bf16 rounding: visible, but small
 
 def test_missing_compiler_falls_back_with_a_message(monkeypatch, capsys, path_restore):
     monkeypatch.setattr(kernels, "_built", {})

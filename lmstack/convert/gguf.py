@@ -27,6 +27,7 @@ from ..config import ModelConfig
 from ..errors import LMStackError
 from ..models.qformats import base_formats
 from ..models.transformer import Transformer, rope_frequencies
+from ..models.utils import materialize
 from ..tokenizer import Tokenizer, bytes_to_unicode
 from . import gguf_packed
 from .gguf_reader import LeanReader
@@ -273,10 +274,10 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = Transformer(cfg)
     plan = gguf_packed.install(model, cfg, tensors, cfg.tie_embeddings) if packed else {}
-    if cfg.tie_embeddings and "lm_head" not in plan:  # unregister the shared head so to_empty does not allocate a second embedding matrix
+    if cfg.tie_embeddings and "lm_head" not in plan:  # unregister the shared head so materialize does not allocate a second embedding matrix
         model.lm_head._parameters["weight"] = None
-    model = model.to_empty(device="cpu")
-    if cfg.tie_embeddings and "lm_head" not in plan:  # to_empty gives each module its own storage: tie again
+    model = materialize(model, "cpu")
+    if cfg.tie_embeddings and "lm_head" not in plan:  # materialize gives each module its own storage: tie again
         model.lm_head.weight = model.tok_emb.weight
     cos, sin = rope_frequencies(cfg, cfg.block_size)
     model.rope_cos, model.rope_sin = cos, sin

@@ -62,7 +62,7 @@ def group_format(types: list[str], rows: list[int] | None = None) -> str | None:
 
 
 def install(model: torch.nn.Module, cfg: ModelConfig, tensors: dict, tied: bool) -> dict[str, str]:
-    """Swap the layers whose GGUF tensors are quantized for packed ones (on the meta device, before to_empty).
+    """Swap the layers whose GGUF tensors are quantized for packed ones (on the meta device, before materialize).
     Returns {layer name: format}."""
     plan = {}
     for name, parts in layer_groups(cfg, tied).items():
@@ -95,7 +95,7 @@ def _unpermute_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def fill(model: torch.nn.Module, plan: dict[str, str], cfg: ModelConfig, tensors: dict, path: Path,
          dequantize) -> None:
-    """Fill every planned layer's qweight from the file (after to_empty); re-tie a shared head. Each GGUF tensor
+    """Fill every planned layer's qweight from the file (after materialize); re-tie a shared head. Each GGUF tensor
     fills the next rows (a mixed layer: the next bytes) of the layer's packed tensor."""
     groups = layer_groups(cfg, cfg.tie_embeddings)
     with open(path, "rb") as f:

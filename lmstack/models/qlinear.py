@@ -62,7 +62,7 @@ class QuantLinear(nn.Module):
             dt = x.dtype if x.dtype.is_floating_point else torch.float32
             y = F.linear(x2.to(dt), self.dequantize(dt), None if self.bias is None else self.bias.to(dt))
         elif x2.shape[0] >= kernels.GEMM_MIN_ROWS:  # prefill: unpack natively, then a float GEMM
-            dt = torch.bfloat16 if path == "amx" else torch.float32
+            dt = kernels.prefill_dtype(path)
             xq = x2.float().contiguous().to(dt)
             parts = split_segments(self.qweight, self.in_features, self.fmt)  # a mixed layer: per run of rows
             bias = None if self.bias is None else self.bias.to(dt)

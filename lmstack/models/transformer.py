@@ -214,13 +214,27 @@ class MLMHead(nn.Module):
         return F.linear(self.norm(self.act(self.dense(h))), self.weight, self.bias)
 
 
+def _on_meta() -> bool:
+    """Inside `with torch.device("meta")`: a loader that fills every tensor from a file builds the model there. Random
+    init and computed tables are skipped then: on meta tensors torch runs such ops through torch._refs, which
+    imports torch._dynamo (~1.5 s per process)."""
+    return torch.empty(0).is_meta
+
+
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """nn.Embedding, without its random init on the meta device (see _on_meta)."""
+    if _on_meta():
+        return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+    return nn.Embedding(num, dim)
+
+
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = cfg = config
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
-        self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
+        self.tok_emb = _embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = _embedding(cfg.block_size, cfg.n_embd) if cfg.pos_emb == "learned" else None
+        self.type_emb = _embedding(cfg.type_vocab_size, cfg.n_embd) if cfg.type_vocab_size else None
         self.emb_norm = make_norm(cfg) if cfg.embedding_norm else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
@@ -232,7 +246,10 @@ class Transformer(nn.Module):
             self.register_buffer("pos_table", sinusoidal_positions(cfg.block_size, cfg.n_embd), persistent=False)
         self.emb_scale = math.sqrt(cfg.n_embd) if cfg.scale_embedding else 1.0
         if cfg.pos_emb == "rope":
-            cos, sin = rope_frequencies(cfg, cfg.block_size)
+            if _on_meta():  # the loader computes the real tables after giving the model storage
+                cos = sin = torch.empty(cfg.block_size, cfg.head_dim)
+            else:
+                cos, sin = rope_frequencies(cfg, cfg.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False  # training switch (TrainConfig.activation_checkpointing), not config
@@ -245,6 +262,8 @@ class Transformer(nn.Module):
     def _init_weights(self, m: nn.Module) -> None:
         """GPT-2 init: N(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer); zero biases."""
         std = self.config.init_std
+        if any(p.is_meta for p in m.parameters(recurse=False)):
+            return  # built on the meta device to be filled from a file: nothing to initialise
         if isinstance(m, nn.Linear):
             s = std / math.sqrt(2 * self.config.n_layer) if getattr(m, "residual_scale", False) else std
             nn.init.normal_(m.weight, 0.0, s)

@@ -66,8 +66,8 @@ def resolve_dtype(name: str, device: torch.device) -> tuple[str, str]:
             return "bfloat16", "the GPU supports bf16"
         return "float32", "the GPU has no bf16"
     if device.type == "cpu":
-        from ..models.kernels import cpu_flags
-        native = sorted(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+        from ..models.kernels import native_bf16
+        native = native_bf16()
         if native:
             return "bfloat16", f"the CPU has {' and '.join(native)}"
         return "float32", "the CPU has no native bf16 matmul (amx_bf16 / avx512_bf16)"
