@@ -115,6 +115,13 @@ def test_prefill_gemm_dtype_follows_the_cpu(monkeypatch, flags, path, want):
     assert kernels.prefill_dtype(path) == torch.float32
 
 
+@pytest.mark.parametrize("vendor,want", [("AuthenticAMD", ["-DPF_TILES=2", "-DPF_HINT=_MM_HINT_T1"]),
+                                         ("GenuineIntel", []), ("", [])])
+def test_prefetch_tuning_follows_the_vendor(monkeypatch, vendor, want):
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
+    assert kernels._prefetch_flags() == want
+
+
 def test_prefill_in_bf16_stays_close_to_float32(monkeypatch, path_restore):
     if not [p for p in NATIVE if kernels.prefill_dtype(p) == torch.bfloat16]:
         pytest.skip("this CPU has no native bf16 matmul")

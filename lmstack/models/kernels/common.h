@@ -7,6 +7,15 @@
 #include <cstring>
 #include <vector>
 
+// How many register tiles ahead each tile prefetches its weight rows (the rows are a few hundred bytes: too short
+// for the hardware prefetcher to ramp up). One tile of work hides less than a DRAM round trip on some VMs.
+#ifndef PF_TILES
+#define PF_TILES 1
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T0
+#endif
+
 // format ids as lmstack/models/qformats.py FORMAT_IDS; BB: bytes per block, QK: values per block. For the 32-value
 // formats QS_AT / QH_AT: where the nibbles / the 4 bytes of high bits (Q5) start; HAS_M: a float min follows d.
 enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q5_0 = 3, Q5_1 = 4, Q4_K = 5, Q5_K = 6, Q6_K = 7, NFMT = 8 };

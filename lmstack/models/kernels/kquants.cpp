@@ -65,7 +65,7 @@ static inline void tile_k(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0,
         for (int j = 0; j < NT; ++j) { acc[m][j] = _mm256_setzero_ps(); off[m][j] = 0.f; }
     const uint8_t* wr = w + n0 * ws;
     for (int64_t o = 0; o < NT * ws; o += 64)  // the next tile's rows, from DRAM while this one computes
-        _mm_prefetch((const char*)(wr + NT * ws + o), _MM_HINT_T0);
+        _mm_prefetch((const char*)(wr + PF_TILES * NT * ws + o), PF_HINT);
     const int64_t nsb = x.nb / 8;
     for (int64_t sb = 0; sb < nsb; ++sb) {
         for (int j = 0; j < NT; ++j) {

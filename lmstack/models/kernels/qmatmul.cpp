@@ -56,7 +56,7 @@ static inline void tile(const uint8_t* w, int64_t wstride, const XQ& x, int64_t 
         for (int j = 0; j < NT; ++j) { acc[m][j] = _mm256_setzero_ps(); off[m][j] = 0.f; }
     const uint8_t* wr = w + n0 * wstride;
     for (int64_t o = 0; o < NT * wstride; o += 64)  // the next tile's rows, from DRAM while this one computes
-        _mm_prefetch((const char*)(wr + NT * wstride + o), _MM_HINT_T0);
+        _mm_prefetch((const char*)(wr + PF_TILES * NT * wstride + o), PF_HINT);
     for (int64_t b = 0; b < x.nb; ++b) {
         __m256i xv[MT];
         float xd[MT], xs[MT];
@@ -105,7 +105,7 @@ static inline void tile_512(const uint8_t* w, int64_t ws, const XQ& x, int64_t m
         for (int j = 0; j < NT; ++j) { acc[m][j] = _mm512_setzero_ps(); macc[m][j] = _mm_setzero_ps(); }
     const uint8_t* wr = w + n0 * ws;
     for (int64_t o = 0; o < NT * ws; o += 64)  // the next tile's rows, from DRAM while this one computes
-        _mm_prefetch((const char*)(wr + NT * ws + o), _MM_HINT_T0);
+        _mm_prefetch((const char*)(wr + PF_TILES * NT * ws + o), PF_HINT);
     const __m512i idx = FMT == Q8_0 ? _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2)
                                     : _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 0, 0, 0, 0, 2, 2, 2, 2);
     const __m256i low4 = _mm256_set1_epi8(0x0F);
@@ -171,7 +171,7 @@ static inline void tile_m1_256x2(const uint8_t* w, int64_t ws, const XQ& x, int6
     for (int j = 0; j < NT; ++j) { acc[j] = _mm256_setzero_ps(); macc[j] = _mm_setzero_ps(); }
     const uint8_t* wr = w + n0 * ws;
     for (int64_t o = 0; o < NT * ws; o += 64)  // the next tile's rows, from DRAM while this one computes
-        _mm_prefetch((const char*)(wr + NT * ws + o), _MM_HINT_T0);
+        _mm_prefetch((const char*)(wr + PF_TILES * NT * ws + o), PF_HINT);
     const __m256i lo = _mm256_set1_epi32(0), hi = _mm256_set1_epi32(2);
     for (int64_t b = 0; b + 2 <= x.nb; b += 2) {
         const __m256i x0 = _mm256_loadu_si256((const __m256i*)(x.q + m0 * x.K + b * 32));
