@@ -173,7 +173,7 @@ def test_sdk_parse_with_a_pydantic_model_and_streaming(smol_server):
                                       temperature=0.8)
     item = r.choices[0].message.parsed
     assert isinstance(item, Item) and item.colour in ("red", "green", "blue") and 0 <= item.count <= 99
-    chunks = client.chat.completions.create(model="smol", messages=msgs, stream=True, max_tokens=200,  # room to close it
+    chunks = client.chat.completions.create(model="smol", messages=msgs, stream=True, max_tokens=200,  # room to close
                                             response_format={"type": "json_object"}, temperature=0)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert isinstance(json.loads(text), dict)
