@@ -274,7 +274,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None,
     with torch.device("meta"):
         model = Transformer(cfg)
     plan = gguf_packed.install(model, cfg, tensors, cfg.tie_embeddings) if packed else {}
-    if cfg.tie_embeddings and "lm_head" not in plan:  # unregister the shared head so materialize does not allocate a second embedding matrix
+    if cfg.tie_embeddings and "lm_head" not in plan:  # unregister the shared head: no second embedding matrix
         model.lm_head._parameters["weight"] = None
     model = materialize(model, "cpu")
     if cfg.tie_embeddings and "lm_head" not in plan:  # materialize gives each module its own storage: tie again
