@@ -95,16 +95,8 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv,
     ashape.back() = H * D;
     auto x1 = x + qlinear(att.view(ashape), proj, proj_fmt, proj_b);
     auto g = qlinear(rmsnorm(x1, n2, eps), fc, fc_fmt, fc_b);  // (..., 2F) = [gate; up]
-    const int64_t F = g.size(-1) / 2;
-    auto shape = g.sizes().vec();
-    shape.back() = F;
-    auto act = torch::empty(shape, x.options());
-    const float* gp = g.data_ptr<float>();
-    float* actp = act.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < F; ++i) {
-            const float gi = gp[b * 2 * F + i];
-            actp[b * F + i] = gi / (1.f + std::exp(-gi)) * gp[b * 2 * F + F + i];
-        }
+    const int64_t F = g.size(-1) / 2;  // silu(gate) * up with ATen's vectorized, threaded silu (a scalar expf loop
+    // here cost ~0.2 ms a layer at batch 8)
+    auto act = at::silu(g.narrow(-1, 0, F)).mul_(g.narrow(-1, F, F)).contiguous();
     return x1 + qlinear(act, down, down_fmt, down_b);
 }
