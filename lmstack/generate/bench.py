@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..models.kernels import cpuinfo
 from .batching import generate_batch
 from .engine import stream_steps
 from .sampling import SamplingParams
@@ -29,12 +30,8 @@ def peak_rss_mb() -> float:
 
 def cpu_name() -> str:
     """The CPU's model name (/proc/cpuinfo on Linux), for benchmark reports: timings differ across machines."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    if cpuinfo("model name"):
+        return cpuinfo("model name")
     return platform.processor() or platform.machine() or "unknown CPU"
 
 

@@ -25,6 +25,7 @@ CPU or toolchain cannot run falls back to the next one with a one-line message, 
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -55,30 +56,30 @@ _errors: dict[str, str] = {}
 _selected: str | None = None
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty off Linux/x86)."""
+@functools.lru_cache(maxsize=None)
+def cpuinfo(field: str) -> str:
+    """The first `field` line's value in /proc/cpuinfo ('' off Linux/x86 or where missing), read once per process:
+    prefill asks for the flags on every layer call."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return set()
+        return ""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_vendor() -> str:
-    """/proc/cpuinfo's vendor_id ('GenuineIntel', 'AuthenticAMD', ...; '' where unknown)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty off Linux/x86)."""
+    return set(cpuinfo("flags").split())
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ('GenuineIntel', 'AuthenticAMD', ...; '' where unknown)."""
+    return cpuinfo("vendor_id")
 
 
 def _prefetch_flags() -> list[str]:

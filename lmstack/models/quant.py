@@ -13,12 +13,13 @@ language-model head too (a tied head gets its own quantized copy; the embedding 
 from __future__ import annotations
 
 import os
-import platform
 import threading
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .kernels import cpu_flags
 
 _CPP = r"""
 #include <torch/extension.h>
@@ -88,14 +89,7 @@ KERNEL_MAX_ROWS = 16
 
 
 def _has_avx2() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return " avx2" in flags and " fma" in flags
-    except OSError:
-        return False
+    return {"avx2", "fma"} <= cpu_flags()
 
 
 def extension():
