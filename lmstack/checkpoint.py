@@ -20,6 +20,7 @@ from .atomic import atomic_dir, recover_dir
 from .config import ModelConfig
 from .errors import LMStackError
 from .models.quant import apply_layout, quant_layout, tie_packed
+from .models.qlinear import native_layout
 from .models.transformer import Transformer
 from .models.utils import build_model, make_model
 from .tokenizer import Tokenizer
@@ -92,6 +93,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
             raise LMStackError(f"{path}/model.safetensors: the quantized weights do not fit the model config "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
         tie_packed(model)
+        native_layout(model)
     else:
         model = build_model(cfg, state, f"{path}/model.safetensors")
     if dtype is not None:

@@ -55,11 +55,17 @@ def test_pack_rejects_rows_not_a_multiple_of_32():
 @pytest.mark.parametrize("path", NATIVE + ["torch"])
 @pytest.mark.parametrize("fmt", qf.FORMATS)
 @pytest.mark.parametrize("K", [96, 128])  # an odd and an even number of blocks per row
-def test_each_path_matches_reference(path, fmt, K, path_restore):
-    assert kernels.set_kernel_path(path) == path
+@pytest.mark.parametrize("layout", ["gguf", "r16"])  # r16: interleaved by a native path, then run on `path`
+def test_each_path_matches_reference(path, fmt, K, layout, path_restore):
     torch.manual_seed(1)
-    lin = torch.nn.Linear(K, 70, bias=True)
+    lin = torch.nn.Linear(K, 70, bias=True)  # 4 groups of 16 rows + 6 rows left in GGUF's layout
     q = QuantLinear.from_linear(lin, fmt)
+    if layout == "r16":
+        if not NATIVE:
+            pytest.skip("no native kernels on this CPU")
+        kernels.set_kernel_path(NATIVE[-1])
+        assert q.to_native_layout() == (fmt in qf.R16_FORMATS)
+    assert kernels.set_kernel_path(path) == path
     w = q.dequantize()
     for M in (1, 2, 5, 31, 40):  # matvec, register tiles and their remainders, the prefill GEMM
         x = torch.randn(M, K)
@@ -71,7 +77,7 @@ def test_each_path_matches_reference(path, fmt, K, path_restore):
             tol = 3e-2 if kernels.prefill_dtype(path) == torch.bfloat16 else 1e-4
             torch.testing.assert_close(y, flt, rtol=tol, atol=tol * flt.abs().max().item())
         else:  # integer kernels: exactly the int8-activation reference, up to float rounding
-            ref = qf.reference_matmul(x, q.qweight, fmt) + lin.bias
+            ref = qf.reference_matmul(x, q.gguf_qweight(), fmt) + lin.bias
             torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
             assert ((y - flt).norm() / flt.norm()).item() < 2e-2  # and close to float math
     x3 = torch.randn(2, 3, K)  # leading dims

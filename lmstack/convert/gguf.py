@@ -26,6 +26,7 @@ import torch
 from ..config import ModelConfig
 from ..errors import LMStackError
 from ..models.qformats import base_formats
+from ..models.qlinear import native_layout
 from ..models.transformer import Transformer, rope_frequencies
 from ..models.utils import materialize
 from ..tokenizer import Tokenizer, bytes_to_unicode
@@ -315,6 +316,7 @@ def load_gguf(path: str | Path, dtype: torch.dtype | None = None,
         else:
             put("lm_head.weight", "output.weight")
         gguf_packed.fill(model, plan, cfg, tensors, path, dequantize)
+        native_layout(model)
     missing = sorted(set(params) - filled)
     if missing:  # a Transformer parameter this converter does not know how to fill (e.g. a new config feature)
         raise LMStackError(f"{path}: no GGUF tensor for lmstack parameter(s) {', '.join(missing[:5])}")

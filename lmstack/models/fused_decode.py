@@ -29,6 +29,7 @@ def eligible(model) -> bool:
         cfg = model.config
         ok = (cfg.norm == "rmsnorm" and cfg.norm_position == "pre" and cfg.mlp == "swiglu" and cfg.pos_emb == "rope"
               and cfg.causal and not cfg.cross_attention and cfg.n_head % cfg.kv_heads == 0
+              and cfg.head_dim % 8 == 0
               and all(cfg.layer_window(i) is None for i in range(cfg.n_layer))
               and all(isinstance(m, QuantLinear) for b in model.blocks
                       for m in (b.attn.qkv, b.attn.proj, b.mlp.fc, b.mlp.proj))

@@ -3,7 +3,8 @@
 A packed weight is a uint8 tensor (out_features, in_features / block values * block bytes) holding each row's blocks
 exactly as a GGUF file stores them (see lmstack/models/kernels/qmatmul.cpp for the byte layouts), so a GGUF tensor is
 used as read, and an lmstack checkpoint stores the same bytes. These functions are the pure-PyTorch reference: the
-native kernels (lmstack/models/kernels.py) compute on the same bytes without unpacking.
+native kernels (lmstack/models/kernels.py) compute on the same bytes without unpacking — in memory with each 16 rows
+of Q8_0 / Q4_0 / Q4_1 interleaved (`repack_r16_`, a byte permutation; `unrepack_r16` gives GGUF's bytes back).
 
 Formats (values per block, bytes per block), as llama.cpp / ggml lay them out:
   q8_0 (32, 34) q4_0 (32, 18) q4_1 (32, 20) q5_0 (32, 22) q5_1 (32, 24)    -- `pack` and `unpack`
@@ -285,3 +286,78 @@ def random_blocks(rows: int, cols: int, fmt: str, generator: torch.Generator | N
         if fmt in ("q4_1", "q5_1"):
             put_half(2, -1e-1)
     return b.reshape(n, nbytes)
+
+
+# ---- the kernels' 16-row interleaved layout (kernels/interleaved.cpp) ------------------------------------------------
+R16 = 1 << 61  # set in a kernel format code: the layer's Q8_0 / Q4_0 / Q4_1 runs hold their whole 16-row groups so
+R16_FORMATS = ("q8_0", "q4_0", "q4_1")
+_QS_AT = {"q8_0": 2, "q4_0": 2, "q4_1": 4}  # where a block's quant bytes start (after d, and m for q4_1)
+_perms: dict[tuple[str, int], torch.Tensor] = {}
+
+
+def _r16_perm(fmt: str, nb: int) -> torch.Tensor:
+    """For one group of 16 rows of nb blocks: perm[i] = the GGUF-layout byte (r * row bytes + b * bb + k) that lands
+    at interleaved byte i. Per block b: d of rows 0..15, m of rows 0..15 (q4_1), then chunk c = the quant bytes
+    4c..4c+3 of rows 0..15."""
+    key = (fmt, nb)
+    if key not in _perms:
+        bb, qs = BLOCK_BYTES[fmt], _QS_AT[fmt]
+        r, b, k = torch.meshgrid(torch.arange(16), torch.arange(nb), torch.arange(bb), indexing="ij")
+        src = r * nb * bb + b * bb + k
+        j = k - qs
+        dst = torch.where(k < qs, b * 16 * bb + (k // 2) * 32 + r * 2 + k % 2,
+                          b * 16 * bb + qs * 16 + (j // 4) * 64 + r * 4 + j % 4)
+        perm = torch.empty(16 * nb * bb, dtype=torch.long)
+        perm[dst.reshape(-1)] = src.reshape(-1)
+        _perms[key] = perm
+    return _perms[key]
+
+
+def _r16_inv(fmt: str, nb: int) -> torch.Tensor:
+    """inv[r * row bytes + k] = where row r's GGUF byte k lies in its interleaved group."""
+    key = (fmt, nb, "inv")
+    if key not in _perms:
+        _perms[key] = torch.argsort(_r16_perm(fmt, nb))
+    return _perms[key]
+
+
+def r16_runs(packed: torch.Tensor, in_features: int, fmt: str) -> list[tuple[torch.Tensor, str]]:
+    """The (rows, bytes) views of a layer's runs that take the interleaved layout: their whole groups of 16 rows."""
+    out = []
+    for part, f in split_segments(packed, in_features, fmt):
+        g = part.shape[0] // 16
+        if f in R16_FORMATS and g:
+            out.append((part[:16 * g].view(g, 16 * part.shape[1]), f))
+    return out
+
+
+def repack_r16_(packed: torch.Tensor, in_features: int, fmt: str) -> bool:
+    """GGUF layout -> the interleaved layout, in place (one run's groups at a time); False if nothing changed."""
+    runs = r16_runs(packed, in_features, fmt)
+    for groups, f in runs:
+        groups.copy_(groups[:, _r16_perm(f, in_features // BLOCK).to(groups.device)])
+    return bool(runs)
+
+
+def unrepack_r16(packed: torch.Tensor, in_features: int, fmt: str) -> torch.Tensor:
+    """The interleaved layout -> a copy in GGUF's layout."""
+    out = packed.clone()
+    for (src, f), (dst, _) in zip(r16_runs(packed, in_features, fmt), r16_runs(out, in_features, fmt)):
+        dst[:, _r16_perm(f, in_features // BLOCK).to(src.device)] = src
+    return out
+
+
+def rows_r16(packed: torch.Tensor, idx: torch.Tensor, in_features: int, fmt: str) -> torch.Tensor:
+    """Rows `idx` of an interleaved (N, bytes) weight of one format, in GGUF's layout (an embedding's lookups)."""
+    n, rb = packed.shape
+    groups = n // 16 if fmt in R16_FORMATS else 0
+    idx = idx.reshape(-1).to(packed.device)
+    k = torch.arange(rb, device=packed.device)
+    start = idx * rb  # rows past the last whole group: as in GGUF
+    at = start[:, None] + k
+    inside = idx < 16 * groups
+    if bool(inside.any()):
+        inv = _r16_inv(fmt, in_features // BLOCK).to(packed.device).view(16, rb)
+        grouped = (idx // 16 * 16 * rb)[:, None] + inv[idx % 16]
+        at = torch.where(inside[:, None], grouped, at)
+    return packed.reshape(-1)[at]

@@ -17,11 +17,48 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .qformats import (BLOCK, FORMAT_IDS, check_format, format_code, pack, packed_shape, segments, split_segments,
-                       unpack)
+from .qformats import (BLOCK, FORMAT_IDS, R16, R16_FORMATS, check_format, format_code, pack, packed_shape,
+                       repack_r16_, rows_r16, segments, split_segments, unpack, unrepack_r16)
 
 
-class QuantLinear(nn.Module):
+class _Packed(nn.Module):
+    """What QuantLinear and QuantEmbedding share: `qweight` in GGUF's layout, or interleaved in place for the native
+    kernels (layout "r16", kernels/interleaved.cpp: 16 rows per group, ~4x fewer instructions per weight byte than
+    row-at-a-time, so decode runs at memory speed; the same bytes, only moved). state_dict(), dequantize() and every
+    other reader see GGUF's layout."""
+    layout = "gguf"
+
+    def _cols(self) -> int:
+        raise NotImplementedError
+
+    def gguf_qweight(self) -> torch.Tensor:
+        """The packed weight in GGUF's byte layout (qweight itself, or a copy when it is interleaved)."""
+        return self.qweight if self.layout == "gguf" else unrepack_r16(self.qweight, self._cols(), self.fmt)
+
+    def _set_layout(self, layout: str) -> None:
+        self.layout = layout
+
+    def to_native_layout(self) -> bool:
+        """Interleave the Q8_0 / Q4_0 / Q4_1 rows in place (only where the native CPU kernels run)."""
+        if self.layout != "gguf" or self.qweight.device.type != "cpu" or kernels.kernel_path() == "torch":
+            return False
+        if repack_r16_(self.qweight, self._cols(), self.fmt):
+            self._set_layout("r16")
+        return self.layout == "r16"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout != "gguf" and prefix + "qweight" in destination:  # checkpoints hold GGUF's bytes
+            destination[prefix + "qweight"] = self.gguf_qweight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.layout != "gguf" and prefix + "qweight" in state_dict:  # GGUF's bytes were copied into qweight
+            self._set_layout("gguf")
+            self.to_native_layout()
+
+
+class QuantLinear(_Packed):
     def __init__(self, in_features: int, out_features: int, fmt: str, bias: bool = False,
                  qweight: torch.Tensor | None = None):
         super().__init__()
@@ -48,7 +85,13 @@ class QuantLinear(nn.Module):
         return q.to(lin.weight.device)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return unpack(self.qweight, self.fmt, dtype, self.in_features)
+        return unpack(self.gguf_qweight(), self.fmt, dtype, self.in_features)
+
+    def _cols(self) -> int:
+        return self.in_features
+
+    def _set_layout(self, layout: str) -> None:
+        self.layout, self.fmt_id = layout, format_code(self.fmt) | (R16 if layout == "r16" else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.device.type == "cpu" and not _op_registered:
@@ -68,10 +111,11 @@ class QuantLinear(nn.Module):
             bias = None if self.bias is None else self.bias.to(dt)
             ys = []
             for part, fmt in parts:
+                code = FORMAT_IDS[fmt] | (R16 if self.layout == "r16" and fmt in R16_FORMATS else 0)
                 if _op_registered:  # compiled: a custom op with a fresh output (no scratch aliasing inside a graph)
-                    w = torch.ops.lmstack.qdequant(part, FORMAT_IDS[fmt], path, dt)
+                    w = torch.ops.lmstack.qdequant(part, code, path, dt)
                 else:
-                    w = kernels.dequantize(part, FORMAT_IDS[fmt], path, dt)
+                    w = kernels.dequantize(part, code, path, dt)
                 ys.append(F.linear(xq, w, bias if len(parts) == 1 else None))  # use the scratch weight at once
             y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1) + (0 if bias is None else bias)
         else:
@@ -83,7 +127,7 @@ class QuantLinear(nn.Module):
                f"bias={self.bias is not None}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_Packed):
     """nn.Embedding over packed blocks: gathers the rows' blocks, then unpacks only those rows."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, fmt: str, qweight: torch.Tensor | None = None,
@@ -100,15 +144,35 @@ class QuantEmbedding(nn.Module):
     def from_embedding(cls, emb: nn.Embedding, fmt: str) -> "QuantEmbedding":
         return cls(emb.num_embeddings, emb.embedding_dim, fmt, pack(emb.weight, fmt), dtype=emb.weight.dtype)
 
+    def _cols(self) -> int:
+        return self.embedding_dim
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return unpack(self.qweight, self.fmt, dtype)
+        return unpack(self.gguf_qweight(), self.fmt, dtype)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        rows = unpack(self.qweight.index_select(0, idx.reshape(-1)), self.fmt, self.out_dtype)
+        rows = (self.qweight.index_select(0, idx.reshape(-1)) if self.layout == "gguf" else
+                rows_r16(self.qweight, idx, self.embedding_dim, self.fmt))  # a tied head's interleaved bytes
+        rows = unpack(rows, self.fmt, self.out_dtype)
         return rows.view(*idx.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, fmt={self.fmt}"
+
+
+def native_layout(model: nn.Module) -> int:
+    """QuantLinear.to_native_layout on every packed linear of `model` (a tied head's embedding then reads its rows
+    from the interleaved bytes); returns how many changed. The loaders call it."""
+    embs = {m.qweight.data_ptr(): m for m in model.modules() if isinstance(m, QuantEmbedding)}
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.to_native_layout():
+            n += 1
+            if m.qweight.data_ptr() in embs:  # a tied head: its embedding reads the same bytes
+                embs[m.qweight.data_ptr()]._set_layout("r16")
+    if n:
+        model.__dict__.pop("_fused_decode_args", None)  # its cached format codes
+    return n
 
 
 def is_packable(module: nn.Module) -> bool:
@@ -143,7 +207,7 @@ def register_custom_op() -> None:
     @qdequant.register_fake
     def _(w, fmt, path, dtype):
         from .qformats import ALL_FORMATS, BLOCK_BYTES, BLOCK_VALUES
-        f = ALL_FORMATS[fmt]
+        f = ALL_FORMATS[fmt & ~R16]
         return w.new_empty(w.shape[0], w.shape[1] // BLOCK_BYTES[f] * BLOCK_VALUES[f], dtype=dtype)
 
     _op_registered = True

@@ -206,6 +206,9 @@ def quantize_model(model: nn.Module, mode: str = "int8", head: bool = True) -> n
 
 def _mark(model: nn.Module, mode: str) -> nn.Module:
     model.quantization = mode
+    if mode != "int8":
+        from .qlinear import native_layout
+        native_layout(model)
     return model
 
 

@@ -89,6 +89,15 @@ void run_k(int64_t fmt, const uint8_t* w, int64_t ws, const XQ& x, int64_t M, in
 void dequantize_k(const uint8_t* w, int64_t ws, int64_t N, int64_t fmt, float* out);
 void dequantize_k(const uint8_t* w, int64_t ws, int64_t N, int64_t fmt, at::BFloat16* out);
 
+// the 16-row interleaved layout of Q8_0 / Q4_0 / Q4_1 (interleaved.cpp): R16 set in a format code says that each run
+// of rows in one of those formats has its whole groups of 16 rows in that layout (its other rows, and runs in other
+// formats, stay in GGUF's)
+static constexpr int64_t R16 = int64_t(1) << 61;
+bool r16_format(int64_t fmt);
+void run_r16(int64_t fmt, const uint8_t* w, int64_t ws, const XQ& x, int64_t M, int64_t G, int64_t ldy, float* y,
+             const float* bias);
+void unrepack_r16(int64_t fmt, const uint8_t* w, int64_t ws, int64_t G, uint8_t* out);
+
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::optional<torch::Tensor> bias);
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv, int64_t qkv_fmt,

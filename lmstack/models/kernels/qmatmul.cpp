@@ -284,7 +284,8 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::option
     TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (..., K) float32");
     TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "w: packed blocks (uint8, contiguous)");
     const int64_t K = x.size(-1), M = x.numel() / K, nb = K / 32;
-    const std::vector<Seg> segs = segments(w, fmt, K);
+    const bool r16 = fmt & R16;
+    const std::vector<Seg> segs = segments(w, fmt & ~R16, K);
     int64_t N = 0;
     for (const Seg& s : segs) N += s.rows;
     auto xq = torch::empty({M, K}, x.options().dtype(torch::kInt8));
@@ -313,13 +314,20 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::option
             for (int64_t i = 0; i < M * nb; ++i) { cp[2 * i] = dp[i]; cp[2 * i + 1] = cm * sp[i]; }
         }
         const float* b = bp ? bp + n0 : nullptr;
-        switch (f) {
-            case Q8_0: run<Q8_0>(wp, ws, xqs, M, s.rows, N, yp + n0, b); break;
-            case Q4_0: run<Q4_0>(wp, ws, xqs, M, s.rows, N, yp + n0, b); break;
-            case Q4_1: run<Q4_1>(wp, ws, xqs, M, s.rows, N, yp + n0, b); break;
-            case Q5_0: run<Q5_0>(wp, ws, xqs, M, s.rows, N, yp + n0, b); break;
-            case Q5_1: run<Q5_1>(wp, ws, xqs, M, s.rows, N, yp + n0, b); break;
-            default: run_k(f, wp, ws, xqs, M, s.rows, N, yp + n0, b);
+        const int64_t G = r16 && r16_format(f) ? s.rows / 16 : 0, g = 16 * G;  // interleaved groups, then GGUF rows
+        if (G) run_r16(f, wp, ws, xqs, M, G, N, yp + n0, b);
+        const uint8_t* wt = wp + g * ws;
+        float* yt = yp + n0 + g;
+        const float* bt = b ? b + g : nullptr;
+        const int64_t rows = s.rows - g;
+        switch (rows ? f : -1) {
+            case -1: break;
+            case Q8_0: run<Q8_0>(wt, ws, xqs, M, rows, N, yt, bt); break;
+            case Q4_0: run<Q4_0>(wt, ws, xqs, M, rows, N, yt, bt); break;
+            case Q4_1: run<Q4_1>(wt, ws, xqs, M, rows, N, yt, bt); break;
+            case Q5_0: run<Q5_0>(wt, ws, xqs, M, rows, N, yt, bt); break;
+            case Q5_1: run<Q5_1>(wt, ws, xqs, M, rows, N, yt, bt); break;
+            default: run_k(f, wt, ws, xqs, M, rows, N, yt, bt);
         }
         wp += s.rows * ws;
         n0 += s.rows;
@@ -355,6 +363,13 @@ static void dequantize_blocks(const uint8_t* wp, int64_t row_bytes, int64_t N, i
 // packed blocks (N, K/32 * block bytes) -> out (N, K) float32 or bfloat16 (a caller-kept buffer: no page faults
 // per call): for prefill-sized batches, where a float GEMM on the unpacked weight wins
 void dequantize(torch::Tensor w, int64_t fmt, torch::Tensor out) {
+    if (fmt & R16) {  // one format's rows with their whole groups of 16 interleaved: back to GGUF's bytes first
+        fmt &= ~R16;
+        TORCH_CHECK(w.dim() == 2 && r16_format(fmt), "r16 w: (N, bytes) of Q8_0, Q4_0 or Q4_1");
+        auto plain = w.clone();
+        unrepack_r16(fmt, w.data_ptr<uint8_t>(), w.size(1), w.size(0) / 16, plain.data_ptr<uint8_t>());
+        w = plain;
+    }
     TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && fmt >= 0 && fmt < NFMT, "w: packed blocks");
     const int64_t N = w.size(0), nb = w.size(1) / BB[fmt];
     TORCH_CHECK(out.is_contiguous() && out.numel() == N * nb * QK[fmt] && out.scalar_type() != torch::kFloat16,
