@@ -14,7 +14,7 @@ from lmstack.models.qlinear import QuantEmbedding, QuantLinear, native_layout
 from lmstack.models.quant import quantize_model
 from lmstack.models.transformer import Transformer
 
-NATIVE = [p for p in ("avx512", "avx2") if p in kernels.supported_paths()]
+NATIVE = [p for p in ("avx512", "avx2") if p in kernels.supported_paths() and kernels.extension(p) is not None]
 needs_native = pytest.mark.skipif(not NATIVE, reason="no native kernels on this CPU")
 
 
@@ -36,6 +36,10 @@ def test_repack_is_a_permutation_undone_by_unrepack(fmt, rows):
     assert torch.equal(qf.unrepack_r16(r, 96, fmt), w)
     idx = torch.tensor([0, rows - 1, rows // 2, 0])
     assert torch.equal(qf.rows_r16(r, idx, 96, fmt), w[idx])
+    for isa in NATIVE:  # the kernels' in-place repack (one group at a time) = this reference
+        n = w.clone()
+        qf.repack_r16_(n, 96, fmt, native=kernels.extension(isa))
+        assert torch.equal(n, r)
 
 
 def test_interleaved_bytes_by_hand():

@@ -331,11 +331,15 @@ def r16_runs(packed: torch.Tensor, in_features: int, fmt: str) -> list[tuple[tor
     return out
 
 
-def repack_r16_(packed: torch.Tensor, in_features: int, fmt: str) -> bool:
-    """GGUF layout -> the interleaved layout, in place (one run's groups at a time); False if nothing changed."""
+def repack_r16_(packed: torch.Tensor, in_features: int, fmt: str, native=None) -> bool:
+    """GGUF layout -> the interleaved layout, in place; False if nothing changed. native: the kernel extension, whose
+    repack_r16 moves one group at a time (this reference permutes a run at once: a temporary of its size)."""
     runs = r16_runs(packed, in_features, fmt)
     for groups, f in runs:
-        groups.copy_(groups[:, _r16_perm(f, in_features // BLOCK).to(groups.device)])
+        if native is not None and groups.device.type == "cpu":
+            native.repack_r16(groups.view(-1, groups.shape[1] // 16), FORMAT_IDS[f])
+        else:
+            groups.copy_(groups[:, _r16_perm(f, in_features // BLOCK).to(groups.device)])
     return bool(runs)
 
 

@@ -42,7 +42,7 @@ class _Packed(nn.Module):
         """Interleave the Q8_0 / Q4_0 / Q4_1 rows in place (only where the native CPU kernels run)."""
         if self.layout != "gguf" or self.qweight.device.type != "cpu" or kernels.kernel_path() == "torch":
             return False
-        if repack_r16_(self.qweight, self._cols(), self.fmt):
+        if repack_r16_(self.qweight, self._cols(), self.fmt, native=kernels.loaded()):
             self._set_layout("r16")
         return self.layout == "r16"
 

@@ -1,6 +1,33 @@
 // The fused one-token decoder layer (lmstack/models/fused_decode.py), on the quantized matmuls of qmatmul.cpp.
 #include "common.h"
 
+// y = x / sqrt(mean(x^2) + eps) * w over the last dim (x float32 contiguous): one call for the decode step's norms
+torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && w.scalar_type() == torch::kFloat32 &&
+                w.is_contiguous() && w.numel() == x.size(-1), "rmsnorm: float32 contiguous x (..., D), w (D,)");
+    const int64_t D = x.size(-1), R = x.numel() / D;
+    auto y = torch::empty_like(x);
+    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const float* xr = xp + r * D;
+            float* yr = yp + r * D;
+            __m256 acc = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 8 <= D; i += 8) { __m256 v = _mm256_loadu_ps(xr + i); acc = _mm256_fmadd_ps(v, v, acc); }
+            float ss = hsum(acc);
+            for (; i < D; ++i) ss += xr[i] * xr[i];
+            const float inv = 1.f / std::sqrt(ss / (float)D + (float)eps);
+            const __m256 s = _mm256_set1_ps(inv);
+            for (i = 0; i + 8 <= D; i += 8)
+                _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), s), _mm256_loadu_ps(wp + i)));
+            for (; i < D; ++i) yr[i] = xr[i] * inv * wp[i];
+        }
+    });
+    return y;
+}
+
 // exp of 8 floats (Cephes-style: 2^n * p(r), |r| <= ln2/2, degree-6 polynomial; ~2 ulp); -inf -> 0
 static inline __m256 exp8(__m256 x) {
     const __m256 zero_mask = _mm256_cmp_ps(x, _mm256_set1_ps(-87.f), _CMP_GE_OQ);

@@ -153,3 +153,30 @@ void unrepack_r16(int64_t fmt, const uint8_t* w, int64_t ws, int64_t G, uint8_t*
             }
     });
 }
+
+// GGUF's layout -> the r16 layout in place, for the whole groups of a (rows, bytes) run of one format (the inverse of
+// unrepack_r16; one group's bytes at a time through a per-thread buffer, so no second copy of the weight)
+void repack_r16(torch::Tensor w, int64_t fmt) {
+    TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && r16_format(fmt),
+                "repack_r16: a contiguous (rows, bytes) uint8 run of Q8_0, Q4_0 or Q4_1");
+    const int64_t ws = w.size(1), G = w.size(0) / 16, bb = BB[fmt], nb = ws / bb;
+    TORCH_CHECK(nb * bb == ws, "repack_r16: rows of whole blocks");
+    const int QS = QS_AT[fmt], QOFF = fmt == Q4_1 ? 64 : 32, nq = bb - QS;
+    uint8_t* p = w.data_ptr<uint8_t>();
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+        std::vector<uint8_t> src(16 * ws);
+        for (int64_t g = g0; g < g1; ++g) {
+            uint8_t* grp = p + g * 16 * ws;
+            std::memcpy(src.data(), grp, 16 * ws);
+            for (int64_t b = 0; b < nb; ++b) {
+                uint8_t* dst = grp + b * 16 * bb;
+                for (int r = 0; r < 16; ++r) {
+                    const uint8_t* row = src.data() + r * ws + b * bb;
+                    std::memcpy(dst + 2 * r, row, 2);
+                    if (fmt == Q4_1) std::memcpy(dst + 32 + 2 * r, row + 2, 2);
+                    for (int c = 0; c < nq / 4; ++c) std::memcpy(dst + QOFF + 64 * c + 4 * r, row + QS + 4 * c, 4);
+                }
+            }
+        }
+    });
+}

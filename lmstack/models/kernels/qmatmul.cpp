@@ -280,6 +280,8 @@ static std::vector<Seg> segments(const torch::Tensor& w, int64_t code, int64_t K
 }
 
 // x (..., K) float32 contiguous, w packed (see segments), bias (N,) float32 or None -> (..., N)
+void repack_r16(torch::Tensor w, int64_t fmt);  // interleaved.cpp
+
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::optional<torch::Tensor> bias) {
     TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (..., K) float32");
     TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "w: packed blocks (uint8, contiguous)");
@@ -385,33 +387,6 @@ void dequantize(torch::Tensor w, int64_t fmt, torch::Tensor out) {
     else TORCH_CHECK(false, "out: float32 or bfloat16");
 }
 
-// y = x / sqrt(mean(x^2) + eps) * w over the last dim (x float32 contiguous): one call for the decode step's norms
-torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps) {
-    TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && w.scalar_type() == torch::kFloat32 &&
-                w.is_contiguous() && w.numel() == x.size(-1), "rmsnorm: float32 contiguous x (..., D), w (D,)");
-    const int64_t D = x.size(-1), R = x.numel() / D;
-    auto y = torch::empty_like(x);
-    const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-    float* yp = y.data_ptr<float>();
-    at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-            const float* xr = xp + r * D;
-            float* yr = yp + r * D;
-            __m256 acc = _mm256_setzero_ps();
-            int64_t i = 0;
-            for (; i + 8 <= D; i += 8) { __m256 v = _mm256_loadu_ps(xr + i); acc = _mm256_fmadd_ps(v, v, acc); }
-            float ss = hsum(acc);
-            for (; i < D; ++i) ss += xr[i] * xr[i];
-            const float inv = 1.f / std::sqrt(ss / (float)D + (float)eps);
-            const __m256 s = _mm256_set1_ps(inv);
-            for (i = 0; i + 8 <= D; i += 8)
-                _mm256_storeu_ps(yr + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), s), _mm256_loadu_ps(wp + i)));
-            for (; i < D; ++i) yr[i] = xr[i] * inv * wp[i];
-        }
-    });
-    return y;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     // The GIL is released while a kernel runs: a server's event loop and stream threads keep working during a decode
     // step instead of waiting for it (measured with py-spy: the batcher held the GIL ~76% of the time without this).
@@ -420,4 +395,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("rmsnorm", &rmsnorm, "fused RMSNorm (float32)", nogil());
     m.def("qlinear", &qlinear, "quantized linear (GGUF block formats)", nogil());
     m.def("dequantize", &dequantize, "packed blocks -> float32", nogil());
+    m.def("repack_r16", &repack_r16, "GGUF layout -> the 16-row interleaved layout, in place", nogil());
 }
