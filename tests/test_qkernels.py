@@ -67,13 +67,13 @@ def test_each_path_matches_reference(path, fmt, K, layout, path_restore):
         assert q.to_native_layout() == (fmt in qf.R16_FORMATS)
     assert kernels.set_kernel_path(path) == path
     w = q.dequantize()
-    for M in (1, 2, 5, 31, 40):  # matvec, register tiles and their remainders, the prefill GEMM
+    for M in (1, 2, 5, 31, 40, q.gemm_min_rows() + 3):  # matvec, register tiles, remainders, the prefill GEMM
         x = torch.randn(M, K)
         y = q(x)
         flt = x @ w.T + lin.bias
         if path == "torch":
             torch.testing.assert_close(y, flt, rtol=1e-5, atol=1e-5)
-        elif M >= kernels.GEMM_MIN_ROWS:  # unpacked weight, float32 (bf16 CPUs: bfloat16) GEMM
+        elif M >= q.gemm_min_rows():  # unpacked weight, float32 (bf16 CPUs: bfloat16) GEMM
             tol = 3e-2 if kernels.prefill_dtype(path) == torch.bfloat16 else 1e-4
             torch.testing.assert_close(y, flt, rtol=tol, atol=tol * flt.abs().max().item())
         else:  # integer kernels: exactly the int8-activation reference, up to float rounding
@@ -352,8 +352,9 @@ def test_fused_decode_layer_equals_the_module_path(monkeypatch, path_restore):
     assert calls == []
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     monkeypatch.delenv("LMSTACK_FUSED_DECODE")
-    with torch.inference_mode():  # from GEMM_MIN_ROWS tokens on, prefill takes the unpacked-GEMM path instead
-        model(ids[:, :kernels.GEMM_MIN_ROWS], cache=make_cache(model, 1, 64), pos=0)
+    with torch.inference_mode():  # from gemm_min_rows tokens on, prefill takes the unpacked-GEMM path instead
+        n = model.blocks[0].mlp.fc.gemm_min_rows()
+        model(torch.randint(0, 96, (1, n)), cache=make_cache(model, 1, n), pos=0)
     assert calls == []
 
 

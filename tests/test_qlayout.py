@@ -74,14 +74,15 @@ def test_interleaved_layer_computes_the_same_and_saves_gguf_bytes(fmt, native_pa
     packed = torch.cat([qf.pack(torch.randn(k, 128), f).view(-1) for f, k in parts])
     q = QuantLinear(128, n, fmt, bias=True, qweight=packed.view(qf.packed_shape(n, 128, fmt)).clone())
     q.bias.normal_()
-    x = {M: torch.randn(M, 128) for M in (1, 4, 9, 40)}  # matvec, tiles, remainders, the prefill GEMM
+    x = {M: torch.randn(M, 128) for M in (1, 4, 9, 40, 300)}  # matvec, tiles, remainders, the prefill GEMM
     before = {M: q(v) for M, v in x.items()}
     sd_before = {k: v.clone() for k, v in q.state_dict().items()}
     assert q.to_native_layout() and q.layout == "r16" and q.fmt_id & qf.R16
     assert not torch.equal(q.qweight.view(-1), packed)
     for M, v in x.items():
-        tol = 3e-2 if M >= kernels.GEMM_MIN_ROWS and kernels.prefill_dtype(kernels.kernel_path()) == torch.bfloat16 \
-            else 1e-5
+        # from GEMM_MIN_ROWS rows the GGUF-layout layer ran the float GEMM and the interleaved one may still run the
+        # integer kernel (gemm_min_rows): int8-activation vs float math, ~1e-2 apart
+        tol = 3e-2 * before[M].abs().max().item() if M >= kernels.GEMM_MIN_ROWS else 1e-5
         torch.testing.assert_close(q(v), before[M], rtol=tol, atol=tol)
     sd = q.state_dict()
     assert torch.equal(sd["qweight"], sd_before["qweight"])  # checkpoints hold GGUF's bytes

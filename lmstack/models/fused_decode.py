@@ -6,7 +6,7 @@ and the call fit the fused layer — pre-norm RMSNorm / RoPE / SwiGLU blocks who
 no sliding window, one new token per row, a plain float32 KVCache, inference, a native kernel path — the
 Transformer runs its blocks through `fused_blocks` instead (batch 1, or a continuous batch with per-row positions
 and padding masks). A few new tokens of one sequence (a short prompt, the tokens a speculative step verifies: fewer
-than kernels.GEMM_MIN_ROWS, where prefill switches to unpacked GEMMs) run the same layer in its causal `seq` mode.
+than QuantLinear.gemm_min_rows(), where prefill switches to unpacked GEMMs) run the same layer in its causal `seq` mode.
 Anything else takes the ordinary path. Same math as the
 ordinary path with the same kernels (attention summed in a different order: ~1e-6). LMSTACK_FUSED_DECODE=0 turns
 it off. Any block formats, mixed-format layers included (the kernels take them in one call).
@@ -44,12 +44,12 @@ def fused_blocks(model, x: torch.Tensor, rope, cache, pos: int, padding_mask: to
     batch's own positions); padding_mask (B, pos + 1) bool: the slots each row attends to."""
     B, T = x.shape[:2]
     seq = T > 1  # a few consecutive tokens of one row: causal within them
-    if seq and (B != 1 or padding_mask is not None or T >= kernels.GEMM_MIN_ROWS):
+    if seq and (B != 1 or padding_mask is not None):
         return None
     if (type(cache) is not KVCache or rope is None or x.dtype != torch.float32
             or x.device.type != "cpu" or torch.is_grad_enabled() or model.training
             or os.environ.get("LMSTACK_FUSED_DECODE", "1") == "0" or torch.compiler.is_compiling()
-            or not eligible(model)):
+            or not eligible(model) or (seq and T >= model.blocks[0].mlp.fc.gemm_min_rows())):
         return None
     ext = kernels.loaded()
     if ext is None:

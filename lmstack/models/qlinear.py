@@ -90,13 +90,16 @@ class QuantLinear(_Packed):
     def _cols(self) -> int:
         return self.in_features
 
+    def gemm_min_rows(self) -> int:
+        return kernels.gemm_min_rows(kernels.kernel_path(), self.layout == "r16")
+
     def _set_layout(self, layout: str) -> None:
         self.layout, self.fmt_id = layout, format_code(self.fmt) | (R16 if layout == "r16" else 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and x.device.type == "cpu" and not _op_registered:
             ext = kernels.loaded()  # the decode fast path: one native call, any leading dims
-            if ext is not None and x.numel() < kernels.GEMM_MIN_ROWS * self.in_features and x.is_contiguous():
+            if ext is not None and x.numel() < self.gemm_min_rows() * self.in_features and x.is_contiguous():
                 return ext.qlinear(x, self.qweight, self.fmt_id, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -104,7 +107,7 @@ class QuantLinear(_Packed):
         if path == "torch":
             dt = x.dtype if x.dtype.is_floating_point else torch.float32
             y = F.linear(x2.to(dt), self.dequantize(dt), None if self.bias is None else self.bias.to(dt))
-        elif x2.shape[0] >= kernels.GEMM_MIN_ROWS:  # prefill: unpack natively, then a float GEMM
+        elif x2.shape[0] >= self.gemm_min_rows():  # prefill: unpack natively, then a float GEMM
             dt = kernels.prefill_dtype(path)
             xq = x2.float().contiguous().to(dt)
             parts = split_segments(self.qweight, self.in_features, self.fmt)  # a mixed layer: per run of rows

@@ -323,7 +323,7 @@ class Transformer(nn.Module):
                 rope = (cos_t[positions][:, None].to(x.dtype), sin_t[positions][:, None].to(x.dtype))
             else:
                 rope = (cos_t[pos:end].to(x.dtype), sin_t[pos:end].to(x.dtype))
-        if T < kernels.GEMM_MIN_ROWS and cache is not None and attn_mask is None:  # a packed Llama-style model
+        if T < kernels.MAX_GEMM_MIN_ROWS and cache is not None and attn_mask is None:  # a packed Llama-style model
             fused = fused_blocks(self, x, rope, cache, pos, padding_mask)  # decoding: one native call per layer
             if fused is not None:
                 x = self.norm_f(fused)

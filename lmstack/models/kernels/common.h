@@ -96,7 +96,15 @@ static constexpr int64_t R16 = int64_t(1) << 61;
 bool r16_format(int64_t fmt);
 void run_r16(int64_t fmt, const uint8_t* w, int64_t ws, const XQ& x, int64_t M, int64_t G, int64_t ldy, float* y,
              const float* bias);
-void unrepack_r16(int64_t fmt, const uint8_t* w, int64_t ws, int64_t G, uint8_t* out);
+
+// row r's block (GGUF's bytes) gathered from an interleaved group's block `gb` into tmp (>= BB[fmt] bytes)
+static inline const uint8_t* r16_block(int64_t fmt, const uint8_t* gb, int r, uint8_t* tmp) {
+    const int QS = QS_AT[fmt], QOFF = fmt == Q4_1 ? 64 : 32, nq = BB[fmt] - QS;
+    std::memcpy(tmp, gb + 2 * r, 2);
+    if (fmt == Q4_1) std::memcpy(tmp + 2, gb + 32 + 2 * r, 2);
+    for (int c = 0; c < nq / 4; ++c) std::memcpy(tmp + QS + 4 * c, gb + QOFF + 64 * c + 4 * r, 4);
+    return tmp;
+}
 
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::optional<torch::Tensor> bias);
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps);

@@ -136,26 +136,8 @@ void run_r16(int64_t fmt, const uint8_t* w, int64_t ws, const XQ& x, int64_t M, 
     }
 }
 
-// the G whole groups of an r16 weight -> GGUF's layout (the bytes of 16 G rows of `ws` bytes), for the dequantizer
-void unrepack_r16(int64_t fmt, const uint8_t* w, int64_t ws, int64_t G, uint8_t* out) {
-    const int QS = QS_AT[fmt], QOFF = fmt == Q4_1 ? 64 : 32, bb = BB[fmt], nq = bb - QS;
-    const int64_t nb = ws / bb;
-    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-        for (int64_t g = g0; g < g1; ++g)
-            for (int64_t b = 0; b < nb; ++b) {
-                const uint8_t* src = w + g * 16 * ws + b * 16 * bb;
-                for (int r = 0; r < 16; ++r) {
-                    uint8_t* dst = out + (g * 16 + r) * ws + b * bb;
-                    std::memcpy(dst, src + 2 * r, 2);
-                    if (fmt == Q4_1) std::memcpy(dst + 2, src + 32 + 2 * r, 2);
-                    for (int c = 0; c < nq / 4; ++c) std::memcpy(dst + QS + 4 * c, src + QOFF + 64 * c + 4 * r, 4);
-                }
-            }
-    });
-}
-
 // GGUF's layout -> the r16 layout in place, for the whole groups of a (rows, bytes) run of one format (the inverse of
-// unrepack_r16; one group's bytes at a time through a per-thread buffer, so no second copy of the weight)
+// r16_block; one group's bytes at a time through a per-thread buffer, so no second copy of the weight)
 void repack_r16(torch::Tensor w, int64_t fmt) {
     TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && r16_format(fmt),
                 "repack_r16: a contiguous (rows, bytes) uint8 run of Q8_0, Q4_0 or Q4_1");

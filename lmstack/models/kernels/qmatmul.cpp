@@ -338,11 +338,15 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::option
 }
 
 template <typename T>
-static void dequantize_blocks(const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t nb, int64_t fmt, T* op) {
+static void dequantize_blocks(const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t nb, int64_t fmt, T* op,
+                              bool r16) {  // r16: the whole groups of 16 rows are interleaved (interleaved.cpp)
+    const int64_t G = r16 ? N / 16 : 0;
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+        uint8_t tmp[64];
         for (int64_t n = n0; n < n1; ++n)
             for (int64_t b = 0; b < nb; ++b) {
                 const uint8_t* blk = wp + n * row_bytes + b * BB[fmt];
+                if (n < 16 * G) blk = r16_block(fmt, wp + n / 16 * 16 * row_bytes + b * 16 * BB[fmt], n % 16, tmp);
                 T* o = op + (n * nb + b) * 32;
                 const __m256 d = _mm256_set1_ps(f16(blk));
                 __m256i q;
@@ -365,13 +369,9 @@ static void dequantize_blocks(const uint8_t* wp, int64_t row_bytes, int64_t N, i
 // packed blocks (N, K/32 * block bytes) -> out (N, K) float32 or bfloat16 (a caller-kept buffer: no page faults
 // per call): for prefill-sized batches, where a float GEMM on the unpacked weight wins
 void dequantize(torch::Tensor w, int64_t fmt, torch::Tensor out) {
-    if (fmt & R16) {  // one format's rows with their whole groups of 16 interleaved: back to GGUF's bytes first
-        fmt &= ~R16;
-        TORCH_CHECK(w.dim() == 2 && r16_format(fmt), "r16 w: (N, bytes) of Q8_0, Q4_0 or Q4_1");
-        auto plain = w.clone();
-        unrepack_r16(fmt, w.data_ptr<uint8_t>(), w.size(1), w.size(0) / 16, plain.data_ptr<uint8_t>());
-        w = plain;
-    }
+    const bool r16 = fmt & R16;  // one format's rows with their whole groups of 16 interleaved
+    fmt &= ~R16;
+    TORCH_CHECK(!r16 || r16_format(fmt), "r16 w: Q8_0, Q4_0 or Q4_1");
     TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && fmt >= 0 && fmt < NFMT, "w: packed blocks");
     const int64_t N = w.size(0), nb = w.size(1) / BB[fmt];
     TORCH_CHECK(out.is_contiguous() && out.numel() == N * nb * QK[fmt] && out.scalar_type() != torch::kFloat16,
@@ -381,9 +381,9 @@ void dequantize(torch::Tensor w, int64_t fmt, torch::Tensor out) {
     else if (fmt >= Q4_K && out.scalar_type() == torch::kBFloat16)
         dequantize_k(w.data_ptr<uint8_t>(), w.size(1), N, fmt, out.data_ptr<at::BFloat16>());
     else if (out.scalar_type() == torch::kFloat32)
-        dequantize_blocks(w.data_ptr<uint8_t>(), w.size(1), N, nb, fmt, out.data_ptr<float>());
+        dequantize_blocks(w.data_ptr<uint8_t>(), w.size(1), N, nb, fmt, out.data_ptr<float>(), r16);
     else if (out.scalar_type() == torch::kBFloat16)
-        dequantize_blocks(w.data_ptr<uint8_t>(), w.size(1), N, nb, fmt, out.data_ptr<at::BFloat16>());
+        dequantize_blocks(w.data_ptr<uint8_t>(), w.size(1), N, nb, fmt, out.data_ptr<at::BFloat16>(), r16);
     else TORCH_CHECK(false, "out: float32 or bfloat16");
 }
 
