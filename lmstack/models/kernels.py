@@ -47,13 +47,14 @@ MAX_GEMM_MIN_ROWS = 256  # the largest gemm_min_rows
 
 def gemm_min_rows(path: str, interleaved: bool) -> int:
     """From how many rows of x a layer unpacks its weight for a float GEMM instead of running the integer kernel.
-    The interleaved (r16) kernels stay ahead of unpack + GEMM for longer (SmolLM2's layers on Zen 5, 2 threads: 22 vs
-    61 ms at 32 rows, 80 vs 73 at 128 with the bfloat16 GEMM; 127 vs 269 at 128 and 301 vs 423 at 256 against the
-    float32 GEMM of the avx2 path); on AMX the bf16 tiles win early, as for the row-at-a-time kernels."""
-    if not interleaved or path == "amx":
-        return GEMM_MIN_ROWS
-    return 128 if prefill_dtype(path) == torch.bfloat16 else MAX_GEMM_MIN_ROWS
-# the extension's sources (common.h is included by both); bump the _v<N> name below when any of them changes, since
+    The interleaved (r16) kernels stay ahead of unpack + GEMM for longer (SmolLM2's layers + head on Zen 5, 2 threads,
+    512-bit r16 tiles: 88 vs 112 ms at 256 rows against the bfloat16 GEMM, 193 vs 182 at 512; the avx2 path's
+    256-bit tiles: 301 vs 423 ms at 256 rows against its float32 GEMM); on AMX the bf16 tiles win early, as for the
+    row-at-a-time kernels."""
+    return GEMM_MIN_ROWS if not interleaved or path == "amx" else MAX_GEMM_MIN_ROWS
+
+
+# the extension's sources (common.h is included by all); bump the _v<N> name below when any of them changes, since
 # torch's build cache looks at the .cpp files only
 _SOURCES = [Path(__file__).with_name("kernels") / f
             for f in ("qmatmul.cpp", "kquants.cpp", "decode_layer.cpp", "interleaved.cpp")]
@@ -139,7 +140,7 @@ def extension(isa: str):
         try:
             from torch.utils.cpp_extension import get_default_build_root, load
             tuning = _prefetch_flags()
-            name = f"lmstack_qmatmul_{isa}{'_amd' if tuning else ''}_v27"
+            name = f"lmstack_qmatmul_{isa}{'_amd' if tuning else ''}_v28"
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
             if not any(root.glob(f"{name}/*.so")) and not any(root.glob(f"*/{name}/*.so")):
                 print(f"lmstack: compiling the {isa} quantized-matmul kernels (first use, about a minute; cached "

@@ -91,6 +91,67 @@ static inline void tile_r16(const uint8_t* w, int64_t ws, const XQ& x, int64_t m
         }
 }
 
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+// the same on 512-bit registers: one chunk = all 16 rows of the group, one dpbusd per chunk and row of x
+template <int FMT, int MT, int NG>
+static inline void tile_r16_512(const uint8_t* w, int64_t ws, const XQ& x, int64_t m0, int64_t n0, float* y,
+                                int64_t N, const float* bias) {
+    constexpr int NC = FMT == Q8_0 ? 8 : 4, QOFF = FMT == Q4_1 ? 64 : 32, BG = 16 * BB[FMT];
+    __m512 acc[MT][NG];
+    for (int m = 0; m < MT; ++m)
+        for (int g = 0; g < NG; ++g) acc[m][g] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t b = 0; b < x.nb; ++b) {
+        const int8_t* xq[MT];
+        __m512 xd[MT], xc[MT];
+        for (int m = 0; m < MT; ++m) {
+            xq[m] = x.q + (m0 + m) * x.K + b * 32;
+            xd[m] = _mm512_set1_ps(x.c[(m0 + m) * x.nb * 2 + 2 * b]);
+            xc[m] = _mm512_set1_ps(x.c[(m0 + m) * x.nb * 2 + 2 * b + 1]);
+        }
+        for (int g = 0; g < NG; ++g) {
+            const uint8_t* blk = w + g * 16 * ws + b * BG;
+            for (int o = 0; o < BG; o += 64) _mm_prefetch((const char*)(blk + R16_PF + o), _MM_HINT_T1);
+            const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)blk));
+            const __m512 mo = FMT == Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(blk + 32))) : d;
+            __m512i ia[MT];
+            for (int m = 0; m < MT; ++m) ia[m] = _mm512_setzero_si512();
+            for (int c = 0; c < NC; ++c) {
+                const __m512i v = _mm512_loadu_si512((const void*)(blk + QOFF + 64 * c));
+                int32_t x0[MT], x1[MT];
+                for (int m = 0; m < MT; ++m) {
+                    std::memcpy(&x0[m], xq[m] + 4 * c, 4);
+                    if (FMT != Q8_0) std::memcpy(&x1[m], xq[m] + 16 + 4 * c, 4);
+                }
+                if (FMT == Q8_0) {
+                    const __m512i u = _mm512_xor_si512(v, flip);
+                    for (int m = 0; m < MT; ++m) ia[m] = _mm512_dpbusd_epi32(ia[m], u, _mm512_set1_epi32(x0[m]));
+                } else {
+                    const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                    for (int m = 0; m < MT; ++m) {
+                        ia[m] = _mm512_dpbusd_epi32(ia[m], lo, _mm512_set1_epi32(x0[m]));
+                        ia[m] = _mm512_dpbusd_epi32(ia[m], hi, _mm512_set1_epi32(x1[m]));
+                    }
+                }
+            }
+            for (int m = 0; m < MT; ++m) {
+                acc[m][g] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[m]), _mm512_mul_ps(d, xd[m]), acc[m][g]);
+                acc[m][g] = _mm512_fmadd_ps(mo, xc[m], acc[m][g]);  // m * xs, -8 / -128 * d * xs
+            }
+        }
+    }
+    for (int m = 0; m < MT; ++m)
+        for (int g = 0; g < NG; ++g) {
+            __m512 a = acc[m][g];
+            if (bias) a = _mm512_add_ps(a, _mm512_loadu_ps(bias + n0 + 16 * g));
+            _mm512_storeu_ps(y + (m0 + m) * N + n0 + 16 * g, a);
+        }
+}
+#define TILE_R16 tile_r16_512
+#else
+#define TILE_R16 tile_r16
+#endif
+
 template <int FMT>
 static void run_r16_fmt(const uint8_t* w, int64_t ws, const XQ& x, int64_t M, int64_t G, int64_t ldy, float* y,
                         const float* bias) {
@@ -110,13 +171,13 @@ static void run_r16_fmt(const uint8_t* w, int64_t ws, const XQ& x, int64_t M, in
             for (int64_t g = c * C; g < g1;) {
                 const uint8_t* wg = w + g * 16 * ws;
                 if (M == 1 && g + 2 <= g1) {
-                    tile_r16<FMT, 1, 2>(wg, ws, x, 0, 16 * g, y, ldy, bias);
+                    TILE_R16<FMT, 1, 2>(wg, ws, x, 0, 16 * g, y, ldy, bias);
                     g += 2;
                     continue;
                 }
                 int64_t m = 0;
-                for (; m + MT <= M; m += MT) tile_r16<FMT, MT, 1>(wg, ws, x, m, 16 * g, y, ldy, bias);
-                for (; m < M; ++m) tile_r16<FMT, 1, 1>(wg, ws, x, m, 16 * g, y, ldy, bias);
+                for (; m + MT <= M; m += MT) TILE_R16<FMT, MT, 1>(wg, ws, x, m, 16 * g, y, ldy, bias);
+                for (; m < M; ++m) TILE_R16<FMT, 1, 1>(wg, ws, x, m, 16 * g, y, ldy, bias);
                 ++g;
             }
         }
