@@ -6,8 +6,8 @@ and the call fit the fused layer — pre-norm RMSNorm / RoPE / SwiGLU blocks who
 no sliding window, one new token per row, a plain float32 KVCache, inference, a native kernel path — the
 Transformer runs its blocks through `fused_blocks` instead (batch 1, or a continuous batch with per-row positions
 and padding masks). A few new tokens of one sequence (a short prompt, the tokens a speculative step verifies: fewer
-than QuantLinear.gemm_min_rows(), where prefill switches to unpacked GEMMs) run the same layer in its causal `seq` mode.
-Anything else takes the ordinary path. Same math as the
+than QuantLinear.gemm_min_rows(), where prefill switches to unpacked GEMMs) run the same layer in its causal `seq`
+mode. Anything else takes the ordinary path. Same math as the
 ordinary path with the same kernels (attention summed in a different order: ~1e-6). LMSTACK_FUSED_DECODE=0 turns
 it off. Any block formats, mixed-format layers included (the kernels take them in one call).
 """

@@ -26,10 +26,7 @@ class _Packed(nn.Module):
     kernels (layout "r16", kernels/interleaved.cpp: 16 rows per group, ~4x fewer instructions per weight byte than
     row-at-a-time, so decode runs at memory speed; the same bytes, only moved). state_dict(), dequantize() and every
     other reader see GGUF's layout."""
-    layout = "gguf"
-
-    def _cols(self) -> int:
-        raise NotImplementedError
+    layout = "gguf"  # subclasses define _cols(): the values per row
 
     def gguf_qweight(self) -> torch.Tensor:
         """The packed weight in GGUF's byte layout (qweight itself, or a copy when it is interleaved)."""
