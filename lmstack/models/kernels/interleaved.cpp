@@ -1,5 +1,6 @@
 // Kernels on the 16-row interleaved layout ("r16") of the 32-value formats Q8_0 / Q4_0 / Q4_1
-// (lmstack/models/qformats.py repack_r16 makes it from GGUF's bytes, unrepack_r16 gives them back).
+// (lmstack/models/qformats.py repack_r16_ and repack_r16 below make it from GGUF's bytes, r16_block in common.h and
+// qformats.unrepack_r16 give them back).
 //
 // Every 16 consecutive rows of W (a group) keep their bytes in place, regrouped per block b as
 //   d[16] (f16) | m[16] (f16, Q4_1 only) | chunk 0 | chunk 1 | ... where chunk c = row 0's quant bytes 4c..4c+3,
