@@ -19,6 +19,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _end_distributed() -> None:
+    """Under torchrun, every command that joined a process group leaves it together (train.distributed.shutdown)."""
+    if "lmstack.train.distributed" in sys.modules:
+        from ..train import distributed
+        distributed.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..errors import LMStackError
     args = build_parser().parse_args(argv)
@@ -26,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")
     try:
         args.fn(args)
+        _end_distributed()
     except LMStackError as e:
         print(f"lmstack: error: {e}", file=sys.stderr)
         return 2

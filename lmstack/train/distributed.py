@@ -17,6 +17,7 @@ last micro-step only (DDP `no_sync`, FSDP `set_requires_gradient_sync(False)` be
 """
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -189,9 +190,17 @@ def as_float(x) -> float:
 
 
 def shutdown() -> None:
+    """End this process's part in the run, on the success path of every rank.
+
+    The barrier makes it collective: no peer is still inside a collective (or its single-process tail, as rank 0 is
+    after `pretrain`) when the groups go. `gc.collect()` then frees what still holds a process group (FSDP meshes,
+    DTensor state) while the interpreter is fully alive: a gloo group left for interpreter teardown can abort the
+    process ("terminate called without an active exception", seen once in CI). Idempotent."""
     global _INFO
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
     _INFO = DistInfo()
 
 

@@ -187,7 +187,8 @@ def pretrain(cfg: TrainConfig, log=print) -> dict[str, Any]:
                                "dtype": trainer.dtype}
     if rank.enabled:  # what follows reads the consolidated checkpoint in one process
         summary["world_size"] = rank.world
-        if not rank.is_main:
+        if not rank.is_main:  # waits in shutdown's barrier for rank 0's single-process tail below
+            del trainer, model
             distributed.shutdown()
             return {**summary, "rank": rank.rank}
         from ..checkpoint import load_model
@@ -214,6 +215,7 @@ def pretrain(cfg: TrainConfig, log=print) -> dict[str, Any]:
                             seed=cfg.seed)
         summary["sample"] = cfg.sample_prompt + generate_text(model, tok, cfg.sample_prompt, sp, truncate="left")
     if rank.enabled:
+        del trainer, model
         distributed.shutdown()
     return summary
 

@@ -198,5 +198,6 @@ def train_seq2seq(cfg: TrainConfig, log=print) -> dict[str, Any]:
         summary.update({k: v for k, v in history[-1].items() if k in ("train_loss", "val_loss", "val_ppl",
                                                                           "elapsed_s")})
     if rank.enabled:
+        del trainer, model
         distributed.shutdown()
     return summary
