@@ -12,11 +12,14 @@ With `--engines lmstack,llama.cpp` the same load also runs against llama-cpp-pyt
 (`python -m llama_cpp.server`, from benchmarks/.venv-llama, built by benchmarks/generate_speed.py) on the same file
 and thread count, one server at a time, and the table gets a per-level ratio. Per-request stream decode speed
 ((tokens - 1) / (latency - TTFT), p50) is reported too: compare the 1-client row with the in-process decode speed
-of benchmarks/generate_speed.py.
+of benchmarks/generate_speed.py, or use `--vs-inprocess R`: one lmstack server stays up while R pairs alternate
+one streamed request through it with the same generation in a fresh in-process subprocess (`LM.stream_steps`, same
+model, threads, prompt and max_tokens; the server is idle meanwhile), both timed from the first token to the last,
+and the median ratio server / in-process is printed.
 
     .venv/bin/python benchmarks/serve_load.py [--model GGUF] [--serve-args "--quantize int8"]
         [--engines lmstack,llama.cpp] [--threads 2] [--concurrency 1,4,8,16] [--rounds 1] [--max-tokens 32]
-        [--append-results]
+        [--vs-inprocess R] [--append-results]
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import os
 import platform
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -186,6 +190,56 @@ def run_server(engine: str, a, levels: list[int], serve_args: list[str]) -> list
     return rows
 
 
+# One generation in process, timed like a stream client times the server: first token to last.
+INPROCESS = r"""
+import json, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+import lmstack
+lm = lmstack.load(sys.argv[1])
+def once():
+    t = []
+    for _ in lm.stream_steps(sys.argv[3], max_new_tokens=int(sys.argv[4]), temperature=0):
+        t.append(time.perf_counter())
+    return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else 0.0
+once()  # untimed warm-up, as the server gets
+print(json.dumps({"decode": once()}))
+"""
+
+
+def inprocess_decode(a) -> float:
+    out = subprocess.run([sys.executable, "-c", INPROCESS, a.model, str(a.threads), PROMPT, str(a.max_tokens)],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["decode"]
+
+
+def vs_inprocess(a, serve_args: list[str]) -> str:
+    """Alternate one streamed request through a running lmstack server with one in-process generation."""
+    port = free_port()
+    cmd, model_name = server_cmd("lmstack", a, port, serve_args)
+    base = f"http://127.0.0.1:{port}"
+    log = None if a.server_log else open(os.devnull, "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT if log else None)
+    pairs = []
+    try:
+        wait_health(base, proc, a.startup_timeout)
+        asyncio.run(run_level(base, model_name, 1, 1, a.max_tokens))  # warm-up
+        for i in range(a.vs_inprocess):
+            r = asyncio.run(run_level(base, model_name, 1, 1, a.max_tokens))
+            if r["errors"]:
+                raise RuntimeError(f"server request failed: {r['error_samples']}")
+            pairs.append((r["decode_p50"], inprocess_decode(a)))
+            print(f"pair {i + 1}: server {pairs[-1][0]:.1f} tok/s, in-process {pairs[-1][1]:.1f} tok/s, "
+                  f"ratio {pairs[-1][0] / pairs[-1][1]:.3f}", flush=True)
+    finally:
+        stop_server(proc, log)
+    ratios = [s / p for s, p in pairs]
+    return (f"one stream through `lmstack serve` / in-process decode: median **{statistics.median(ratios):.3f}** over "
+            f"{len(pairs)} alternations (server {statistics.median(s for s, _ in pairs):.1f} vs in-process "
+            f"{statistics.median(p for _, p in pairs):.1f} tok/s; per pair "
+            + " / ".join(f"{x:.2f}" for x in ratios) + ")")
+
+
 def stop_server(proc: subprocess.Popen, log=None) -> None:
     """End a server subprocess (terminate, then kill after 15 s) and close its log file."""
     proc.terminate()
@@ -209,10 +263,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--startup-timeout", type=float, default=180.0)
     ap.add_argument("--server-log", action="store_true", help="show the server's own log (default: discarded)")
+    ap.add_argument("--vs-inprocess", type=int, default=0, metavar="R",
+                    help="instead of the load levels: R alternations of one server stream vs in-process decode")
     ap.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     a = ap.parse_args()
     levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
     serve_args = shlex.split(a.serve_args)
+    if a.vs_inprocess:
+        print(vs_inprocess(a, serve_args))
+        return
     rows = [r for engine in a.engines.split(",") for r in run_server(engine.strip(), a, levels, serve_args)]
     tbl = table(rows)
     print()

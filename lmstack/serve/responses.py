@@ -2,6 +2,7 @@
 /v1/chat/completions, embedding encodings, and the SSE stream driver (GuardedStream + sse_response)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import math
@@ -103,42 +104,64 @@ class GuardedStream(StreamingResponse):
 
 def sse_response(state: "ServerState", make_events: Callable[[list], Iterator[dict]]) -> StreamingResponse:
     """SSE over a sync iterator of chunk dicts (`make_events(handles)`, which submits its generations into
-    `handles`), advanced on the stream thread pool. Whatever ends the response (the last chunk, a client
+    `handles`). One stream-pool thread runs the iterator for the whole response and hands each chunk, already
+    framed, to the event loop: one thread wake-up per token instead of a pool round trip, and the chunks that
+    queued up while the loop was busy go out in one write. Whatever ends the response (the last chunk, a client
     disconnect, a response that never started) cancels the generations and frees the admission slot once."""
     admit = state.admit().__enter__()
     handles: list = []
     events = make_events(handles)
-    lock = threading.Lock()  # the generator is advanced and closed from pool threads, never at once
-    released = [False]
+    lock = threading.Lock()  # guards `flags`: the iterator is closed by the pump, or by release if it never ran
+    flags = {"started": False, "released": False}
+    out: asyncio.Queue = asyncio.Queue()
 
-    def step():
+    def pump(loop: asyncio.AbstractEventLoop) -> None:
         with lock:
-            return next(events, _DONE)
-
-    def close():
-        with lock:
+            if flags["released"]:
+                return
+            flags["started"] = True
+        try:
+            for item in events:
+                loop.call_soon_threadsafe(out.put_nowait, "data: " + json.dumps(item) + "\n\n")
+                if flags["released"]:
+                    break
+        finally:
             events.close()
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, _DONE)
+            except RuntimeError:  # the loop is gone (server shutdown): nobody is reading
+                pass
 
     def release():
-        if released[0]:
-            return
-        released[0] = True
+        with lock:
+            if flags["released"]:
+                return
+            flags["released"] = True
+            never_ran = not flags["started"]
         for h in handles:
-            h.cancel()  # unblocks a pool thread waiting for this request's next token
-        state.consumers.submit(close)
+            h.cancel()  # unblocks the pump waiting for this request's next token
+        if never_ran:
+            events.close()
         admit.__exit__()
 
     async def body():
+        task = asyncio.ensure_future(state.on_consumer(pump, asyncio.get_running_loop()))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved here or below, never lost
         try:
-            while True:
-                try:
-                    item = await state.on_consumer(step)
-                except APIError as e:
-                    yield "data: " + json.dumps(e.body()) + "\n\n"
-                    break
-                if item is _DONE:
-                    break
-                yield "data: " + json.dumps(item) + "\n\n"
+            done = False
+            while not done:
+                parts = [await out.get()]
+                while not out.empty():
+                    parts.append(out.get_nowait())
+                if parts[-1] is _DONE:
+                    parts.pop()
+                    done = True
+                if parts:
+                    yield "".join(parts)
+            try:
+                await task
+            except APIError as e:
+                yield "data: " + json.dumps(e.body()) + "\n\n"
             yield "data: [DONE]\n\n"
         finally:  # also on a client disconnect: Starlette cancels or closes this generator
             release()
