@@ -41,9 +41,10 @@ def test_unknown_dtype_names_the_choices():
         TrainConfig(dtype="half")
 
 
-def test_attention_under_cpu_autocast_runs_in_float32():
+def test_long_attention_under_cpu_autocast_runs_in_float32():
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 4, 24, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
+    t = 300  # past the matmul path's length limit: the flash kernel, in float32 (its bf16 backward is slow)
+    q, k, v = (torch.randn(1, 2, t, 16, generator=g).bfloat16().requires_grad_() for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = attend(q, k, v, is_causal=True)
     ref = F.scaled_dot_product_attention(q.detach().float(), k.detach().float(), v.detach().float(), is_causal=True)
@@ -51,10 +52,22 @@ def test_attention_under_cpu_autocast_runs_in_float32():
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     y.sum().backward()  # gradients reach the bf16 inputs in their own dtype
     assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
-    mask = torch.zeros(24, 24, dtype=torch.bfloat16).masked_fill(torch.ones(24, 24).triu(1).bool(), float("-inf"))
+    mask = torch.zeros(t, t, dtype=torch.bfloat16).masked_fill(torch.ones(t, t).triu(1).bool(), float("-inf"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ym = attend(q, k, v, attn_mask=mask)  # a float mask in the autocast dtype is cast with q, k, v
     torch.testing.assert_close(ym, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_short_attention_under_cpu_autocast_is_bf16_matmuls_close_to_float32():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 16, generator=g).requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = attend(q, k, v, is_causal=True)
+    ref = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+    assert y.dtype == torch.bfloat16  # the two matmuls ran in bf16, the softmax in float32
+    torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
+    y.float().sum().backward()
+    assert q.grad.dtype == torch.float32 and q.grad.abs().sum() > 0
 
 
 def test_bf16_newton_schulz_stays_close_to_float32():

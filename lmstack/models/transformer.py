@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from . import kernels
+from .attention import SDPA_GQA, attend
 from .fused_decode import fused_blocks
 from .kv_cache import KVCache
 from .rope import (ROPE_SCALING_TYPES, apply_rope, rope_frequencies, rope_original_length,  # noqa: F401
@@ -40,21 +41,6 @@ class RMSNorm(nn.RMSNorm):
                 and x.device.type == "cpu" and self.weight is not None and self.weight.dtype == torch.float32:
             return ext.rmsnorm(x, self.weight, torch.finfo(x.dtype).eps if self.eps is None else self.eps)
         return super().forward(x)
-
-
-SDPA_GQA = "enable_gqa" in (F.scaled_dot_product_attention.__doc__ or "")  # torch >= 2.5
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
-    """scaled_dot_product_attention; under CPU bf16 autocast it runs in float32, because PyTorch's CPU flash-attention
-    backward is several times slower in bf16 than in float32 (measured: benchmarks/RESULTS.md, `dtype: auto`)."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        mask = kw.get("attn_mask")
-        if mask is not None and mask.is_floating_point():
-            kw["attn_mask"] = mask.float()
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw)
-    return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
