@@ -3,8 +3,10 @@ gradients and optimizer state to the byte, KV cache to the byte, activations aga
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -165,7 +167,7 @@ def _measure(cfg, autocast=False, math_attention=False):
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_activations_fp32_match_saved_tensors(name):
     cfg = CONFIGS[name]
-    est = activation_bytes(cfg, B, T)["total"]
+    est = activation_bytes(cfg, B, T, device="cpu")["total"]  # T=64 on the CPU: attend's matmul path
     ratio = est / _measure(cfg)
     assert abs(ratio - 1) <= TOL, ratio
 
@@ -175,10 +177,27 @@ def test_activations_bf16_autocast_match_saved_tensors(name):
     """Under autocast the saved storages also hold the bf16 copies of the weight matrices (a training_memory row)."""
     cfg = CONFIGS[name]
     copies = training_memory(cfg, B, T, "bfloat16")["none"]["autocast_copies"]
-    est = activation_bytes(cfg, B, T, "bfloat16", device="cpu")["total"] + copies  # attention fp32 on CPU
+    est = activation_bytes(cfg, B, T, "bfloat16", device="cpu")["total"] + copies
     ratio = est / _measure(cfg, autocast=True)
     assert abs(ratio - 1) <= TOL, ratio
     assert activation_bytes(cfg, B, T, "bfloat16")["total"] < activation_bytes(cfg, B, T)["total"]
+
+
+@pytest.mark.parametrize("name", ["gpt2-tied", "llama-mha", "bert"])
+@pytest.mark.parametrize("batch,seq,autocast", [(1, 64, False), (2, 160, False), (2, 160, True), (3, 32, True)])
+def test_cpu_attention_paths_match_saved_tensors(name, batch, seq, autocast, monkeypatch):
+    """Both CPU attention paths: matmul + softmax for short sequences (B=1: q, k, v stay views; else bmm saves
+    copies, plus the T x T probabilities) and the flash kernel beyond 128 queries (256 under bf16 autocast)."""
+    cfg = dataclasses.replace(CONFIGS[name], block_size=256)
+    monkeypatch.setattr(sys.modules[__name__], "B", batch)
+    monkeypatch.setattr(sys.modules[__name__], "T", seq)
+    dtype = "bfloat16" if autocast else "float32"
+    copies = training_memory(cfg, batch, seq, dtype)["none"]["autocast_copies"] if autocast else 0
+    est = activation_bytes(cfg, batch, seq, dtype, device="cpu")
+    assert abs((est["total"] + copies) / _measure(cfg, autocast=autocast) - 1) <= TOL
+    flash = activation_bytes(cfg, batch, seq, dtype)  # a GPU's flash kernel: no T x T scores
+    matmul_path = seq <= (256 if autocast else 128)
+    assert (est["per_layer"] - flash["per_layer"] >= batch * seq * cfg.n_head * (seq - 1) * 4) == matmul_path
 
 
 @pytest.mark.parametrize("name", ["gpt2-tied", "llama-gqa-untied"])
@@ -208,7 +227,7 @@ def test_checkpointed_activations(name):
     """Forward with Transformer.activation_checkpointing: only the block inputs + the outside-the-blocks tensors stay
     saved. Backward (blocks wrapped by hand): each block's recompute saves one block's activations."""
     cfg = CONFIGS[name]
-    est = activation_bytes(cfg, B, T)
+    est = activation_bytes(cfg, B, T, device="cpu")
     stored = est["checkpointed"] - est["per_layer"]  # block inputs + embeddings / final norm / head / loss
     assert stored == est["checkpointed_inputs"] + est["other"] + est["logits"]
     x, y = _batch(cfg)
@@ -268,6 +287,18 @@ def test_cli_info_json_equals_the_library(capsys):
     assert got["activations"]["total"] == activation_bytes(cfg, 2, cfg.block_size)["total"]
 
 
+def test_cli_info_device_cpu_counts_the_short_sequence_scores(capsys):
+    main(["info", "--preset", "gpt2-small", "--seq-len", "64", "--batch-size", "2", "--device", "cpu", "--json"])
+    got = json.loads(capsys.readouterr().out)
+    cfg = preset("gpt2-small")
+    assert got["settings"]["device"] == "cpu"
+    assert got == json.loads(json.dumps(memory_report(cfg, batch_size=2, seq_len=64, world_size=8, device="cpu")))
+    gpu = activation_bytes(cfg, 2, 64)["per_layer"]
+    assert got["activations"]["per_layer"] - gpu == 2 * 64 * cfg.n_head * (64 - 1) * 4  # probabilities, no logsumexp
+    main(["info", "--preset", "gpt2-small", "--seq-len", "64", "--device", "cpu"])
+    assert "sdpa attention on cpu" in capsys.readouterr().out
+
+
 def test_cli_info_table_keeps_describe_rows_first(capsys):
     main(["info", "--preset", "gpt2-small", "--world-size", "2", "--dtype", "bfloat16", "--seq-len", "128"])
     out = capsys.readouterr().out.splitlines()
@@ -281,6 +312,6 @@ def test_cli_info_table_keeps_describe_rows_first(capsys):
 def test_bad_settings_are_user_errors():
     cfg = CONFIGS["gpt2-tied"]
     for kw in (dict(world_size=0), dict(batch_size=0), dict(optimizer="lion"), dict(dtype="float16"),
-               dict(strategies=("zero3",)), dict(attention="ring"), dict(master_weights=True)):
+               dict(strategies=("zero3",)), dict(attention="ring"), dict(master_weights=True), dict(device="tpu")):
         with pytest.raises(ConfigError):
             training_memory(cfg, **kw)

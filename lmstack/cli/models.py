@@ -54,7 +54,7 @@ def cmd_info(a) -> None:
     strategies = tuple(s for s in STRATEGIES if s in (a.strategy or STRATEGIES))
     rep = memory_report(cfg, batch_size=a.batch_size, seq_len=a.seq_len, dtype=a.dtype, optimizer=a.optimizer,
                         world_size=a.world_size, strategies=strategies, attention=a.attention,
-                        master_weights=a.master_weights)
+                        master_weights=a.master_weights, device=a.device)
     _print_info(cfg, a, rep, format_report(rep))
 
 
@@ -113,5 +113,8 @@ def register(sub) -> None:
                    help="columns to show (repeatable; default all three)")
     t.add_argument("--attention", choices=["sdpa", "eager"], default="sdpa",
                    help="sdpa: flash/memory-efficient kernel, no T x T scores kept; eager: keeps the T x T softmax")
+    t.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="where it trains: cpu runs attention in fp32 under autocast and short sequences (<= 128 "
+                        "queries, 256 under bf16 autocast) as matmul + softmax, keeping the T x T probabilities")
     t.add_argument("--json", action="store_true", help="print everything (describe rows included) as JSON")
     t.set_defaults(fn=cmd_info)

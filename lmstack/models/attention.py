@@ -36,8 +36,14 @@ def _small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kw: dict) -> bool:
         return False
     if torch.compiler.is_compiling():
         return False
-    max_t = 256 if torch.is_grad_enabled() and torch.is_autocast_enabled("cpu") else 128
-    return q.shape[2] <= max_t and q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] * 4 <= SMALL_SCORES_BYTES
+    autocast_training = torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+    return short_enough(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], autocast_training)
+
+
+def short_enough(batch_heads: int, queries: int, keys: int, autocast_training: bool) -> bool:
+    """The length rule of the matmul path (also what scaling.memory assumes for CPU activations)."""
+    max_t = 256 if autocast_training else 128
+    return queries <= max_t and batch_heads * queries * keys * 4 <= SMALL_SCORES_BYTES
 
 
 def _matmul_attention(q, k, v, is_causal=False, dropout_p=0.0, scale=None, **_) -> torch.Tensor:

@@ -45,6 +45,9 @@ micro-batch (B sequences x T tokens) plus the loss, per block in the order of `B
               logsumexp (n_head fp32 per token). `attention="sdpa"` assumes a flash / memory-efficient kernel: no
               T x T scores are stored. `attention="eager"` (math kernel, e.g. dropout or an explicit mask on CPU)
               adds the softmax probabilities, n_head * T per token (fp32 under autocast + the bf16 copy @v saves).
+              device="cpu": models/attention.attend runs short sequences (<= 128 queries, 256 under bf16 autocast)
+              as bmm + softmax + bmm, saving the probabilities too and contiguous copies of q, k, v (views when B
+              or n_head is 1); longer ones use the flash kernel, in fp32 under autocast (fp32 q, k, v and output).
   MLP         fc input (d); swiglu: fused [gate; up] output (2f) + silu(gate) (f) + product (f, proj input);
               gelu / silu: fc output (f) + activation output (f); relu: f (relu saves its output = proj input).
   dropout>0   one bool mask per nn.Dropout (2 per block + embeddings).
@@ -61,12 +64,13 @@ from dataclasses import asdict, dataclass
 
 from ..config import ModelConfig, describe
 from ..errors import ConfigError
-from ..models.transformer import SDPA_GQA
+from ..models.attention import SDPA_GQA, short_enough
 
 DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "sgd", "rmsprop", "muon")
 STRATEGIES = ("none", "ddp", "fsdp")
 ATTENTION = ("sdpa", "eager")
+DEVICES = ("cuda", "cpu")
 #: optimizer -> (fp32 slots for the non-Muon parameters, slots for Muon's hidden matrices, step scalar per tensor)
 _SLOTS = {"adamw": (2, 2, True), "sgd": (1, 1, False), "rmsprop": (1, 1, True), "muon": (2, 1, True)}
 
@@ -141,15 +145,47 @@ def _norm_saved(cfg: ModelConfig, r: int) -> int:
     return r * d + 8 if cfg.norm == "layernorm" else 2 * r * d + 4
 
 
+def _attention_saved(cfg: ModelConfig, B: int, T: int, dtype: str, attention: str, master_weights: bool,
+                     device: str) -> int:
+    """Bytes per token the attention sub-layer saves (see the module docstring)."""
+    d, H, kv = cfg.n_embd, cfg.n_head, cfg.kv_heads * cfg.head_dim
+    pure_bf16 = dtype == "bfloat16" and master_weights
+    c = 2 if dtype == "bfloat16" else 4
+    rope, gqa = cfg.pos_emb == "rope", cfg.kv_heads != cfg.n_head
+    repeat = gqa and not SDPA_GQA  # torch < 2.5: k, v repeat_interleave'd to n_head before SDPA
+    kv_in = d if repeat else kv    # k, v width as attention receives them
+    autocast = device == "cpu" and dtype == "bfloat16" and not pure_bf16
+    # q, k, v as attention receives them; any that is a view of the fused qkv output keeps that whole buffer alive
+    q_view, k_view, v_view = not rope, not (rope or repeat), not repeat
+    given = c * d * (not q_view) + c * kv_in * ((not k_view) + (not v_view))
+    given += c * (d + 2 * kv) if (q_view or k_view or v_view) else 0
+    if device == "cpu" and attention == "sdpa" and not (gqa and SDPA_GQA) and short_enough(B * H, T, T, autocast):
+        # models/attention.py's matmul path: bmm saves its (B*H, T, hd) operands (views of q, k, v when B or n_head
+        # is 1, else contiguous copies) and the float32 softmax probabilities (+ their bf16 copy @ v)
+        qkv = given if B == 1 or H == 1 else c * (d + 2 * kv_in)
+        return c * d + qkv + c * d + H * T * (4 if c == 4 else 4 + c)    # qkv input, q k v, probs, proj input
+    attn = c * d + given + c * d                                      # qkv input, q k v, SDPA output = proj input
+    if autocast:                                                      # attention in fp32 under CPU autocast:
+        attn = c * d + 4 * (d + 2 * kv_in) + 4 * d + c * d            # qkv input, fp32 q k v, fp32 output
+        c_att = 4                                                     # + proj's bf16 copy of it
+    else:
+        c_att = c
+    if attention == "sdpa":
+        return attn + 4 * H                                           # logsumexp, fp32
+    return attn + H * T * (c_att if c_att == 4 or pure_bf16 else 4 + c)  # softmax probabilities (+ bf16 copy)
+
+
 def activation_bytes(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None = None, dtype: str = "float32",
                      attention: str = "sdpa", master_weights: bool = False, device: str = "cuda") -> dict[str, int]:
     """Bytes autograd saves for backward in one forward + loss of a (batch_size, seq_len) micro-batch (see the module
     docstring for the tensor-by-tensor accounting). device="cpu" with bf16 autocast: attention runs in float32 there
-    (models/transformer.attend), so SDPA saves float32 copies of q, k, v and a float32 output. Keys: per_layer, blocks, logits (log-softmax + targets), other
-    (embeddings, final norm, head input), total; checkpointed_inputs, checkpointed (block inputs + one block's
+    (models/attention.attend), so SDPA saves float32 copies of q, k, v and a float32 output; device="cpu" also takes
+    attend's matmul path for short sequences (T x T probabilities saved). Keys: per_layer, blocks, logits
+    (log-softmax + targets), other (embeddings, final norm, head input), total; checkpointed_inputs, checkpointed (block inputs + one block's
     recompute + logits + other); loss_transient (not saved; the peak at the start of backward)."""
     _check_precision(dtype, master_weights)
     _check("attention", attention, ATTENTION)
+    _check("device", device, DEVICES)
     B, T = batch_size, seq_len or cfg.block_size
     BT = B * T
     d, f, H, L, V = cfg.n_embd, cfg.ffn_size, cfg.n_head, cfg.n_layer, cfg.vocab_size
@@ -157,24 +193,7 @@ def activation_bytes(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None 
     pure_bf16 = dtype == "bfloat16" and master_weights
     c = 2 if dtype == "bfloat16" else 4          # compute dtype: linear / attention tensors
     r = 2 if pure_bf16 else 4                    # residual stream and norms
-    # attention: which of q, k, v are views of the fused qkv output (that keeps the whole buffer alive)
-    rope, gqa = cfg.pos_emb == "rope", cfg.kv_heads != cfg.n_head
-    repeat = gqa and not SDPA_GQA  # torch < 2.5: k, v repeat_interleave'd to n_head before SDPA
-    q_view, k_view, v_view = not rope, not (rope or repeat), not repeat
-    attn = c * d                                                      # qkv input
-    attn += c * d * (not q_view)                                      # new q (n_head wide)
-    attn += c * (d if repeat else kv) * ((not k_view) + (not v_view))  # new k / v (n_head wide when repeated)
-    attn += c * (d + 2 * kv) if (q_view or k_view or v_view) else 0   # the fused qkv buffer
-    attn += c * d                                                     # SDPA output = proj input
-    if device == "cpu" and dtype == "bfloat16" and not pure_bf16:     # attention in fp32 under CPU autocast:
-        attn = c * d + 4 * (d + 2 * (d if repeat else kv)) + 4 * d + c * d  # qkv input, fp32 q k v, fp32 output
-        c_att = 4                                                     # + proj's bf16 copy of it
-    else:
-        c_att = c
-    if attention == "sdpa":
-        attn += 4 * H                                                 # logsumexp, fp32
-    else:
-        attn += H * T * (c_att if c_att == 4 or pure_bf16 else 4 + c)  # softmax probabilities (+ bf16 copy)
+    attn = _attention_saved(cfg, B, T, dtype, attention, master_weights, device)
     mlp = c * d                                                       # fc input
     if cfg.mlp == "swiglu":
         mlp += c * 4 * f
@@ -195,7 +214,8 @@ def activation_bytes(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None 
 
 def training_memory(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None = None, dtype: str = "float32",
                     optimizer: str = "adamw", world_size: int = 1, strategies: tuple[str, ...] = STRATEGIES,
-                    attention: str = "sdpa", master_weights: bool = False) -> dict[str, dict[str, int]]:
+                    attention: str = "sdpa", master_weights: bool = False,
+                    device: str = "cuda") -> dict[str, dict[str, int]]:
     """{strategy: {component: bytes per device}} for `world_size` devices; components: weights, gradients,
     optimizer (moments + step scalars), master_weights, autocast_copies, ddp_buckets, fsdp_unsharded, activations,
     activations_checkpointed, loss_transient, total, total_checkpointed (totals add everything: an upper bound, since
@@ -206,7 +226,7 @@ def training_memory(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None =
     for s in strategies:
         _check("strategy", s, STRATEGIES)
     st = state_bytes(cfg, dtype, optimizer, master_weights)
-    act = activation_bytes(cfg, batch_size, seq_len, dtype, attention, master_weights)
+    act = activation_bytes(cfg, batch_size, seq_len, dtype, attention, master_weights, device)
     pc = param_counts(cfg)
     autocast = dtype == "bfloat16" and not master_weights
     c = 2 if dtype == "bfloat16" else 4
@@ -244,10 +264,10 @@ def kv_cache_table(cfg: ModelConfig, batch_size: int = 1, lengths: list[int] | N
 
 def memory_report(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None = None, dtype: str = "float32",
                   optimizer: str = "adamw", world_size: int = 1, strategies: tuple[str, ...] = STRATEGIES,
-                  attention: str = "sdpa", master_weights: bool = False) -> dict:
+                  attention: str = "sdpa", master_weights: bool = False, device: str = "cuda") -> dict:
     """Everything `lmstack info` prints, as JSON-ready data (describe()'s rows included)."""
     T = seq_len or cfg.block_size
-    kw = dict(dtype=dtype, attention=attention, master_weights=master_weights)
+    kw = dict(dtype=dtype, attention=attention, master_weights=master_weights, device=device)
     return {
         "describe": dict(describe(cfg, seq_len)),
         "params": asdict(param_counts(cfg)),
@@ -306,7 +326,7 @@ def format_report(rep: dict) -> str:
     prec = s["dtype"] + (" (bf16 params + fp32 master)" if s["master_weights"] else
                          " (autocast over fp32 params)" if s["dtype"] == "bfloat16" else "")
     lines = [f"training memory per device: micro-batch {s['batch_size']} x {s['seq_len']:,} tokens, {prec}, "
-             f"{s['optimizer']}, {s['attention']} attention"]
+             f"{s['optimizer']}, {s['attention']} attention on {s['device']}"]
     labels = dict(_ROWS)
     labels["optimizer"] = f"optimizer state ({s['optimizer']})"
     w = max(len(v) for v in labels.values())
