@@ -1,6 +1,4 @@
 """`python -m lmstack ...` (and `torchrun ... -m lmstack train RECIPE`): the CLI."""
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -2,6 +2,7 @@
 iteration (two fused baddbmm calls per step) against plain matmuls, the Muon update against a per-matrix loop."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmstack.train.optim import Muon, orthogonalize
@@ -90,3 +91,23 @@ def test_muon_update_matches_a_per_matrix_loop():
                 p.mul_(1 - lr * wd).add_(u, alpha=-lr * max(1.0, p.shape[0] / p.shape[1]) ** 0.5)
     for a, b in zip(mats, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_muon_ns_steps_reaches_the_optimizer_and_is_validated():
+    from lmstack.errors import ConfigError
+    from lmstack.train.config import TrainConfig
+    from lmstack.train.trainer import build_optimizer
+    gen = torch.Generator().manual_seed(5)
+    m = torch.nn.Parameter(torch.randn(8, 12, generator=gen))
+    m.muon_ok = True
+    opt = build_optimizer([m], TrainConfig(optimizer="muon", muon_ns_steps=3))
+    assert [g["ns_steps"] for g in opt.param_groups] == [3]
+    m.grad = torch.randn(8, 12, generator=gen)
+    before = m.detach().clone()
+    opt.step()  # momentum buffer = grad, nesterov: g + 0.95 g
+    u = orthogonalize(1.95 * m.grad, steps=3)
+    lr = opt.param_groups[0]["lr"]
+    torch.testing.assert_close(m.detach(), before - lr * u, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(orthogonalize(m.grad, steps=3), orthogonalize(m.grad, steps=5))
+    with pytest.raises(ConfigError, match="muon_ns_steps"):
+        TrainConfig(optimizer="muon", muon_ns_steps=0).validate()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 from . import compare, evaluate, fill_mask, finetune, grpo, models, rag, rlhf, run, scaling, serving, train, translate
 
@@ -44,3 +45,21 @@ def main(argv: list[str] | None = None) -> int:
         print("lmstack: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def entry() -> None:
+    """The `lmstack` console script and `python -m lmstack`: main(), then a fast exit. Stdio is flushed and the atexit
+    handlers run as usual; only the interpreter's module teardown is skipped (about 1 s once torch, torch._dynamo and
+    matplotlib are loaded). A normal exit instead while another non-daemon thread is alive, or LMSTACK_FAST_EXIT=0."""
+    rc = main()
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if others or os.environ.get("LMSTACK_FAST_EXIT", "1") == "0":
+        sys.exit(rc)
+    import atexit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (`lmstack ... | head`) or stream: nothing left to write
+            pass
+    os._exit(rc)

@@ -85,6 +85,7 @@ class TrainConfig:
     rmsprop_alpha: float = 0.99
     muon_lr: float = 0.02           # optimizer=muon: learning rate of the Muon groups (follows the same schedule)
     muon_momentum: float = 0.95
+    muon_ns_steps: int = 5          # optimizer=muon: Newton–Schulz iterations per update (each ~ 3 matmuls per matrix)
     grad_clip: float = 1.0          # 0 = off
     batch_size: int = 12
     grad_accum: int = 1
@@ -119,7 +120,7 @@ class TrainConfig:
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise ConfigError(f"{k}={getattr(self, k)!r} is not supported; choose one of {', '.join(allowed)}")
-        for k in ("batch_size", "grad_accum", "eval_interval", "log_interval"):
+        for k in ("batch_size", "grad_accum", "eval_interval", "log_interval", "muon_ns_steps"):
             if not isinstance(getattr(self, k), int) or getattr(self, k) <= 0:
                 raise ConfigError(f"{k} must be a positive integer, got {getattr(self, k)!r}")
         if self.max_steps is None and self.epochs is None:

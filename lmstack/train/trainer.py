@@ -90,7 +90,8 @@ def build_optimizer(params: list[dict] | list[torch.nn.Parameter], cfg: TrainCon
                 split.append({**g, "params": mats, "muon": True, "lr_scale": cfg.muon_lr / cfg.lr})
             if rest:
                 split.append({**g, "params": rest, "muon": False})
-        return Muon(split, lr=cfg.lr, momentum=cfg.muon_momentum, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        return Muon(split, lr=cfg.lr, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps,
+                    betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                     ns_dtype=torch.bfloat16 if compute_dtype == "bfloat16" else torch.float32)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
