@@ -185,10 +185,12 @@ def test_activations_bf16_autocast_match_saved_tensors(name):
 
 @pytest.mark.parametrize("name", ["gpt2-tied", "llama-mha", "bert"])
 @pytest.mark.parametrize("batch,seq,autocast", [(1, 64, False), (2, 160, False), (2, 160, True), (3, 32, True)])
-def test_cpu_attention_paths_match_saved_tensors(name, batch, seq, autocast, monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_cpu_attention_paths_match_saved_tensors(name, batch, seq, autocast, dropout, monkeypatch):
     """Both CPU attention paths: matmul + softmax for short sequences (B=1: q, k, v stay views; else bmm saves
-    copies, plus the T x T probabilities) and the flash kernel beyond 128 queries (256 under bf16 autocast)."""
-    cfg = dataclasses.replace(CONFIGS[name], block_size=256)
+    copies, plus the T x T probabilities) and the flash kernel beyond 128 queries (256 under bf16 autocast);
+    with dropout always the matmul path, and every dropout keeps its noise tensor (CPU dropout is input * noise)."""
+    cfg = dataclasses.replace(CONFIGS[name], block_size=256, dropout=dropout)
     monkeypatch.setattr(sys.modules[__name__], "B", batch)
     monkeypatch.setattr(sys.modules[__name__], "T", seq)
     dtype = "bfloat16" if autocast else "float32"
@@ -196,7 +198,7 @@ def test_cpu_attention_paths_match_saved_tensors(name, batch, seq, autocast, mon
     est = activation_bytes(cfg, batch, seq, dtype, device="cpu")
     assert abs((est["total"] + copies) / _measure(cfg, autocast=autocast) - 1) <= TOL
     flash = activation_bytes(cfg, batch, seq, dtype)  # a GPU's flash kernel: no T x T scores
-    matmul_path = seq <= (256 if autocast else 128)
+    matmul_path = dropout > 0 or seq <= (256 if autocast else 128)
     assert (est["per_layer"] - flash["per_layer"] >= batch * seq * cfg.n_head * (seq - 1) * 4) == matmul_path
 
 

@@ -7,6 +7,8 @@ On the CPU two things change what is fastest (measured: benchmarks/RESULTS.md, i
   matmul. Longer sequences keep the flash kernel, which skips the masked half and never materializes the
   B*H*T*S scores: at T=512 it is faster both ways (forward 4.4 vs 13.6 ms at B=1, H=9, D=64).
 * Under CPU bf16 autocast, the flash kernel runs in float32: its bf16 backward is the slow one.
+* Attention dropout: no fused CPU kernel supports it (SDPA falls back to its math kernel, which materializes the
+  scores too), so it always takes the matmul path.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ def _small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kw: dict) -> bool:
         return False
     if torch.compiler.is_compiling():
         return False
+    if kw.get("dropout_p"):  # no fused CPU kernel takes dropout: SDPA's math kernel would keep the scores anyway
+        return True
     autocast_training = torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
     return short_enough(q.shape[0] * q.shape[1], q.shape[2], k.shape[2], autocast_training)
 

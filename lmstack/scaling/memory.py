@@ -47,10 +47,12 @@ micro-batch (B sequences x T tokens) plus the loss, per block in the order of `B
               adds the softmax probabilities, n_head * T per token (fp32 under autocast + the bf16 copy @v saves).
               device="cpu": models/attention.attend runs short sequences (<= 128 queries, 256 under bf16 autocast)
               as bmm + softmax + bmm, saving the probabilities too and contiguous copies of q, k, v (views when B
-              or n_head is 1); longer ones use the flash kernel, in fp32 under autocast (fp32 q, k, v and output).
+              or n_head is 1); so do all lengths with dropout > 0 (+ dropout's mask and output per score); longer
+              ones without dropout use the flash kernel, in fp32 under autocast (fp32 q, k, v and output).
   MLP         fc input (d); swiglu: fused [gate; up] output (2f) + silu(gate) (f) + product (f, proj input);
               gelu / silu: fc output (f) + activation output (f); relu: f (relu saves its output = proj input).
-  dropout>0   one bool mask per nn.Dropout (2 per block + embeddings).
+  dropout>0   one mask per nn.Dropout (2 per block + embeddings): bool on CUDA (the fused kernel); on the CPU dropout
+              is input * noise, so the noise in the input's dtype.
 Outside the blocks: token ids (int64), learned-position ids, embedding norm, final norm + head input (d), the
 log-softmax of the logits in fp32 (V per token; cross-entropy runs on logits.float()) and the int64 targets. The
 logits term is often the biggest one for small models. `loss_transient` is not saved but is alive at the start of
@@ -159,11 +161,14 @@ def _attention_saved(cfg: ModelConfig, B: int, T: int, dtype: str, attention: st
     q_view, k_view, v_view = not rope, not (rope or repeat), not repeat
     given = c * d * (not q_view) + c * kv_in * ((not k_view) + (not v_view))
     given += c * (d + 2 * kv) if (q_view or k_view or v_view) else 0
-    if device == "cpu" and attention == "sdpa" and not (gqa and SDPA_GQA) and short_enough(B * H, T, T, autocast):
+    matmul = cfg.dropout > 0 or short_enough(B * H, T, T, autocast)
+    if device == "cpu" and attention == "sdpa" and not (gqa and SDPA_GQA) and matmul:
         # models/attention.py's matmul path: bmm saves its (B*H, T, hd) operands (views of q, k, v when B or n_head
-        # is 1, else contiguous copies) and the float32 softmax probabilities (+ their bf16 copy @ v)
+        # is 1, else contiguous copies) and the float32 softmax probabilities (+ their bf16 copy @ v); with dropout
+        # the fp32 softmax output, dropout's noise and its output (compute dtype: CPU dropout is input * noise)
         qkv = given if B == 1 or H == 1 else c * (d + 2 * kv_in)
-        return c * d + qkv + c * d + H * T * (4 if c == 4 else 4 + c)    # qkv input, q k v, probs, proj input
+        probs = 4 + 2 * c if cfg.dropout > 0 else (4 if c == 4 else 4 + c)
+        return c * d + qkv + c * d + H * T * probs                    # qkv input, q k v, probs, proj input
     attn = c * d + given + c * d                                      # qkv input, q k v, SDPA output = proj input
     if autocast:                                                      # attention in fp32 under CPU autocast:
         attn = c * d + 4 * (d + 2 * kv_in) + 4 * d + c * d            # qkv input, fp32 q k v, fp32 output
@@ -199,11 +204,12 @@ def activation_bytes(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None 
         mlp += c * 4 * f
     else:
         mlp += c * (f if cfg.activation == "relu" else 2 * f)
-    drop = 2 * d if cfg.dropout > 0 else 0                            # bool masks
+    mask = 1 if device == "cuda" else c  # dropout masks: bool on CUDA (fused kernel), input * noise on CPU
+    drop = 2 * mask * d if cfg.dropout > 0 else 0                     # attention and MLP output dropout
     per_layer = BT * (2 * _norm_saved(cfg, r) + attn + mlp + drop)
     other = BT * 8 + (T * 8 if cfg.pos_emb == "learned" else 0)       # token ids (+ position ids)
     other += BT * (_norm_saved(cfg, r) if cfg.embedding_norm else 0)
-    other += BT * (d if cfg.dropout > 0 else 0)
+    other += BT * d * (1 if device == "cuda" else r) * (cfg.dropout > 0)  # embedding dropout's mask / noise
     other += BT * ((_norm_saved(cfg, r) if cfg.norm_position == "pre" else 0) + c * d)   # final norm, head input
     logits = BT * (4 * V + 8) + 4                                     # fp32 log-probs, int64 targets, total_weight
     inputs = L * BT * r * d
