@@ -79,13 +79,13 @@ def step_rows(reps: int) -> list[str]:
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss.backward()
         model.zero_grad(set_to_none=True)
-    real = attention._small
+    real = attention._matmul_path
     ms = {"flash kernel": [], "as it is": []}
     for _ in range(reps):
         for name in ms:
-            attention._small = real if name == "as it is" else (lambda *a: False)
+            attention._matmul_path = real if name == "as it is" else (lambda *a: False)
             ms[name].append(timed(step, 20))
-    attention._small = real
+    attention._matmul_path = real
     a, b = statistics.median(ms["flash kernel"]), statistics.median(ms["as it is"])
     return [f"Training step (fwd + bwd) of the fast recipe's model, `dtype: auto` -> {dtype} ({why}):",
             "", "| attend | ms/step |", "|---|---|", f"| flash kernel (before) | {a:.2f} |",

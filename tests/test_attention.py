@@ -18,7 +18,7 @@ def _qkv(b, h, t, d, s=None, seed=0):
 @pytest.mark.parametrize("shape", [(3, 4, 17, 8), (1, 2, 1, 8), (2, 3, 64, 32)])
 def test_matmul_path_matches_sdpa_values_and_gradients(shape, kw):
     q, k, v = _qkv(*shape)
-    assert attention._small(q, k, v, dict(kw))
+    assert attention._matmul_path(q, k, v, dict(kw))
     y = attend(q, k, v, **kw)
     q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
     ref = F.scaled_dot_product_attention(q2, k2, v2, **kw)
@@ -51,6 +51,8 @@ def test_which_calls_keep_the_sdpa_kernel(monkeypatch):
     attend(q, k, v, is_causal=True)
     assert calls == []  # short and causal: two matmuls and a softmax
     long_q, long_k, long_v = _qkv(1, 2, 200, 8)
+    attend(long_q, long_k, long_v, is_causal=True, dropout_p=0.1)
+    assert calls == []  # dropout at any length: no fused CPU kernel takes it
     with torch.no_grad():
         attend(long_q, long_k, long_v, is_causal=True)  # inference past 128 queries: the flash kernel
     mask = torch.ones(16, 16, dtype=torch.bool).tril()

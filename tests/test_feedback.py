@@ -364,7 +364,8 @@ def test_cli_serves_the_page(chat_lm, tmp_path):
                             stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(300):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the server comes up: polled with a deadline
             try:
                 if httpx.get(url + "/api/progress", timeout=1).status_code == 200:
                     break

@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -43,10 +42,10 @@ def _model(cfg: ModelConfig) -> Transformer:
     return Transformer(cfg).train()
 
 
-def _batch(cfg: ModelConfig):
+def _batch(cfg: ModelConfig, batch: int = B, seq: int = T):
     g = torch.Generator().manual_seed(1)
-    return (torch.randint(0, cfg.vocab_size, (B, T), generator=g),
-            torch.randint(0, cfg.vocab_size, (B, T), generator=g))
+    return (torch.randint(0, cfg.vocab_size, (batch, seq), generator=g),
+            torch.randint(0, cfg.vocab_size, (batch, seq), generator=g))
 
 
 def _loss(model, x, y):
@@ -154,9 +153,9 @@ def test_kv_cache_bytes_equal_the_allocated_cache(name, dtype):
 
 
 # ---- (3) activations: estimate vs saved tensors ------------------------------------------------------------------
-def _measure(cfg, autocast=False, math_attention=False):
+def _measure(cfg, autocast=False, math_attention=False, batch: int = B, seq: int = T):
     m = _model(cfg)
-    x, y = _batch(cfg)
+    x, y = _batch(cfg, batch, seq)
     ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     kern = sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext()
     with SavedBytes(m) as saved, ac, kern:
@@ -186,17 +185,15 @@ def test_activations_bf16_autocast_match_saved_tensors(name):
 @pytest.mark.parametrize("name", ["gpt2-tied", "llama-mha", "bert"])
 @pytest.mark.parametrize("batch,seq,autocast", [(1, 64, False), (2, 160, False), (2, 160, True), (3, 32, True)])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_cpu_attention_paths_match_saved_tensors(name, batch, seq, autocast, dropout, monkeypatch):
+def test_cpu_attention_paths_match_saved_tensors(name, batch, seq, autocast, dropout):
     """Both CPU attention paths: matmul + softmax for short sequences (B=1: q, k, v stay views; else bmm saves
     copies, plus the T x T probabilities) and the flash kernel beyond 128 queries (256 under bf16 autocast);
     with dropout always the matmul path, and every dropout keeps its noise tensor (CPU dropout is input * noise)."""
     cfg = dataclasses.replace(CONFIGS[name], block_size=256, dropout=dropout)
-    monkeypatch.setattr(sys.modules[__name__], "B", batch)
-    monkeypatch.setattr(sys.modules[__name__], "T", seq)
     dtype = "bfloat16" if autocast else "float32"
     copies = training_memory(cfg, batch, seq, dtype)["none"]["autocast_copies"] if autocast else 0
     est = activation_bytes(cfg, batch, seq, dtype, device="cpu")
-    assert abs((est["total"] + copies) / _measure(cfg, autocast=autocast) - 1) <= TOL
+    assert abs((est["total"] + copies) / _measure(cfg, autocast=autocast, batch=batch, seq=seq) - 1) <= TOL
     flash = activation_bytes(cfg, batch, seq, dtype)  # a GPU's flash kernel: no T x T scores
     matmul_path = dropout > 0 or seq <= (256 if autocast else 128)
     assert (est["per_layer"] - flash["per_layer"] >= batch * seq * cfg.n_head * (seq - 1) * 4) == matmul_path

@@ -27,9 +27,9 @@ def _causal_bias(t: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)
 
 
-def _small(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kw: dict) -> bool:
+def _matmul_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kw: dict) -> bool:
     """Whether the matmul path computes exactly what SDPA would and pays: CPU, no explicit mask or GQA broadcast,
-    a causal mask only over as many keys as queries, a short sequence, not traced by torch.compile."""
+    a causal mask only over as many keys as queries, not traced by torch.compile, and a short sequence or dropout."""
     if q.device.type != "cpu" or kw.get("attn_mask") is not None or kw.get("enable_gqa") or q.dim() != 4:
         return False
     if set(kw) - {"attn_mask", "is_causal", "dropout_p", "scale", "enable_gqa"} or k.shape[1] != q.shape[1]:
@@ -68,7 +68,7 @@ def _matmul_attention(q, k, v, is_causal=False, dropout_p=0.0, scale=None, **_) 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
     """scaled_dot_product_attention(q, k, v, **kw), by the path that is fastest here (see the module docstring)."""
-    if _small(q, k, v, kw):
+    if _matmul_path(q, k, v, kw):
         return _matmul_attention(q, k, v, **kw)
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         mask = kw.get("attn_mask")

@@ -193,8 +193,7 @@ def activation_bytes(cfg: ModelConfig, batch_size: int = 1, seq_len: int | None 
     _check("device", device, DEVICES)
     B, T = batch_size, seq_len or cfg.block_size
     BT = B * T
-    d, f, H, L, V = cfg.n_embd, cfg.ffn_size, cfg.n_head, cfg.n_layer, cfg.vocab_size
-    kv = cfg.kv_heads * cfg.head_dim
+    d, f, L, V = cfg.n_embd, cfg.ffn_size, cfg.n_layer, cfg.vocab_size
     pure_bf16 = dtype == "bfloat16" and master_weights
     c = 2 if dtype == "bfloat16" else 4          # compute dtype: linear / attention tensors
     r = 2 if pure_bf16 else 4                    # residual stream and norms
