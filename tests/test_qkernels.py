@@ -309,13 +309,17 @@ def test_lean_reader_matches_gguf_reader(tmp_path):
 
 
 def count_fused_calls(monkeypatch) -> list:
-    """Route kernels.loaded() through a proxy that records each decode_layer call (and forwards everything)."""
+    """Route kernels.loaded() through a proxy that records one entry per layer each decode_layers call runs (and
+    forwards everything)."""
     ext, calls = kernels.loaded(), []
 
     class Counting:
         def __getattr__(self, name):
-            if name == "decode_layer":
-                calls.append(1)
+            if name == "decode_layers":
+                def run(x, layers, *rest):
+                    calls.extend([1] * len(layers))
+                    return ext.decode_layers(x, layers, *rest)
+                return run
             return getattr(ext, name)
     monkeypatch.setattr(kernels, "loaded", lambda: Counting())
     return calls
@@ -356,6 +360,51 @@ def test_fused_decode_layer_equals_the_module_path(monkeypatch, path_restore):
         n = model.blocks[0].mlp.fc.gemm_min_rows()
         model(torch.randint(0, 96, (1, n)), cache=make_cache(model, 1, n), pos=0)
     assert calls == []
+
+
+@pytest.mark.parametrize("path", NATIVE)
+@pytest.mark.parametrize("fmt", qf.FORMATS)
+@pytest.mark.parametrize("layout", ["gguf", "r16"])
+def test_native_embedding_lookup_equals_the_torch_unpack(path, fmt, layout, path_restore):
+    """QuantEmbedding's one-call native lookup (kernels embed_rows) = gather + unpack in torch, both layouts, rows
+    past the last whole group of 16 included; an id out of range is an error, not a read past the weight."""
+    if path == "amx":
+        pytest.skip("amx runs the avx512 build for lookups")
+    torch.manual_seed(2)
+    kernels.set_kernel_path(path)
+    emb = QuantEmbedding.from_embedding(torch.nn.Embedding(37, 64), fmt)  # 2 groups of 16 + 5 rows
+    if layout == "r16":
+        assert emb.to_native_layout() == (fmt in qf.R16_FORMATS)
+    idx = torch.tensor([[0, 15, 16, 31, 32, 36], [36, 5, 5, 20, 1, 0]])
+    ref = qf.unpack(emb.gguf_qweight(), fmt)[idx]
+    torch.testing.assert_close(emb(idx), ref, rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError, match="outside"):
+        emb(torch.tensor([37]))
+
+
+def test_fused_decode_model_copies_and_pickles(path_restore):
+    """The fused step's per-model cache of native layer objects does not travel with deepcopy / pickle (a reference
+    policy copied for RLHF, torch.save of a module): the copy builds its own and decodes the same."""
+    import copy
+    import pickle
+    if not [p for p in NATIVE if p != "amx"]:
+        pytest.skip("no native kernels on this CPU")
+    from lmstack.models.kv_cache import make_cache
+    kernels.set_kernel_path(NATIVE[-1])
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(FUSED_CFG).eval(), "q4_1")
+    ids = torch.randint(0, 96, (1, 8))
+
+    def run(m):
+        cache = make_cache(m, 1, 16)
+        with torch.inference_mode():
+            return torch.cat([m(ids[:, i:i + 1], cache=cache, pos=i) for i in range(8)], 1)
+    out = run(model)
+    assert model.__dict__.get("_fused_decode_layers") is not None
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin.__dict__.get("_fused_decode_layers") is None
+        torch.testing.assert_close(run(twin), out, rtol=0, atol=0)
+        assert twin.__dict__["_fused_decode_layers"].layers is not model.__dict__["_fused_decode_layers"].layers
 
 
 def test_fused_decode_in_the_continuous_batcher(monkeypatch, path_restore):

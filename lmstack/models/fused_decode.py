@@ -1,4 +1,4 @@
-"""The decode step of a packed Llama-style model as one native call per layer (kernels/qmatmul.cpp decode_layer).
+"""The decode step of a packed Llama-style model as one native call for all its layers (kernels/decode_layer.cpp).
 
 Decoding one token through the Python Transformer is ~40 small PyTorch ops per layer (norms, RoPE, cache writes,
 SDPA, residuals): at SmolLM2's size their dispatch costs as much as the quantized matmuls themselves. When the model
@@ -65,25 +65,38 @@ def fused_blocks(model, x: torch.Tensor, rope, cache, pos: int, padding_mask: to
         mask = padding_mask.to(torch.bool).contiguous()
         if mask.shape != (B, pos + 1):
             return None
-    x = x.contiguous()
-    for i, args in enumerate(_layer_args(model)):
-        x = ext.decode_layer(x, *args, cos, sin, cache.k[i], cache.v[i], pos, cfg.n_head, cfg.kv_heads, mask, seq)
-    return x
+    return ext.decode_layers(x.contiguous(), _layers(model, ext), cos, sin, cache.k, cache.v, pos, cfg.n_head,
+                             cfg.kv_heads, mask, seq)
 
 
-def _layer_args(model) -> list[tuple]:
-    """Each layer's weights as decode_layer takes them, gathered once (module attribute lookups cost ~1 ms a token);
-    rebuilt if a layer was swapped since."""
-    args = getattr(model, "_fused_decode_args", None)
-    if args is None or args[0][1] is not model.blocks[0].attn.qkv.qweight:
-        args = []
+class _Layers:
+    """The kernels' Layer objects of one model, cached on it; a deepcopy or pickle of the model gets None instead
+    (they are rebuilt on its first fused step)."""
+    __slots__ = ("key", "ext", "layers")
+
+    def __init__(self, key, ext, layers):
+        self.key, self.ext, self.layers = key, ext, layers
+
+    def __reduce__(self):
+        return type(None), ()
+
+
+def _layers(model, ext) -> list:
+    """Each layer's weights as decode_layers takes them (kernels' Layer), gathered once: module attribute lookups
+    cost ~1 ms a token, and one native call for all layers releases the GIL once a step instead of once a layer (a
+    server's stream and event-loop threads then run beside the step, not between its layers). Rebuilt when the
+    first layer's weight was swapped since or another kernel build is in use (and by qlinear.native_layout, which
+    changes the format codes)."""
+    cached = model.__dict__.get("_fused_decode_layers")
+    if cached is None or cached.key is not model.blocks[0].attn.qkv.qweight or cached.ext is not ext:
+        layers = []
         for b in model.blocks:
             a, m = b.attn, b.mlp
-            args.append((b.norm1.weight, a.qkv.qweight, a.qkv.fmt_id, a.qkv.bias, a.proj.qweight, a.proj.fmt_id,
-                         a.proj.bias, b.norm2.weight, m.fc.qweight, m.fc.fmt_id, m.fc.bias, m.proj.qweight,
-                         m.proj.fmt_id, m.proj.bias, _eps(b.norm1)))
-        model._fused_decode_args = args
-    return args
+            layers.append(ext.Layer(b.norm1.weight, a.qkv.qweight, a.qkv.fmt_id, a.qkv.bias, a.proj.qweight,
+                                    a.proj.fmt_id, a.proj.bias, b.norm2.weight, m.fc.qweight, m.fc.fmt_id, m.fc.bias,
+                                    m.proj.qweight, m.proj.fmt_id, m.proj.bias, _eps(b.norm1)))
+        cached = model.__dict__["_fused_decode_layers"] = _Layers(model.blocks[0].attn.qkv.qweight, ext, layers)
+    return cached.layers
 
 
 def _eps(norm) -> float:

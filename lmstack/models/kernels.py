@@ -57,7 +57,7 @@ def gemm_min_rows(path: str, interleaved: bool) -> int:
 # the extension's sources (common.h is included by all); bump the _v<N> name below when any of them changes, since
 # torch's build cache looks at the .cpp files only
 _SOURCES = [Path(__file__).with_name("kernels") / f
-            for f in ("qmatmul.cpp", "kquants.cpp", "decode_layer.cpp", "interleaved.cpp")]
+            for f in ("qmatmul.cpp", "kquants.cpp", "decode_layer.cpp", "interleaved.cpp", "unpack.cpp")]
 _FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
@@ -140,7 +140,7 @@ def extension(isa: str):
         try:
             from torch.utils.cpp_extension import get_default_build_root, load
             tuning = _prefetch_flags()
-            name = f"lmstack_qmatmul_{isa}{'_amd' if tuning else ''}_v28"
+            name = f"lmstack_qmatmul_{isa}{'_amd' if tuning else ''}_v31"
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
             if not any(root.glob(f"{name}/*.so")) and not any(root.glob(f"*/{name}/*.so")):
                 print(f"lmstack: compiling the {isa} quantized-matmul kernels (first use, about a minute; cached "

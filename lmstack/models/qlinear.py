@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .qformats import (BLOCK, FORMAT_IDS, R16, R16_FORMATS, check_format, format_code, pack, packed_shape,
-                       repack_r16_, rows_r16, segments, split_segments, unpack, unrepack_r16)
+from .qformats import (BLOCK, FORMAT_IDS, FORMATS, R16, R16_FORMATS, check_format, format_code, pack,
+                       packed_shape, repack_r16_, rows_r16, segments, split_segments, unpack, unrepack_r16)
 
 
 class _Packed(nn.Module):
@@ -151,6 +151,13 @@ class QuantEmbedding(_Packed):
         return unpack(self.gguf_qweight(), self.fmt, dtype)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        if (self.out_dtype == torch.float32 and self.qweight.device.type == "cpu" and self.fmt in FORMATS
+                and not torch.compiler.is_compiling()):
+            ext = kernels.loaded()  # one native call (a decode step's lookup was ~15 small ops)
+            if ext is not None:
+                code = FORMAT_IDS[self.fmt] | (R16 if self.layout == "r16" else 0)
+                return ext.embed_rows(self.qweight, code, idx.reshape(-1).long().contiguous()).view(
+                    *idx.shape, self.embedding_dim)
         rows = (self.qweight.index_select(0, idx.reshape(-1)) if self.layout == "gguf" else
                 rows_r16(self.qweight, idx, self.embedding_dim, self.fmt))  # a tied head's interleaved bytes
         rows = unpack(rows, self.fmt, self.out_dtype)
@@ -171,7 +178,7 @@ def native_layout(model: nn.Module) -> int:
             if m.qweight.data_ptr() in embs:  # a tied head: its embedding reads the same bytes
                 embs[m.qweight.data_ptr()]._set_layout("r16")
     if n:
-        model.__dict__.pop("_fused_decode_args", None)  # its cached format codes
+        model.__dict__.pop("_fused_decode_layers", None)  # its cached format codes
     return n
 
 

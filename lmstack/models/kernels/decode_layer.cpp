@@ -194,3 +194,17 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv,
     auto act = at::silu(g.narrow(-1, 0, F)).mul_(g.narrow(-1, F, F)).contiguous();
     return x1 + qlinear(act, down, down_fmt, down_b);
 }
+
+// decode_layer over every layer (layer i on caches kc[i], vc[i]): one call per decode step
+torch::Tensor decode_layers(torch::Tensor x, const std::vector<std::shared_ptr<LayerW>>& layers, torch::Tensor cos,
+                            torch::Tensor sin, const std::vector<torch::Tensor>& kc,
+                            const std::vector<torch::Tensor>& vc, int64_t pos, int64_t H, int64_t KV,
+                            c10::optional<torch::Tensor> mask, bool seq) {
+    TORCH_CHECK(kc.size() == layers.size() && vc.size() == layers.size(), "decode_layers: one k and v cache a layer");
+    for (size_t i = 0; i < layers.size(); ++i) {
+        const LayerW& w = *layers[i];
+        x = decode_layer(x, w.n1, w.qkv, w.qkv_fmt, w.qkv_b, w.proj, w.proj_fmt, w.proj_b, w.n2, w.fc, w.fc_fmt,
+                         w.fc_b, w.down, w.down_fmt, w.down_b, w.eps, cos, sin, kc[i], vc[i], pos, H, KV, mask, seq);
+    }
+    return x;
+}

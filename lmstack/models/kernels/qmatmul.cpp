@@ -281,6 +281,8 @@ static std::vector<Seg> segments(const torch::Tensor& w, int64_t code, int64_t K
 
 // x (..., K) float32 contiguous, w packed (see segments), bias (N,) float32 or None -> (..., N)
 void repack_r16(torch::Tensor w, int64_t fmt);  // interleaved.cpp
+void dequantize(torch::Tensor w, int64_t fmt, torch::Tensor out);  // unpack.cpp
+torch::Tensor embed_rows(torch::Tensor w, int64_t fmt, torch::Tensor idx);  // unpack.cpp
 
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::optional<torch::Tensor> bias) {
     TORCH_CHECK(x.dim() >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (..., K) float32");
@@ -337,63 +339,24 @@ torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::option
     return y;
 }
 
-template <typename T>
-static void dequantize_blocks(const uint8_t* wp, int64_t row_bytes, int64_t N, int64_t nb, int64_t fmt, T* op,
-                              bool r16) {  // r16: the whole groups of 16 rows are interleaved (interleaved.cpp)
-    const int64_t G = r16 ? N / 16 : 0;
-    at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-        uint8_t tmp[64];
-        for (int64_t n = n0; n < n1; ++n)
-            for (int64_t b = 0; b < nb; ++b) {
-                const uint8_t* blk = wp + n * row_bytes + b * BB[fmt];
-                if (n < 16 * G) blk = r16_block(fmt, wp + n / 16 * 16 * row_bytes + b * 16 * BB[fmt], n % 16, tmp);
-                T* o = op + (n * nb + b) * 32;
-                const __m256 d = _mm256_set1_ps(f16(blk));
-                __m256i q;
-                __m256 m = _mm256_setzero_ps();
-                if (fmt == Q8_0) q = _mm256_loadu_si256((const __m256i*)(blk + 2));
-                else {
-                    q = fmt == Q4_0 ? unpack_q<Q4_0>(blk) : fmt == Q4_1 ? unpack_q<Q4_1>(blk)
-                        : fmt == Q5_0 ? unpack_q<Q5_0>(blk) : unpack_q<Q5_1>(blk);
-                    if (fmt == Q4_0 || fmt == Q5_0) q = _mm256_sub_epi8(q, _mm256_set1_epi8(fmt == Q4_0 ? 8 : 16));
-                    else m = _mm256_set1_ps(f16(blk + 2));
-                }
-                const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-                const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-                for (int i = 0; i < 4; ++i)
-                    store8(o + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(parts[i])), d, m));
-            }
-    });
-}
-
-// packed blocks (N, K/32 * block bytes) -> out (N, K) float32 or bfloat16 (a caller-kept buffer: no page faults
-// per call): for prefill-sized batches, where a float GEMM on the unpacked weight wins
-void dequantize(torch::Tensor w, int64_t fmt, torch::Tensor out) {
-    const bool r16 = fmt & R16;  // one format's rows with their whole groups of 16 interleaved
-    fmt &= ~R16;
-    TORCH_CHECK(!r16 || r16_format(fmt), "r16 w: Q8_0, Q4_0 or Q4_1");
-    TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && fmt >= 0 && fmt < NFMT, "w: packed blocks");
-    const int64_t N = w.size(0), nb = w.size(1) / BB[fmt];
-    TORCH_CHECK(out.is_contiguous() && out.numel() == N * nb * QK[fmt] && out.scalar_type() != torch::kFloat16,
-                "out: (N, K) contiguous float32 or bfloat16");
-    if (fmt >= Q4_K && out.scalar_type() == torch::kFloat32)
-        dequantize_k(w.data_ptr<uint8_t>(), w.size(1), N, fmt, out.data_ptr<float>());
-    else if (fmt >= Q4_K && out.scalar_type() == torch::kBFloat16)
-        dequantize_k(w.data_ptr<uint8_t>(), w.size(1), N, fmt, out.data_ptr<at::BFloat16>());
-    else if (out.scalar_type() == torch::kFloat32)
-        dequantize_blocks(w.data_ptr<uint8_t>(), w.size(1), N, nb, fmt, out.data_ptr<float>(), r16);
-    else if (out.scalar_type() == torch::kBFloat16)
-        dequantize_blocks(w.data_ptr<uint8_t>(), w.size(1), N, nb, fmt, out.data_ptr<at::BFloat16>(), r16);
-    else TORCH_CHECK(false, "out: float32 or bfloat16");
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     // The GIL is released while a kernel runs: a server's event loop and stream threads keep working during a decode
     // step instead of waiting for it (measured with py-spy: the batcher held the GIL ~76% of the time without this).
     using nogil = py::call_guard<py::gil_scoped_release>;
-    m.def("decode_layer", &decode_layer, "one fused Llama-style decoder layer for one new token per row (seq: a few tokens of one row)", nogil());
+    m.def("decode_layer", &decode_layer,
+          "one fused Llama-style decoder layer for one new token per row (seq: a few tokens of one row)", nogil());
+    py::class_<LayerW, std::shared_ptr<LayerW>>(m, "Layer", py::module_local())  // per build (avx2, avx512)
+        .def(py::init([](torch::Tensor n1, torch::Tensor qkv, int64_t qkv_fmt, c10::optional<torch::Tensor> qkv_b,
+                         torch::Tensor proj, int64_t proj_fmt, c10::optional<torch::Tensor> proj_b, torch::Tensor n2,
+                         torch::Tensor fc, int64_t fc_fmt, c10::optional<torch::Tensor> fc_b, torch::Tensor down,
+                         int64_t down_fmt, c10::optional<torch::Tensor> down_b, double eps) {
+            return std::make_shared<LayerW>(LayerW{n1, qkv, qkv_fmt, qkv_b, proj, proj_fmt, proj_b, n2, fc, fc_fmt,
+                                                   fc_b, down, down_fmt, down_b, eps});
+        }));
+    m.def("decode_layers", &decode_layers, "decode_layer over all layers in one call", nogil());
     m.def("rmsnorm", &rmsnorm, "fused RMSNorm (float32)", nogil());
     m.def("qlinear", &qlinear, "quantized linear (GGUF block formats)", nogil());
     m.def("dequantize", &dequantize, "packed blocks -> float32", nogil());
+    m.def("embed_rows", &embed_rows, "rows of packed blocks -> float32 (an embedding lookup)", nogil());
     m.def("repack_r16", &repack_r16, "GGUF layout -> the 16-row interleaved layout, in place", nogil());
 }
