@@ -164,3 +164,26 @@ def test_background_batcher_threads_cancel_and_run():
         assert [x.token for x in eng.submit(PROMPTS[1], sp)] == [x.token for x in alone(m, PROMPTS[1], sp)]
     finally:
         eng.close()
+
+
+def test_background_batcher_left_open_exits_cleanly():
+    """A script that leaves its BackgroundBatcher running exits with status 0: the batcher is stopped at exit, before
+    the interpreter's teardown (a daemon thread that had run parallel kernels aborted the process about half the
+    time: 'terminate called without an active exception', status 134)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    gguf = Path(__file__).resolve().parents[2] / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not gguf.exists():
+        pytest.skip(f"needs {gguf}")
+    script = (
+        "import lmstack\n"
+        "from lmstack.generate import SamplingParams\n"
+        "from lmstack.generate.background import BackgroundBatcher\n"
+        f"lm = lmstack.load({str(gguf)!r})\n"
+        "bb = BackgroundBatcher(lm.model, 4)\n"
+        "steps = list(bb.submit(lm.prompt_ids('Hello'), SamplingParams(max_new_tokens=8, temperature=0)))\n"
+        "print(len(steps))\n")
+    for _ in range(4):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+        assert (out.returncode, out.stdout.split()[-1:]) == (0, ["8"]), out.stderr[-500:]

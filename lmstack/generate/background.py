@@ -3,6 +3,7 @@ blocking `StepStream` of the request's TokenSteps; `run(fn)` runs other model wo
 search) on the same thread between decode steps, so the model is never entered from two threads at once."""
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 from collections import deque
@@ -68,6 +69,10 @@ class BackgroundBatcher:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="lmstack-batcher", daemon=True)
         self._thread.start()
+        # a batcher still running when the interpreter exits is stopped first: a daemon thread that has run torch's
+        # parallel kernels, left to the interpreter's teardown, aborted the process about half the time
+        # ("terminate called without an active exception", exit code 134)
+        atexit.register(self.close)
 
     def submit(self, prompt: list[int], params: SamplingParams, eos_id: int | Iterable[int] | None = None,
                truncate: str | None = None, top_logprobs: int = 0, matcher=None) -> StepStream:
@@ -105,6 +110,7 @@ class BackgroundBatcher:
         return self.core.speculative_stats()
 
     def close(self) -> None:
+        atexit.unregister(self.close)
         with self._cv:
             self._stop = True
             self._cv.notify()
