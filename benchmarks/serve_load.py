@@ -15,11 +15,12 @@ and thread count, one server at a time, and the table gets a per-level ratio. Pe
 of benchmarks/generate_speed.py, or use `--vs-inprocess R`: one lmstack server stays up while R pairs alternate
 one streamed request through it with the same generation in a fresh in-process subprocess (`LM.stream_steps`, same
 model, threads, prompt and max_tokens; the server is idle meanwhile), both timed from the first token to the last,
-and the median ratio server / in-process is printed.
+and the median ratio server / in-process is printed; `--lean-client` reads that stream with http.client instead of
+httpx (httpx took ~0.5-0.6 ms of CPU per token here, on the same cores as the server).
 
     .venv/bin/python benchmarks/serve_load.py [--model GGUF] [--serve-args "--quantize int8"]
         [--engines lmstack,llama.cpp] [--threads 2] [--concurrency 1,4,8,16] [--rounds 1] [--max-tokens 32]
-        [--vs-inprocess R] [--append-results]
+        [--vs-inprocess R [--lean-client]] [--append-results]
 """
 from __future__ import annotations
 
@@ -207,6 +208,33 @@ print(json.dumps({"decode": once()}))
 """
 
 
+def lean_stream(port: int, model_name: str, max_tokens: int) -> float:
+    """One streamed request read with the standard library's http.client (chunked decoding + one json.loads per
+    event, no event loop): stream decode tok/s timed as `one_request` times it. It costs the shared CPUs less than
+    httpx, so the ratio shows more of the server's own overhead."""
+    import http.client
+    body = json.dumps({"model": model_name, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True})
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {r.read()[:200]!r}")
+        times = []
+        for line in iter(r.readline, b""):
+            if not line.startswith(b"data: {"):
+                continue
+            d = json.loads(line[6:])
+            if "error" in d:
+                raise RuntimeError(f"stream error: {d['error']}")
+            if any(c.get("text") for c in d.get("choices") or []):
+                times.append(time.perf_counter())
+    finally:
+        conn.close()
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+
+
 def inprocess_decode(a) -> float:
     out = subprocess.run([sys.executable, "-c", INPROCESS, a.model, str(a.threads), PROMPT, str(a.max_tokens)],
                          cwd=REPO, capture_output=True, text=True, check=True)
@@ -225,16 +253,21 @@ def vs_inprocess(a, serve_args: list[str]) -> str:
         wait_health(base, proc, a.startup_timeout)
         asyncio.run(run_level(base, model_name, 1, 1, a.max_tokens))  # warm-up
         for i in range(a.vs_inprocess):
-            r = asyncio.run(run_level(base, model_name, 1, 1, a.max_tokens))
-            if r["errors"]:
-                raise RuntimeError(f"server request failed: {r['error_samples']}")
-            pairs.append((r["decode_p50"], inprocess_decode(a)))
+            if a.lean_client:
+                served = lean_stream(port, model_name, a.max_tokens)
+            else:
+                r = asyncio.run(run_level(base, model_name, 1, 1, a.max_tokens))
+                if r["errors"]:
+                    raise RuntimeError(f"server request failed: {r['error_samples']}")
+                served = r["decode_p50"]
+            pairs.append((served, inprocess_decode(a)))
             print(f"pair {i + 1}: server {pairs[-1][0]:.1f} tok/s, in-process {pairs[-1][1]:.1f} tok/s, "
                   f"ratio {pairs[-1][0] / pairs[-1][1]:.3f}", flush=True)
     finally:
         stop_server(proc, log)
     ratios = [s / p for s, p in pairs]
-    return (f"one stream through `lmstack serve` / in-process decode: median **{statistics.median(ratios):.3f}** over "
+    return (f"one stream through `lmstack serve` ({'http.client' if a.lean_client else 'httpx'} client) / in-process "
+            f"decode: median **{statistics.median(ratios):.3f}** over "
             f"{len(pairs)} alternations (server {statistics.median(s for s, _ in pairs):.1f} vs in-process "
             f"{statistics.median(p for _, p in pairs):.1f} tok/s; per pair "
             + " / ".join(f"{x:.2f}" for x in ratios) + ")")
@@ -265,6 +298,8 @@ def main() -> None:
     ap.add_argument("--server-log", action="store_true", help="show the server's own log (default: discarded)")
     ap.add_argument("--vs-inprocess", type=int, default=0, metavar="R",
                     help="instead of the load levels: R alternations of one server stream vs in-process decode")
+    ap.add_argument("--lean-client", action="store_true",
+                    help="with --vs-inprocess: read the stream with http.client instead of httpx (less client CPU)")
     ap.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     a = ap.parse_args()
     levels = [int(x) for x in a.concurrency.split(",") if x.strip()]
