@@ -140,7 +140,7 @@ def extension(isa: str):
         try:
             from torch.utils.cpp_extension import get_default_build_root, load
             tuning = _prefetch_flags()
-            name = f"lmstack_qmatmul_{isa}{'_amd' if tuning else ''}_v31"
+            name = f"lmstack_qmatmul_{isa}{'_amd' if tuning else ''}_v32"
             root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
             if not any(root.glob(f"{name}/*.so")) and not any(root.glob(f"*/{name}/*.so")):
                 print(f"lmstack: compiling the {isa} quantized-matmul kernels (first use, about a minute; cached "

@@ -108,15 +108,8 @@ static inline const uint8_t* r16_block(int64_t fmt, const uint8_t* gb, int r, ui
 
 torch::Tensor qlinear(torch::Tensor x, torch::Tensor w, int64_t fmt, c10::optional<torch::Tensor> bias);
 torch::Tensor rmsnorm(torch::Tensor x, torch::Tensor w, double eps);
-torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv, int64_t qkv_fmt,
-                           c10::optional<torch::Tensor> qkv_b, torch::Tensor proj, int64_t proj_fmt,
-                           c10::optional<torch::Tensor> proj_b, torch::Tensor n2, torch::Tensor fc, int64_t fc_fmt,
-                           c10::optional<torch::Tensor> fc_b, torch::Tensor down, int64_t down_fmt,
-                           c10::optional<torch::Tensor> down_b, double eps, torch::Tensor cos, torch::Tensor sin,
-                           torch::Tensor kc, torch::Tensor vc, int64_t pos, int64_t H, int64_t KV,
-                           c10::optional<torch::Tensor> mask, bool seq);
 
-// One layer's weights for decode_layers, gathered once per model (models/fused_decode.py): the whole decode step's
+// One layer's weights for decode_layer(s), gathered once per model (models/fused_decode.py): the whole decode step's
 // layers are then one native call, with the GIL released once instead of once per layer.
 struct LayerW {
     torch::Tensor n1, qkv;

@@ -129,13 +129,11 @@ static void attend(const float* q, const float* K, const float* V, int64_t T, in
 // seq = true: the B rows are instead B consecutive new tokens of one sequence (a short prompt chunk, or the tokens a
 // speculative step verifies): row r has position pos + r (cos/sin (B, D)), is written at slot pos + r of cache row 0,
 // and attends to slots [0, pos + r] (causal); no mask.
-torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv, int64_t qkv_fmt,
-                           c10::optional<torch::Tensor> qkv_b, torch::Tensor proj, int64_t proj_fmt,
-                           c10::optional<torch::Tensor> proj_b, torch::Tensor n2, torch::Tensor fc, int64_t fc_fmt,
-                           c10::optional<torch::Tensor> fc_b, torch::Tensor down, int64_t down_fmt,
-                           c10::optional<torch::Tensor> down_b, double eps, torch::Tensor cos, torch::Tensor sin,
-                           torch::Tensor kc, torch::Tensor vc, int64_t pos, int64_t H, int64_t KV,
-                           c10::optional<torch::Tensor> mask, bool seq) {
+static torch::Tensor decode_layer(torch::Tensor x, const LayerW& w, const torch::Tensor& cos,
+                                  const torch::Tensor& sin, const torch::Tensor& kc, const torch::Tensor& vc,
+                                  int64_t pos, int64_t H, int64_t KV, const c10::optional<torch::Tensor>& mask,
+                                  bool seq) {
+    const double eps = w.eps;
     const int64_t D = cos.size(-1), L = kc.size(2), half = D / 2, d = x.size(-1), B = x.numel() / d;
     TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == torch::kFloat32 &&
                 pos + (seq ? B : 1) <= L && kc.size(0) >= (seq ? 1 : B) && cos.is_contiguous() && sin.is_contiguous() &&
@@ -150,7 +148,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv,
         mp = mask->data_ptr<bool>();
         mstride = mask->size(-1);
     }
-    auto h = qlinear(rmsnorm(x, n1, eps), qkv, qkv_fmt, qkv_b);  // (B, (H + 2 KV) D)
+    auto h = qlinear(rmsnorm(x, w.n1, eps), w.qkv, w.qkv_fmt, w.qkv_b);  // (B, (H + 2 KV) D)
     const int64_t hw = (H + 2 * KV) * D;
     float* hp = h.data_ptr<float>();
     const float *cp0 = cos.data_ptr<float>(), *sp0 = sin.data_ptr<float>();
@@ -187,12 +185,12 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor n1, torch::Tensor qkv,
     });
     auto ashape = x.sizes().vec();
     ashape.back() = H * D;
-    auto x1 = x + qlinear(att.view(ashape), proj, proj_fmt, proj_b);
-    auto g = qlinear(rmsnorm(x1, n2, eps), fc, fc_fmt, fc_b);  // (..., 2F) = [gate; up]
+    auto x1 = x + qlinear(att.view(ashape), w.proj, w.proj_fmt, w.proj_b);
+    auto g = qlinear(rmsnorm(x1, w.n2, eps), w.fc, w.fc_fmt, w.fc_b);  // (..., 2F) = [gate; up]
     const int64_t F = g.size(-1) / 2;  // silu(gate) * up with ATen's vectorized, threaded silu (a scalar expf loop
     // here cost ~0.2 ms a layer at batch 8)
     auto act = at::silu(g.narrow(-1, 0, F)).mul_(g.narrow(-1, F, F)).contiguous();
-    return x1 + qlinear(act, down, down_fmt, down_b);
+    return x1 + qlinear(act, w.down, w.down_fmt, w.down_b);
 }
 
 // decode_layer over every layer (layer i on caches kc[i], vc[i]): one call per decode step
@@ -202,9 +200,7 @@ torch::Tensor decode_layers(torch::Tensor x, const std::vector<std::shared_ptr<L
                             c10::optional<torch::Tensor> mask, bool seq) {
     TORCH_CHECK(kc.size() == layers.size() && vc.size() == layers.size(), "decode_layers: one k and v cache a layer");
     for (size_t i = 0; i < layers.size(); ++i) {
-        const LayerW& w = *layers[i];
-        x = decode_layer(x, w.n1, w.qkv, w.qkv_fmt, w.qkv_b, w.proj, w.proj_fmt, w.proj_b, w.n2, w.fc, w.fc_fmt,
-                         w.fc_b, w.down, w.down_fmt, w.down_b, w.eps, cos, sin, kc[i], vc[i], pos, H, KV, mask, seq);
+        x = decode_layer(x, *layers[i], cos, sin, kc[i], vc[i], pos, H, KV, mask, seq);
     }
     return x;
 }

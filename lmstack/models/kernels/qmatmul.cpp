@@ -343,8 +343,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     // The GIL is released while a kernel runs: a server's event loop and stream threads keep working during a decode
     // step instead of waiting for it (measured with py-spy: the batcher held the GIL ~76% of the time without this).
     using nogil = py::call_guard<py::gil_scoped_release>;
-    m.def("decode_layer", &decode_layer,
-          "one fused Llama-style decoder layer for one new token per row (seq: a few tokens of one row)", nogil());
     py::class_<LayerW, std::shared_ptr<LayerW>>(m, "Layer", py::module_local())  // per build (avx2, avx512)
         .def(py::init([](torch::Tensor n1, torch::Tensor qkv, int64_t qkv_fmt, c10::optional<torch::Tensor> qkv_b,
                          torch::Tensor proj, int64_t proj_fmt, c10::optional<torch::Tensor> proj_b, torch::Tensor n2,
@@ -353,7 +351,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             return std::make_shared<LayerW>(LayerW{n1, qkv, qkv_fmt, qkv_b, proj, proj_fmt, proj_b, n2, fc, fc_fmt,
                                                    fc_b, down, down_fmt, down_b, eps});
         }));
-    m.def("decode_layers", &decode_layers, "decode_layer over all layers in one call", nogil());
+    m.def("decode_layers", &decode_layers, "the fused Llama-style decoder layers for one new token per row (seq: a "
+          "few tokens of one row), all layers in one call", nogil());
     m.def("rmsnorm", &rmsnorm, "fused RMSNorm (float32)", nogil());
     m.def("qlinear", &qlinear, "quantized linear (GGUF block formats)", nogil());
     m.def("dequantize", &dequantize, "packed blocks -> float32", nogil());
