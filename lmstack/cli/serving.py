@@ -10,7 +10,7 @@ def cmd_serve(a) -> None:
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, max_batch=a.max_batch, model_name=a.model_name,
           threads=a.threads, indexes=a.index, prefix_cache_mb=None if a.no_prefix_cache else a.prefix_cache_mb,
           dtype=dtype(a.dtype), quantize=a.quantize, draft_model=a.draft_model, num_speculative=a.num_speculative,
-          ngram_max=a.ngram_max, ngram_min=a.ngram_min)
+          ngram_max=a.ngram_max, ngram_min=a.ngram_min, engine=a.engine)
 
 
 def cmd_feedback(a) -> None:
@@ -64,6 +64,9 @@ def register(sub) -> None:
     t.add_argument("--prefix-cache-mb", type=float, default=256, metavar="N", help="memory (MiB) for the prefix "
                    "cache: keys/values of prompt prefixes (system prompt, few-shot examples) reused by later "
                    "requests, least recently used evicted first (default 256; off for sliding-window models)")
+    t.add_argument("--engine", choices=("process", "thread"), default=None, help="where the decode loop runs: a "
+                   "process of its own reading the same shared-memory weights, so HTTP work never holds its GIL "
+                   "(default on CPU), or a thread of the server process (default on GPU)")
     t.add_argument("--no-prefix-cache", action="store_true", help="recompute every prompt from its first token")
     add_speculative_flags(t)  # used while one generation decodes alone; a busier batch decodes plainly
     t.set_defaults(fn=cmd_serve)

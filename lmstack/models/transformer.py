@@ -137,7 +137,12 @@ def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
-ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "silu": F.silu, "relu": F.relu}
+def gelu_tanh(t: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh-approximated GELU (a named function, so a model pickles: torch.multiprocessing, torch.save)."""
+    return F.gelu(t, approximate="tanh")
+
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": gelu_tanh, "silu": F.silu, "relu": F.relu}
 
 
 class MLP(nn.Module):

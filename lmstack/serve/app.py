@@ -1,13 +1,14 @@
 """OpenAI-compatible HTTP API over an `LM`: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings,
 /health and /metrics (Prometheus text), plus a web playground at / (static files in serve/static/).
 
-Generation is continuous batching by the engine (lmstack.generate.BackgroundBatcher): every choice of every
-request is submitted to one decode loop on its own thread, joins the running batch as soon as a row is free (up to
+Generation is continuous batching by the engine (lmstack.generate.BackgroundBatcher on a thread, or
+generate/engine_process.ProcessBatcher in a process of its own, the CPU default of `serve`): every choice of every
+request is submitted to one decode loop, joins the running batch as soon as a row is free (up to
 --max-batch rows) and leaves it the step it ends. The server only parses, schedules and streams: a request's tokens
 arrive on a blocking stream that a small thread pool turns into text pieces and SSE chunks. A client that
 disconnects (even before its stream starts) cancels its generations at once, freeing their rows. Other model work
-(echo scoring, embeddings, beam search) runs on the engine thread between decode steps, so the model is never
-entered from two threads at once. With a drafter (`--draft-model ngram|PATH`) the engine runs speculative rounds
+(echo scoring, embeddings, beam search) runs on the engine thread between decode steps (the process engine: on one
+thread of the server process, over the same shared weights). With a drafter (`--draft-model ngram|PATH`) the engine runs speculative rounds
 while exactly one generation is decoding (generate/batching.py) and plain batched steps otherwise; the tokens are
 the same (greedy) or identically distributed (sampled), and /metrics counts the drafts. Every bad request gets an OpenAI-style error JSON
 ({"error": {message, type, param, code}}) with a 4xx status; never a 500.
@@ -43,7 +44,8 @@ __all__ = ["create_app", "serve", "default_model_name", "APIError", "error_respo
 
 def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
                max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16, indexes: list | None = None,
-               prefix_cache_mb: float | None = 256, draft=None, num_speculative: int = 4) -> FastAPI:
+               prefix_cache_mb: float | None = 256, draft=None, num_speculative: int = 4,
+               engine: str = "thread") -> FastAPI:
     """The FastAPI app serving `lm` under the name `model_name`. api_key: required as `Authorization: Bearer KEY`
     on every /v1 route. max_batch + max_queue: requests admitted at once (more get 429); max_batch also caps the
     choices (prompts x n) of one request. max_body_bytes: larger bodies get 413. indexes: RAG index directories (or
@@ -51,10 +53,12 @@ def create_app(lm, model_name: str, api_key: str | None = None, max_batch: int =
     prefix_cache_mb: budget of the prefix cache that reuses prompt-prefix keys/values across requests (None/0: off;
     always off for sliding-window and stateful models); its counters are in /metrics. draft: speculative decoding
     while one generation decodes alone — a Drafter (NgramDrafter(): prompt lookup) or a draft model with `lm`'s
-    tokenizer (`lm.speculative_drafter(other_lm)`), `num_speculative` drafts per round; counters in /metrics."""
+    tokenizer (`lm.speculative_drafter(other_lm)`), `num_speculative` drafts per round; counters in /metrics.
+    engine: where the decode loop runs — "thread" (a thread of this process) or "process" (a spawned process reading
+    the same shared-memory weights, so the HTTP side never holds its GIL: generate/engine_process.py; CPU models)."""
     state = ServerState(lm, model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                         max_body_bytes=max_body_bytes, max_n=max_n, prefix_cache_mb=prefix_cache_mb, draft=draft,
-                        num_speculative=num_speculative)
+                        num_speculative=num_speculative, engine=engine)
     rag = RagState(indexes)
 
     @asynccontextmanager
@@ -99,13 +103,14 @@ def default_model_name(model: str | os.PathLike) -> str:
 def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
           model_name: str | None = None, threads: int = 0, indexes: list[str] | None = None,
           prefix_cache_mb: float | None = 256, draft_model: str | None = None, num_speculative: int = 4,
-          ngram_max: int = 3, ngram_min: int = 2, **load_kw) -> None:
+          ngram_max: int = 3, ngram_min: int = 2, engine: str | None = None, **load_kw) -> None:
     """Load `model` and serve it with uvicorn until interrupted (`lmstack serve`). threads > 0: torch CPU threads.
     model_name: the id clients pass as `model` (default: `default_model_name(model)`). indexes: RAG index
     directories served as vector stores (`--index`). prefix_cache_mb: prefix-cache budget in MiB (None: off).
     draft_model: speculative decoding while one generation decodes alone: 'ngram' (prompt lookup, n-grams of
     ngram_max down to ngram_min tokens) or a draft model path with the same tokenizer (loaded with `load_kw`);
-    num_speculative: drafts per round."""
+    num_speculative: drafts per round. engine: "process" or "thread" (create_app); default: a process of its own for
+    a CPU model, the thread on a GPU."""
     import torch
     import uvicorn
     if threads:
@@ -114,6 +119,9 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     from ..lm import load
     lm = load(model, **load_kw)
     draft = load_drafter(lm, draft_model, ngram_max, ngram_min, **load_kw)
+    if engine is None:
+        engine = "process" if next(lm.model.parameters()).device.type == "cpu" else "thread"
     app = create_app(lm, model_name or default_model_name(model), api_key=api_key, max_batch=max_batch,
-                     indexes=indexes, prefix_cache_mb=prefix_cache_mb, draft=draft, num_speculative=num_speculative)
+                     indexes=indexes, prefix_cache_mb=prefix_cache_mb, draft=draft, num_speculative=num_speculative,
+                     engine=engine)
     uvicorn.run(app, host=host, port=port, log_level="info")

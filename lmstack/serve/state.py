@@ -1,6 +1,7 @@
-"""ServerState: everything the routes share — the LM and its served name, the engine (one BackgroundBatcher decode
-loop), the pool of threads that consume its token streams, admission (requests in flight; 429 past the limit), the
-metrics and the request limits. Routes are plain functions of (state, request)."""
+"""ServerState: everything the routes share — the LM and its served name, the engine (one decode loop: a
+BackgroundBatcher thread or a ProcessBatcher process), the pool of threads that consume its token streams,
+admission (requests in flight; 429 past the limit), the metrics and the request limits. Routes are plain functions
+of (state, request)."""
 from __future__ import annotations
 
 import asyncio
@@ -13,9 +14,13 @@ from fastapi import Request
 from ..errors import ContextLengthError, LMStackError
 from ..generate import BackgroundBatcher, NgramDrafter, PrefixCache, is_ngram_spec, prefix_cache_unsupported
 from ..generate.constrain import new_matcher
+from ..generate.engine_process import ProcessBatcher
 from ..lm import load
 from .metrics import Metrics
 from .protocol import APIError, check_bearer, parse_body
+
+
+ENGINES = ("thread", "process")  # where the decode loop runs: a thread of this process, or a process of its own
 
 
 class NoTokens:
@@ -82,7 +87,7 @@ class ServerState:
 
     def __init__(self, lm, model_name: str, api_key: str | None = None, max_batch: int = 16, max_queue: int = 64,
                  max_body_bytes: int = 4 * 1024 * 1024, max_n: int = 16, prefix_cache_mb: float | None = 256,
-                 draft=None, num_speculative: int = 4):
+                 draft=None, num_speculative: int = 4, engine: str = "thread"):
         self.lm, self.model_name, self.api_key = lm, model_name, api_key
         self.max_batch, self.max_queue, self.max_body_bytes, self.max_n = max_batch, max_queue, max_body_bytes, max_n
         self.tokenizer = lm.tokenizer
@@ -93,8 +98,16 @@ class ServerState:
         self.metrics = Metrics()
         self.active = 0  # requests admitted and not finished (changed on the event loop only)
         self.prefix_cache = make_prefix_cache(lm.model, prefix_cache_mb)
-        self.engine = BackgroundBatcher(lm.model, max_batch=max_batch, prefix_cache=self.prefix_cache, draft=draft,
-                                        num_speculative=num_speculative)
+        if engine not in ENGINES:
+            raise LMStackError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        if engine == "process":
+            budget = self.prefix_cache.budget_bytes if self.prefix_cache is not None else 0
+            self.engine = ProcessBatcher(lm.model, max_batch=max_batch, prefix_cache_bytes=budget, draft=draft,
+                                         num_speculative=num_speculative, tokenizer=lm.tokenizer, vocab_size=self.vocab)
+            self.prefix_cache = self.engine.prefix_cache  # the child's counters
+        else:
+            self.engine = BackgroundBatcher(lm.model, max_batch=max_batch, prefix_cache=self.prefix_cache,
+                                            draft=draft, num_speculative=num_speculative)
         self.metrics.speculative = self.engine.speculative_stats
         # threads that wait for tokens and turn them into text/SSE chunks (blocking waits, little CPU)
         self.consumers = ThreadPoolExecutor(max_workers=max_batch + max_queue + 4, thread_name_prefix="lmstack-stream")
